@@ -1,0 +1,64 @@
+//! The `cove` binary: one program for every role. Today: `cove run` (one sandbox, no server)
+//! and `cove gc` (reap what a killed `cove run` left behind).
+
+#![forbid(unsafe_code)]
+
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code when Cove itself fails (as `docker run` does).
+pub const EXIT_COVE_FAILED: u8 = 125;
+
+#[derive(Parser)]
+#[command(
+    name = "cove",
+    version,
+    about = "Run untrusted code in isolated Linux sandboxes",
+    long_about = "Cove runs untrusted code in isolated Linux sandboxes: namespaces, a private root \
+                  filesystem, cgroup limits, dropped capabilities and a seccomp filter, started in \
+                  milliseconds.",
+    after_help = "Examples:\n  cove run -- python3 -c 'print(1)'\n  cove run --memory 256M --timeout 10s -- sh -c 'make test'\n  cove run -it -- bash\n  cove gc"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a command in a new sandbox and exit with its exit code.
+    Run(Box<run::RunArgs>),
+    /// Remove what sandboxes whose `cove run` was killed left behind (cgroups, state, processes).
+    Gc {
+        /// Print what was removed as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(*args),
+        Command::Gc { json } => run::gc(json),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cove: {}", chain(&e));
+            ExitCode::from(EXIT_COVE_FAILED)
+        }
+    }
+}
+
+/// "outer: inner: innermost" on one line.
+fn chain(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|c| c.to_string())
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(": ")
+}

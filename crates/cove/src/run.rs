@@ -1,0 +1,203 @@
+//! `cove run` and `cove gc`: flags to a [`Spec`], the jail, and the exit code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use cove_jail::cgroup::Hierarchy;
+use cove_jail::run::{RunOptions, run as run_sandbox};
+use cove_jail::state::{STATE_ROOT, gc as reap};
+use cove_types::{
+    BindMount, Duration, EnvVar, Image, NetMode, Reason, SandboxId, Size, Spec, User, parse_cpus,
+};
+
+#[derive(Args)]
+#[command(
+    about = "Run a command in a new sandbox and exit with its exit code",
+    long_about = "Run CMD in a new sandbox: its own user, pid, mount, network, uts, ipc and cgroup \
+        namespaces, a private root filesystem, cgroup limits, no capabilities and a seccomp filter. \
+        stdio is the command's; the exit code is the command's (128+N after signal N, 125 when Cove \
+        itself fails, 127 when CMD is not found). Nothing of the sandbox outlives the command.",
+    after_help = "Sizes take K, M, G or T (binary: 1K = 1024); durations take ms, s, m, h (1m30s).\n\n\
+        Examples:\n  cove run -- python3 -c 'print(1)'\n  \
+        cove run --memory 1G --cpus 0.5 --timeout 30s -- ./build.sh\n  \
+        cove run --image /srv/rootfs -v /data:/data -w /data -- ls\n  \
+        cove run -it --user 1000 -- bash\n  \
+        cove run --json -- false"
+)]
+pub struct RunArgs {
+    /// Root filesystem: `host` (the host's /usr, /bin, /lib* read-only) or a rootfs directory
+    /// used read-only under a private writable layer.
+    #[arg(long, value_name = "host|PATH", default_value = "host")]
+    image: String,
+    /// Memory limit, swap included.
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    memory: Size,
+    /// CPU quota in CPUs (fractions allowed: 0.5).
+    #[arg(long, value_name = "N", default_value = "1")]
+    cpus: String,
+    /// Maximum number of processes and threads.
+    #[arg(long, value_name = "N", default_value_t = cove_types::DEFAULT_PIDS)]
+    pids: u64,
+    /// Size of the private writable layer (/, /tmp, /home…), discarded at exit.
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    disk: Size,
+    /// Wall-clock limit; the sandbox is killed when it runs out.
+    #[arg(long, value_name = "DUR")]
+    timeout: Option<Duration>,
+    /// CPU-time limit for the whole sandbox (all processes together).
+    #[arg(long, value_name = "DUR")]
+    cpu_time: Option<Duration>,
+    /// Maximum open files per process.
+    #[arg(long, value_name = "N")]
+    nofile: Option<u64>,
+    /// Largest file a process may write.
+    #[arg(long, value_name = "SIZE")]
+    fsize: Option<Size>,
+    /// Set an environment variable (KEY=VAL), or pass the host's value of KEY explicitly. The host
+    /// environment is never inherited otherwise.
+    #[arg(short = 'e', long = "env", value_name = "KEY=VAL")]
+    env: Vec<String>,
+    /// Read environment variables from a file (KEY=VAL per line; # comments).
+    #[arg(long, value_name = "FILE")]
+    env_file: Vec<PathBuf>,
+    /// Working directory inside the sandbox.
+    #[arg(short = 'w', long, value_name = "DIR")]
+    workdir: Option<PathBuf>,
+    /// Hostname inside the sandbox (default: the sandbox id).
+    #[arg(long, value_name = "NAME")]
+    hostname: Option<String>,
+    /// User to run as inside the sandbox (root inside is unprivileged on the host).
+    #[arg(short = 'u', long, value_name = "UID[:GID]")]
+    user: Option<User>,
+    /// Bind a host path into the sandbox, read-only unless `:rw`.
+    #[arg(short = 'v', long = "volume", value_name = "SRC:DST[:ro|rw]")]
+    volume: Vec<BindMount>,
+    /// Allocate a pseudo-terminal (window size and Ctrl-C pass through).
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Keep stdin attached (it always is; accepted for `docker run -i` habits).
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Network: `none` gives the sandbox only its own loopback.
+    #[arg(long, value_name = "MODE", default_value = "none")]
+    net: String,
+    /// After exit, print one JSON object (exit code, signal, reason, times, peak memory) as the
+    /// last line of stdout.
+    #[arg(long)]
+    json: bool,
+    /// Use this sandbox id (12 lowercase hex characters) instead of a random one; it names every
+    /// host object of the sandbox (cgroup cove/ID, /run/cove/ID).
+    #[arg(long, value_name = "ID")]
+    id: Option<SandboxId>,
+    /// Print where the start-up time went, on stderr.
+    #[arg(long, hide = true)]
+    timing: bool,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+    cmd: Vec<String>,
+}
+
+impl RunArgs {
+    fn spec(&self) -> anyhow::Result<Spec> {
+        let mut spec = Spec::new(self.cmd.clone());
+        spec.image = self.image.parse::<Image>()?;
+        spec.net = self.net.parse::<NetMode>()?;
+        spec.limits.memory = self.memory;
+        spec.limits.cpus_millis = parse_cpus(&self.cpus)?;
+        spec.limits.pids = self.pids;
+        spec.limits.disk = self.disk;
+        spec.limits.timeout = self.timeout;
+        spec.limits.cpu_time = self.cpu_time;
+        spec.limits.nofile = self.nofile;
+        spec.limits.fsize = self.fsize;
+        for file in &self.env_file {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("--env-file {}", file.display()))?;
+            for (n, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                spec.env.push(
+                    env_entry(line).with_context(|| format!("{}:{}", file.display(), n + 1))?,
+                );
+            }
+        }
+        for e in &self.env {
+            spec.env.push(env_entry(e)?);
+        }
+        spec.workdir = self.workdir.clone();
+        spec.hostname = self.hostname.clone();
+        spec.user = self.user.unwrap_or_default();
+        spec.mounts = self.volume.clone();
+        spec.tty = self.tty;
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+/// `KEY=VAL`, or `KEY` alone to pass the host's value explicitly (as `docker run -e KEY`).
+fn env_entry(s: &str) -> anyhow::Result<EnvVar> {
+    if s.contains('=') {
+        return Ok(s.parse()?);
+    }
+    match std::env::var(s) {
+        Ok(value) => Ok(EnvVar {
+            key: s.to_string(),
+            value,
+        }),
+        Err(_) => bail!("-e {s}: no '=' and no such variable on the host"),
+    }
+}
+
+/// `cove run`.
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let spec = args.spec()?;
+    let opts = RunOptions {
+        timing: args.timing,
+        id: args.id,
+        state_root: None,
+    };
+    let report = run_sandbox(&spec, &opts)?;
+    if let Some(msg) = &report.message {
+        eprintln!("cove: {msg}");
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    let code = if report.reason == Reason::Error {
+        crate::EXIT_COVE_FAILED
+    } else {
+        report.exit_code.clamp(0, 255) as u8
+    };
+    Ok(ExitCode::from(code))
+}
+
+/// `cove gc`.
+pub fn gc(json: bool) -> anyhow::Result<ExitCode> {
+    let hierarchy = Hierarchy::detect()?;
+    let report = reap(std::path::Path::new(STATE_ROOT), &hierarchy);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"removed": report.removed, "failed": report.failed})
+        );
+    } else {
+        for line in &report.removed {
+            println!("removed {line}");
+        }
+        for line in &report.failed {
+            eprintln!("cove: could not remove {line}");
+        }
+        if report.removed.is_empty() && report.failed.is_empty() {
+            println!("nothing to remove");
+        }
+    }
+    Ok(if report.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

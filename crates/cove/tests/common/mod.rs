@@ -1,0 +1,175 @@
+//! Shared helpers for the end-to-end tests: run the real `cove` binary like a user, parse what
+//! it prints, and prove afterwards that the sandbox left nothing on the host.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// The `cove` binary under test.
+pub fn cove_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cove"))
+}
+
+/// The probe binary, built beside `cove`.
+pub fn probe_bin() -> PathBuf {
+    cove_bin().with_file_name("cove-probe")
+}
+
+/// A fresh random sandbox id, so that tests running in parallel can check their own leaks.
+pub fn new_id() -> String {
+    let mut b = [0u8; 6];
+    let f = std::fs::read("/proc/sys/kernel/random/uuid").unwrap();
+    for (i, c) in f
+        .iter()
+        .filter(|c| c.is_ascii_hexdigit())
+        .take(12)
+        .enumerate()
+    {
+        b[i / 2] = (b[i / 2] << 4) | (*c as char).to_digit(16).unwrap() as u8;
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// One `cove run` invocation, with its own id and a leak check when dropped.
+pub struct Run {
+    pub id: String,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub stdin: Option<Vec<u8>>,
+}
+
+impl Run {
+    pub fn new(args: &[&str]) -> Run {
+        Run {
+            id: new_id(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+            stdin: None,
+        }
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(cove_bin());
+        c.arg("run").arg("--id").arg(&self.id).args(&self.args);
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Runs to completion and checks that nothing of the sandbox is left.
+    pub fn output(&self) -> Out {
+        let mut c = self.command();
+        c.stdin(if self.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("spawn cove");
+        if let Some(input) = &self.stdin {
+            use std::io::Write;
+            let mut s = child.stdin.take().unwrap();
+            s.write_all(input).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert_no_leaks(&self.id);
+        Out::from(out)
+    }
+}
+
+/// What a run printed.
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Out {
+    fn from(o: Output) -> Out {
+        Out {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+impl Out {
+    /// The `--json` report (last line of stdout).
+    pub fn report(&self) -> serde_json::Value {
+        let last = self
+            .stdout
+            .lines()
+            .last()
+            .unwrap_or_else(|| panic!("no output; stderr: {}", self.stderr));
+        serde_json::from_str(last)
+            .unwrap_or_else(|e| panic!("{e}: {last:?}; stderr: {}", self.stderr))
+    }
+
+    /// `key=value` lines as a map (probe output).
+    pub fn facts(&self) -> HashMap<String, String> {
+        self.stdout
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+}
+
+/// Runs `cove run [args] -- cmd...` and returns its output.
+pub fn run(args: &[&str]) -> Out {
+    Run::new(args).output()
+}
+
+/// Every host object a sandbox creates carries its id; none may remain after `cove run` exits.
+pub fn assert_no_leaks(id: &str) {
+    let mut leaks = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
+        for e in entries.flatten() {
+            for candidate in [e.path().join("cove").join(id), e.path().join(id)] {
+                if candidate.exists() {
+                    leaks.push(candidate.display().to_string());
+                }
+            }
+        }
+    }
+    for p in [format!("/run/cove/{id}"), format!("/run/cove/.new-{id}")] {
+        if Path::new(&p).exists() {
+            leaks.push(p);
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    leaks.extend(
+        mounts
+            .lines()
+            .filter(|l| l.contains(id))
+            .map(str::to_string),
+    );
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(comm) = std::fs::read_to_string(e.path().join("comm"))
+            && comm.trim() == format!("cove-{id}").chars().take(15).collect::<String>()
+        {
+            leaks.push(format!(
+                "process {} {}",
+                e.file_name().to_string_lossy(),
+                comm.trim()
+            ));
+        }
+    }
+    assert!(leaks.is_empty(), "sandbox {id} leaked: {leaks:#?}");
+}
+
+/// Whether we can run the privileged tests at all.
+pub fn require_root() {
+    // SAFETY-free check: root's uid from /proc.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid.split_whitespace().nth(1) == Some("0"),
+        "the integration tests start real sandboxes and must run as root"
+    );
+}

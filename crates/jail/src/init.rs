@@ -1,0 +1,323 @@
+//! The sandbox side of the containment pipeline: everything the cloned child does, in order,
+//! until the command is executing. The child becomes the sandbox's pid 1 ("init"): it reaps
+//! zombies, forwards the supervisor's signals to the command, and reports how the command ended.
+//!
+//! The order of [`contain`] and [`exec_command`] is the order of `docs/jail.md`; each step is one
+//! line so that the code reads as the recipe.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+
+use crate::rootfs::{self, RootPlan};
+use crate::seccomp::Program;
+use crate::sys::{self, SigSet};
+
+/// Capability number of CAP_KILL: the only capability init keeps (to forward signals to a
+/// command running under another uid).
+const CAP_KILL: u32 = 5;
+
+/// Everything the child needs, prepared by the supervisor before the clone so that the child
+/// does no parsing and no policy decisions.
+pub(crate) struct ChildPlan {
+    pub id: String,
+    pub root: RootPlan,
+    pub uid: u32,
+    pub gid: u32,
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+    /// Directories searched for a command without a slash (from the spec's `PATH`).
+    pub search_path: Vec<PathBuf>,
+    pub workdir: PathBuf,
+    /// (resource, soft, hard).
+    pub rlimits: Vec<(libc::__rlimit_resource_t, u64, u64)>,
+    pub seccomp: Program,
+    pub cap_last: u32,
+    /// Files to write `0` to, joining the sandbox's cgroup (see `Cgroup::self_join_files`).
+    pub cgroup_join: Vec<PathBuf>,
+    pub timing: bool,
+}
+
+/// The descriptors the child keeps.
+pub(crate) struct ChildFds {
+    /// Read end of the supervisor's "go" pipe; it reads EOF if the supervisor dies.
+    pub go: OwnedFd,
+    /// Write end of the status pipe to the supervisor.
+    pub status: OwnedFd,
+    /// Terminal for the command, when it gets one.
+    pub tty: Option<OwnedFd>,
+}
+
+/// A failed step: which one, and why.
+struct Failure {
+    step: &'static str,
+    message: String,
+}
+
+trait Step<T> {
+    fn step(self, step: &'static str) -> Result<T, Failure>;
+}
+
+impl<T, E: std::error::Error> Step<T> for Result<T, E> {
+    fn step(self, step: &'static str) -> Result<T, Failure> {
+        self.map_err(|e| {
+            let mut message = e.to_string();
+            let mut src = e.source();
+            while let Some(s) = src {
+                message.push_str(": ");
+                message.push_str(&s.to_string());
+                src = s.source();
+            }
+            Failure { step, message }
+        })
+    }
+}
+
+/// Entry point of the cloned child. Never returns.
+pub(crate) fn child_main(plan: &ChildPlan, fds: ChildFds) -> ! {
+    let status = fds.status.as_raw_fd();
+    match contain(plan, &fds) {
+        Ok(never) => match never {},
+        Err(f) => {
+            let msg = format!("E {}\t{}\n", f.step, f.message.replace('\n', " "));
+            let _ = sys::write_all(status, msg.as_bytes());
+            sys::exit(125)
+        }
+    }
+}
+
+enum Never {}
+
+struct Clock {
+    on: bool,
+    marks: Vec<(&'static str, u64)>,
+}
+
+impl Clock {
+    fn mark(&mut self, name: &'static str) {
+        if self.on {
+            self.marks.push((name, sys::monotonic_ns()));
+        }
+    }
+}
+
+/// The containment pipeline, sandbox side, in the order of `docs/jail.md`.
+fn contain(plan: &ChildPlan, fds: &ChildFds) -> Result<Never, Failure> {
+    let mut clock = Clock {
+        on: plan.timing,
+        marks: Vec::new(),
+    };
+    clock.mark("child_start");
+    join_cgroup(&plan.cgroup_join).step("join the sandbox's cgroup")?;
+    wait_for_supervisor(&fds.go).step("wait for the supervisor")?;
+    sys::set_ids(0, 0).step("become root of the user namespace")?;
+    die_with_supervisor(&fds.go).step("tie the sandbox's life to the supervisor")?;
+    sys::unshare(libc::CLONE_NEWCGROUP).step("enter a new cgroup namespace")?;
+    sys::sethostname(&plan.root.hostname).step("set the hostname")?;
+    sys::loopback_up().step("bring the loopback interface up")?;
+    clock.mark("namespaces");
+    rootfs::enter(&plan.root).step("build the root filesystem")?;
+    clock.mark("rootfs");
+    sys::set_name(&format!("cove-{}", plan.id)).step("name the init process")?;
+    sys::set_dumpable(false).step("make init non-dumpable")?;
+    let keep = [fds.status.as_raw_fd()]
+        .into_iter()
+        .chain(fds.tty.as_ref().map(|t| t.as_raw_fd()))
+        .collect::<Vec<_>>();
+    sys::close_fds_except(&keep).step("close inherited descriptors")?;
+    init(plan, fds, clock)
+}
+
+/// Still host root by uid (the id maps are not written yet), the child moves itself.
+fn join_cgroup(files: &[PathBuf]) -> std::io::Result<()> {
+    for f in files {
+        std::fs::write(f, "0")
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", f.display())))?;
+    }
+    Ok(())
+}
+
+fn wait_for_supervisor(go: &OwnedFd) -> std::io::Result<()> {
+    let mut b = [0u8; 1];
+    let n = sys::read(go.as_raw_fd(), &mut b)?;
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("the supervisor went away"))
+    }
+}
+
+/// The parent-death signal is reset by the credential change above, so it is set afterwards;
+/// the "go" pipe then tells whether the supervisor died before it took effect.
+fn die_with_supervisor(go: &OwnedFd) -> std::io::Result<()> {
+    sys::set_parent_death_signal(libc::SIGKILL)?;
+    let revents = sys::poll(&[(go.as_raw_fd(), libc::POLLIN)], 0)?;
+    if revents[0] & (libc::POLLHUP | libc::POLLERR) != 0 {
+        return Err(std::io::Error::other("the supervisor went away"));
+    }
+    Ok(())
+}
+
+/// Signals init passes on to the command when they come from outside the sandbox.
+const FORWARDED: &[libc::c_int] = &[
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGCONT,
+    libc::SIGTSTP,
+];
+
+/// Init: forks the command, drops its own privileges, then reaps and forwards signals until
+/// the command ends. Its descriptors stay owned by [`child_main`] (so that a failure can still
+/// be reported); the "go" descriptor was closed by the caller, the value is never used again.
+fn init(plan: &ChildPlan, fds: &ChildFds, mut clock: Clock) -> Result<Never, Failure> {
+    let status_fd = fds.status.as_raw_fd();
+    let send = |line: String| {
+        let _ = sys::write_all(status_fd, line.as_bytes());
+    };
+    let all = SigSet::full();
+    all.block().step("block signals in init")?;
+    let (exec_r, exec_w) = sys::pipe().step("create the exec-status pipe")?;
+    clock.mark("init_ready");
+    if clock.on {
+        let t0 = clock.marks.first().map_or(0, |m| m.1);
+        let line: Vec<String> = clock
+            .marks
+            .iter()
+            .map(|(n, t)| format!("{n}={}", (t - t0) / 1000))
+            .collect();
+        send(format!("T {}\n", line.join(" ")));
+    }
+    let pid = sys::fork().step("fork the command")?;
+    if pid == 0 {
+        drop(exec_r);
+        exec_command(plan, fds.tty.as_ref(), exec_w);
+    }
+    drop(exec_w);
+    let mut msg = String::new();
+    let _ = File::from(exec_r).read_to_string(&mut msg);
+    lock_down_init(plan).step("drop init's privileges")?;
+    if let Some((code, text)) = msg.split_once('\t') {
+        let _ = sys::wait4(pid, 0);
+        send(format!("X {code}\t{text}\n"));
+        sys::exit(0);
+    }
+    loop {
+        let (sig, sender, _) = all.wait().step("wait for signals")?;
+        if sig == libc::SIGCHLD {
+            while let Ok(Some((reaped, wstatus, usage))) = sys::wait4(-1, libc::WNOHANG) {
+                if reaped == pid {
+                    send(format!(
+                        "W {wstatus} {} {} {}\n",
+                        usage.utime_us, usage.stime_us, usage.maxrss_kib
+                    ));
+                    sys::exit(0);
+                }
+            }
+        } else if sender == 0 && FORWARDED.contains(&sig) {
+            // Sender pid 0: the signal came from outside this pid namespace, i.e. from the
+            // supervisor. Signals the sandbox sends to its own init are not passed on.
+            let _ = sys::kill(pid, sig);
+        }
+    }
+}
+
+/// Init keeps only CAP_KILL, can never regain anything, and runs under the same seccomp filter
+/// as the command.
+fn lock_down_init(plan: &ChildPlan) -> std::io::Result<()> {
+    let keep = 1u64 << CAP_KILL;
+    sys::drop_bounding_set(plan.cap_last, keep)?;
+    sys::capset(keep)?;
+    sys::clear_ambient()?;
+    plan.seccomp
+        .install()
+        .map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+/// The command's side, after init forked it: the last containment steps, then execve.
+fn exec_command(plan: &ChildPlan, tty: Option<&OwnedFd>, exec_w: OwnedFd) -> ! {
+    let err = match prepare_command(plan, tty) {
+        Ok(path) => {
+            let e = sys::execve(&path, &plan.argv, &plan.envp);
+            let code = if e.raw_os_error() == Some(libc::ENOENT) {
+                127
+            } else {
+                126
+            };
+            (
+                code,
+                format!("cannot execute {}: {e}", plan.argv[0].to_string_lossy()),
+            )
+        }
+        // A command that is not there exits 127, as in a shell.
+        Err(f) if f.step == STEP_FIND => (127, f.message),
+        Err(f) => (125, format!("{}: {}", f.step, f.message)),
+    };
+    let mut w = File::from(exec_w);
+    let _ = w.write_all(format!("{}\t{}", err.0, err.1.replace('\n', " ")).as_bytes());
+    sys::exit(err.0)
+}
+
+fn prepare_command(plan: &ChildPlan, tty: Option<&OwnedFd>) -> Result<CString, Failure> {
+    SigSet::empty().set_mask().step("restore the signal mask")?;
+    sys::reset_signal_dispositions();
+    sys::setsid().step("start a new session")?;
+    if let Some(t) = tty {
+        attach_tty(t.as_raw_fd()).step("attach the terminal")?;
+    }
+    std::env::set_current_dir(&plan.workdir).map_err(|e| Failure {
+        step: "enter the working directory",
+        message: format!("{}: {e}", plan.workdir.display()),
+    })?;
+    for &(res, soft, hard) in &plan.rlimits {
+        sys::setrlimit(res, soft, hard).step("set resource limits")?;
+    }
+    sys::drop_bounding_set(plan.cap_last, 0).step("drop the capability bounding set")?;
+    sys::lock_securebits().step("lock the secure bits")?;
+    sys::setgroups(&[plan.gid]).step("set supplementary groups")?;
+    sys::set_ids(plan.uid, plan.gid).step("switch to the sandbox user")?;
+    sys::capset(0).step("drop all capabilities")?;
+    sys::clear_ambient().step("clear ambient capabilities")?;
+    sys::close_range(3, true).step("close inherited descriptors")?;
+    sys::set_no_new_privs().step("set no_new_privs")?;
+    let path = resolve_command(plan)?;
+    plan.seccomp.install().step("install the seccomp filter")?;
+    Ok(path)
+}
+
+fn attach_tty(fd: RawFd) -> std::io::Result<()> {
+    sys::set_controlling_tty(fd)?;
+    for target in 0..3 {
+        sys::dup2(fd, target)?;
+    }
+    Ok(())
+}
+
+const STEP_FIND: &str = "find the command";
+
+/// `execvp`-style lookup in the sandbox's own filesystem and `PATH`.
+fn resolve_command(plan: &ChildPlan) -> Result<CString, Failure> {
+    let name = plan.argv[0].to_string_lossy().into_owned();
+    let not_found = || Failure {
+        step: STEP_FIND,
+        message: format!("{name}: not found in PATH"),
+    };
+    if name.contains('/') {
+        return Ok(plan.argv[0].clone());
+    }
+    for dir in &plan.search_path {
+        let candidate = dir.join(&name);
+        if let Ok(meta) = std::fs::metadata(&candidate)
+            && meta.is_file()
+        {
+            return CString::new(candidate.into_os_string().into_encoded_bytes())
+                .map_err(|_| not_found());
+        }
+    }
+    Err(not_found())
+}

@@ -1,0 +1,432 @@
+//! The sandbox's filesystem, built inside its fresh mount namespace (and user namespace), then
+//! entered with `pivot_root` and the host's tree detached.
+//!
+//! Layout: a size-capped tmpfs is the sandbox's only writable storage (`--disk`). For the `host`
+//! image it *is* the root, holding `/etc` (generated, plus a short allow-list of host files that
+//! toolchains need), `/tmp`, `/home`, `/root`, with the host's `/usr`, `/bin`, `/sbin`, `/lib*`
+//! bound read-only. For a directory image, the tmpfs carries an overlayfs upper layer over the
+//! read-only image. `/proc` is a new procfs for the sandbox's pid namespace with the leaky files
+//! masked; `/dev` is a small tmpfs with only the safe host devices bound in.
+//!
+//! Rejected: binding the whole host `/etc` (leaks host configuration the sandbox was never
+//! given) and creating device nodes with `mknod` (impossible in a user namespace; binds of the
+//! host nodes are what bubblewrap does too).
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+
+use cove_types::{BindMount, Image};
+
+use crate::sys;
+
+/// A failed filesystem step, naming the path.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {path}")]
+pub struct RootfsError {
+    op: &'static str,
+    path: String,
+    #[source]
+    source: io::Error,
+}
+
+fn err(op: &'static str, path: impl AsRef<Path>) -> impl FnOnce(io::Error) -> RootfsError {
+    let path = path.as_ref().display().to_string();
+    move |source| RootfsError { op, path, source }
+}
+
+/// What the child needs to build the root; resolved by the supervisor before the clone.
+#[derive(Debug, Clone)]
+pub(crate) struct RootPlan {
+    /// Host directory to mount the sandbox root on (in the child's mount namespace only).
+    pub staging: PathBuf,
+    pub image: Image,
+    pub disk_bytes: u64,
+    pub binds: Vec<BindMount>,
+    pub hostname: String,
+    /// Inner uid/gid of the command, for `/etc/passwd` and its home directory.
+    pub uid: u32,
+    pub gid: u32,
+}
+
+const MS_RO_FLAGS: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
+
+/// Host directories the `host` image exposes read-only (those that exist).
+const HOST_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
+
+/// Host `/etc` entries toolchains need: the dynamic linker cache, Debian alternatives (e.g.
+/// `/usr/bin/awk` points through `/etc/alternatives`), TLS roots, time zone, protocol tables.
+const HOST_ETC: &[&str] = &[
+    "alternatives",
+    "bash.bashrc",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "debian_version",
+    "gai.conf",
+    "inputrc",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "localtime",
+    "mime.types",
+    "os-release",
+    "perl",
+    "profile",
+    "protocols",
+    "python3",
+    "python3.11",
+    "services",
+    "ssl",
+    "terminfo",
+    "timezone",
+];
+
+/// `/proc` files that leak host information or offer host-wide knobs: hidden behind
+/// `/dev/null` (files) or an empty read-only tmpfs (directories).
+const PROC_MASKED: &[&str] = &[
+    "kcore",
+    "kallsyms",
+    "keys",
+    "key-users",
+    "latency_stats",
+    "timer_list",
+    "timer_stats",
+    "sched_debug",
+    "sysrq-trigger",
+    "kpagecount",
+    "kpageflags",
+    "kpagecgroup",
+    "vmallocinfo",
+    "slabinfo",
+    "config.gz",
+    "acpi",
+    "asound",
+    "scsi",
+    "driver",
+    "dynamic_debug",
+];
+
+/// `/proc` subtrees made read-only.
+const PROC_READONLY: &[&str] = &["sys", "bus", "fs", "irq"];
+
+/// Host device nodes bound into the sandbox's `/dev`.
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap_or("")
+}
+
+fn bind(src: &Path, dst: &Path, readonly: bool, recursive: bool) -> Result<(), RootfsError> {
+    let rec = if recursive { libc::MS_REC } else { 0 };
+    sys::mount(Some(s(src)), s(dst), None, libc::MS_BIND | rec, None).map_err(err("bind", dst))?;
+    if readonly {
+        remount_readonly(dst)?;
+    }
+    Ok(())
+}
+
+/// Remounts a bind mount read-only, keeping the flags the kernel locked on it (a user namespace
+/// may not clear `nosuid`/`nodev`/`noexec` inherited from the host mount).
+fn remount_readonly(dst: &Path) -> Result<(), RootfsError> {
+    let st = statvfs_flags(dst).map_err(err("statvfs", dst))?;
+    let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | MS_RO_FLAGS | st;
+    sys::mount(None, s(dst), None, flags, None).map_err(err("remount read-only", dst))
+}
+
+fn statvfs_flags(p: &Path) -> io::Result<libc::c_ulong> {
+    let mut flags = 0;
+    let f = sys::statvfs_flags(s(p))?;
+    for (st, ms) in [
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ] {
+        if f & st != 0 {
+            flags |= ms;
+        }
+    }
+    Ok(flags)
+}
+
+fn mkdir(p: &Path, mode: u32) -> Result<(), RootfsError> {
+    match fs::DirBuilder::new().mode(mode).create(p) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(err("mkdir", p)(e)),
+    }
+    // The umask may have removed bits (e.g. the sticky /tmp).
+    fs::set_permissions(p, fs::Permissions::from_mode(mode)).map_err(err("chmod", p))
+}
+
+fn write(p: &Path, content: &str) -> Result<(), RootfsError> {
+    fs::write(p, content).map_err(err("write", p))
+}
+
+/// Builds the whole sandbox root and enters it. Runs in the child, as root of the new user
+/// namespace, inside the new mount namespace.
+pub(crate) fn enter(plan: &RootPlan) -> Result<(), RootfsError> {
+    // Nothing we mount may propagate back to the host, and nothing the host mounts later may
+    // appear in the sandbox.
+    sys::mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None)
+        .map_err(err("make private", "/"))?;
+    let staging = &plan.staging;
+    let tmpfs_opts = format!("size={},mode=0755", plan.disk_bytes);
+    sys::mount(
+        Some("cove"),
+        s(staging),
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some(&tmpfs_opts),
+    )
+    .map_err(err("mount writable layer on", staging))?;
+    let root = match &plan.image {
+        Image::Host => {
+            host_image(staging, plan)?;
+            staging.clone()
+        }
+        Image::Path(lower) => overlay_image(staging, lower)?,
+    };
+    mount_proc(&root)?;
+    mount_dev(&root)?;
+    for b in &plan.binds {
+        user_bind(&root, b)?;
+    }
+    pivot(&root)
+}
+
+fn host_image(root: &Path, plan: &RootPlan) -> Result<(), RootfsError> {
+    for d in HOST_DIRS {
+        let host = Path::new("/").join(d);
+        let Ok(meta) = fs::symlink_metadata(&host) else {
+            continue;
+        };
+        let dst = root.join(d);
+        if meta.file_type().is_symlink() {
+            // Merged-/usr systems: /bin -> usr/bin and friends; keep the same shape.
+            let target = fs::read_link(&host).map_err(err("readlink", &host))?;
+            symlink(&target, &dst).map_err(err("symlink", &dst))?;
+        } else if meta.is_dir() {
+            mkdir(&dst, 0o755)?;
+            bind(&host, &dst, true, true)?;
+        }
+    }
+    for (d, mode) in [
+        ("tmp", 0o1777),
+        ("var", 0o755),
+        ("var/tmp", 0o1777),
+        ("home", 0o755),
+        ("root", 0o700),
+        ("run", 0o755),
+        ("etc", 0o755),
+        ("mnt", 0o755),
+        ("opt", 0o755),
+        ("srv", 0o755),
+    ] {
+        mkdir(&root.join(d), mode)?;
+    }
+    let etc = root.join("etc");
+    let user_line = if plan.uid != 0 {
+        let home = root.join("home/user");
+        mkdir(&home, 0o755)?;
+        std::os::unix::fs::chown(&home, Some(plan.uid), Some(plan.gid))
+            .map_err(err("chown", &home))?;
+        format!("user:x:{}:{}:user:/home/user:/bin/sh\n", plan.uid, plan.gid)
+    } else {
+        String::new()
+    };
+    write(
+        &etc.join("passwd"),
+        &format!(
+            "root:x:0:0:root:/root:/bin/sh\n{user_line}nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        ),
+    )?;
+    let group_line = if plan.gid != 0 && plan.gid != 65534 {
+        format!("user:x:{}:\n", plan.gid)
+    } else {
+        String::new()
+    };
+    write(
+        &etc.join("group"),
+        &format!("root:x:0:\n{group_line}nogroup:x:65534:\n"),
+    )?;
+    write(&etc.join("hostname"), &format!("{}\n", plan.hostname))?;
+    write(
+        &etc.join("hosts"),
+        &format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
+            plan.hostname
+        ),
+    )?;
+    write(&etc.join("resolv.conf"), "")?;
+    write(
+        &etc.join("nsswitch.conf"),
+        "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n",
+    )?;
+    for name in HOST_ETC {
+        let host = Path::new("/etc").join(name);
+        let Ok(meta) = fs::metadata(&host) else {
+            continue;
+        };
+        let dst = etc.join(name);
+        if meta.is_dir() {
+            mkdir(&dst, 0o755)?;
+        } else {
+            write(&dst, "")?;
+        }
+        bind(&host, &dst, true, false)?;
+    }
+    Ok(())
+}
+
+fn overlay_image(staging: &Path, lower: &Path) -> Result<PathBuf, RootfsError> {
+    let upper = staging.join("upper");
+    let work = staging.join("work");
+    let merged = staging.join("root");
+    for d in [&upper, &work, &merged] {
+        mkdir(d, 0o755)?;
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        s(lower),
+        s(&upper),
+        s(&work)
+    );
+    sys::mount(
+        Some("cove"),
+        s(&merged),
+        Some("overlay"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some(&opts),
+    )
+    .map_err(err("mount overlay on", &merged))?;
+    for (d, mode) in [("proc", 0o555), ("dev", 0o755), ("tmp", 0o1777)] {
+        let p = merged.join(d);
+        if fs::symlink_metadata(&p).is_err() {
+            mkdir(&p, mode)?;
+        }
+    }
+    Ok(merged)
+}
+
+fn mount_proc(root: &Path) -> Result<(), RootfsError> {
+    let proc = root.join("proc");
+    mkdir(&proc, 0o555)?;
+    sys::mount(
+        Some("proc"),
+        s(&proc),
+        Some("proc"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        None,
+    )
+    .map_err(err("mount proc on", &proc))?;
+    for name in PROC_MASKED {
+        let p = proc.join(name);
+        let Ok(meta) = fs::metadata(&p) else {
+            continue;
+        };
+        if meta.is_dir() {
+            sys::mount(
+                Some("cove"),
+                s(&p),
+                Some("tmpfs"),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                Some("size=0,mode=0555"),
+            )
+            .map_err(err("mask", &p))?;
+        } else {
+            bind(Path::new("/dev/null"), &p, false, false)?;
+        }
+    }
+    for name in PROC_READONLY {
+        let p = proc.join(name);
+        if p.exists() {
+            bind(&p, &p, true, true)?;
+        }
+    }
+    Ok(())
+}
+
+fn mount_dev(root: &Path) -> Result<(), RootfsError> {
+    let dev = root.join("dev");
+    mkdir(&dev, 0o755)?;
+    sys::mount(
+        Some("cove"),
+        s(&dev),
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("size=64k,mode=0755"),
+    )
+    .map_err(err("mount /dev on", &dev))?;
+    for name in DEVICES {
+        let d = dev.join(name);
+        write(&d, "")?;
+        bind(&Path::new("/dev").join(name), &d, false, false)?;
+    }
+    let pts = dev.join("pts");
+    mkdir(&pts, 0o755)?;
+    sys::mount(
+        Some("devpts"),
+        s(&pts),
+        Some("devpts"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )
+    .map_err(err("mount devpts on", &pts))?;
+    let shm = dev.join("shm");
+    mkdir(&shm, 0o1777)?;
+    sys::mount(
+        Some("cove"),
+        s(&shm),
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("size=64m,mode=1777"),
+    )
+    .map_err(err("mount /dev/shm on", &shm))?;
+    for (name, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        let p = dev.join(name);
+        symlink(target, &p).map_err(err("symlink", &p))?;
+    }
+    Ok(())
+}
+
+/// Creates the mount point of a user bind inside the new root without following any symlink
+/// (a hostile image could otherwise point a target outside the root), then binds.
+fn user_bind(root: &Path, b: &BindMount) -> Result<(), RootfsError> {
+    let src_meta = fs::metadata(&b.source).map_err(err("bind source", &b.source))?;
+    let mut cur = root.to_path_buf();
+    let comps: Vec<_> = b.target.components().skip(1).collect();
+    for (i, c) in comps.iter().enumerate() {
+        cur.push(c);
+        let last = i + 1 == comps.len();
+        match fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(err("bind target passes through a symlink at", &cur)(
+                    io::Error::from_raw_os_error(libc::ELOOP),
+                ));
+            }
+            Ok(_) => {}
+            Err(_) if last && !src_meta.is_dir() => write(&cur, "")?,
+            Err(_) => mkdir(&cur, 0o755)?,
+        }
+    }
+    bind(&b.source, &cur, !b.writable, true)
+}
+
+fn pivot(root: &Path) -> Result<(), RootfsError> {
+    std::env::set_current_dir(root).map_err(err("chdir", root))?;
+    // pivot_root(".", ".") stacks the old root on top of the new one; detaching "." then
+    // removes the host's tree from the namespace without needing a directory for it.
+    sys::pivot_root(".", ".").map_err(err("pivot_root into", root))?;
+    sys::umount2(".", libc::MNT_DETACH).map_err(err("detach old root", "/"))?;
+    std::env::set_current_dir("/").map_err(err("chdir", "/"))
+}

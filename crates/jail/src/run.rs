@@ -1,0 +1,602 @@
+//! The supervisor side of one sandbox: prepare everything that can be prepared before the clone,
+//! clone into the new namespaces, map ids and join the cgroup from outside, then relay signals
+//! (and a terminal), enforce the limits the kernel does not end by itself, and clean up.
+//!
+//! The supervisor is single-threaded and blocks in `poll(2)`: the sandbox's status pipe, a
+//! signalfd and, with a terminal, the pty master and stdin. Limits are checked when the sandbox
+//! ends and on a coarse tick while it runs ([`TICK`]).
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cove_types::{Image, Reason, RunReport, SandboxId, Spec, SpecError};
+
+use crate::cgroup::{self, Cgroup, Hierarchy};
+use crate::init::{self, ChildFds, ChildPlan};
+use crate::rootfs::RootPlan;
+use crate::seccomp;
+use crate::state::{self, StateDir};
+use crate::sys::{self, SigSet};
+
+/// First host uid (and gid) of the range a sandbox's ids map to: root inside is this id
+/// outside, which owns nothing on the host. Chosen far above the ranges `useradd` hands out in
+/// `/etc/subuid` (from 100000 up, 65536 per user).
+pub const HOST_ID_BASE: u32 = 1_500_000_000;
+/// Number of ids mapped (inner 0..=65535).
+pub const ID_COUNT: u32 = 65_536;
+/// How often the supervisor checks the limits that do not end a sandbox by themselves.
+const TICK: Duration = Duration::from_millis(50);
+/// How long a command may take to exit after Ctrl-C / SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Default `PATH` inside the sandbox.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Why a sandbox could not be run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid spec")]
+    Spec(#[from] SpecError),
+    #[error("{what}")]
+    Prepare {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("seccomp")]
+    Seccomp(#[from] seccomp::SeccompError),
+    #[error("state")]
+    State(#[from] state::StateError),
+    #[error("cgroup")]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error("{step}: {message}")]
+    Setup { step: String, message: String },
+}
+
+fn prep(what: impl Into<String>) -> impl FnOnce(io::Error) -> RunError {
+    let what = what.into();
+    move |source| RunError::Prepare { what, source }
+}
+
+/// How the supervisor runs.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Print where the start time went (stderr).
+    pub timing: bool,
+    /// The sandbox id; random when not given.
+    pub id: Option<SandboxId>,
+    /// Where state lives (default [`state::STATE_ROOT`]).
+    pub state_root: Option<PathBuf>,
+}
+
+/// A fresh random sandbox id.
+pub fn new_id() -> io::Result<SandboxId> {
+    let mut b = [0u8; 6];
+    sys::getrandom(&mut b)?;
+    Ok(SandboxId::from_random(b))
+}
+
+/// Runs `spec` to completion, with the command's stdio connected to ours (or to a new terminal
+/// when `spec.tty`). Returns the report; the caller decides how to print it.
+pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunReport, RunError> {
+    let t_start = Instant::now();
+    spec.validate()?;
+    let id = match opts.id {
+        Some(id) => id,
+        None => new_id().map_err(prep("generate a sandbox id"))?,
+    };
+    let hierarchy = Hierarchy::detect()?;
+    let state_root = opts
+        .state_root
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(state::STATE_ROOT));
+    let state = StateDir::create(&state_root, &id)?;
+    let result = (|| -> Result<RunReport, RunError> {
+        let limits = cgroup::Limits {
+            memory_bytes: Some(spec.limits.memory.as_bytes()),
+            cpu_millis: Some(spec.limits.cpus_millis as u64),
+            pids: Some(spec.limits.pids),
+        };
+        let cg = hierarchy.create(&state::cgroup_name(&id), &limits)?;
+        let plan = plan(spec, &id, state.mount_point(), cg.self_join_files(), opts);
+        let plan = match plan {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = cg.remove();
+                return Err(e);
+            }
+        };
+        let outcome = supervise(spec, &plan, &cg, t_start, opts, &state_root, &hierarchy);
+        let mut kill = |pid: i32| {
+            let _ = sys::kill(pid, libc::SIGKILL);
+        };
+        let cleaned = cg.kill_all(&mut kill).and_then(|()| cg.remove());
+        let report = outcome?;
+        cleaned?;
+        Ok(report)
+    })();
+    let removed = state.remove();
+    let report = result?;
+    removed?;
+    Ok(report)
+}
+
+fn plan(
+    spec: &Spec,
+    id: &SandboxId,
+    staging: PathBuf,
+    cgroup_join: Vec<PathBuf>,
+    opts: &RunOptions,
+) -> Result<ChildPlan, RunError> {
+    if let Image::Path(p) = &spec.image {
+        let meta = fs::metadata(p).map_err(prep(format!("image {}", p.display())))?;
+        if !meta.is_dir() {
+            return Err(RunError::Spec(SpecError::Image {
+                reason: format!("{} is not a directory", p.display()),
+            }));
+        }
+    }
+    for b in &spec.mounts {
+        fs::metadata(&b.source).map_err(prep(format!("bind source {}", b.source.display())))?;
+    }
+    let hostname = spec.hostname.clone().unwrap_or_else(|| id.to_string());
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), DEFAULT_PATH.into()),
+        ("HOSTNAME".into(), hostname.clone()),
+        (
+            "HOME".into(),
+            match (spec.user.uid, &spec.image) {
+                (0, _) => "/root".into(),
+                (_, Image::Host) => "/home/user".into(),
+                _ => "/".into(),
+            },
+        ),
+    ];
+    if spec.tty {
+        env.push(("TERM".into(), "xterm".into()));
+    }
+    for e in &spec.env {
+        env.retain(|(k, _)| k != &e.key);
+        env.push((e.key.clone(), e.value.clone()));
+    }
+    let search_path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| {
+            v.split(':')
+                .filter(|d| !d.is_empty())
+                .map(PathBuf::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    let cstring = |s: String| CString::new(s).map_err(|_| SpecError::NoCommand);
+    let envp = env
+        .into_iter()
+        .map(|(k, v)| cstring(format!("{k}={v}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let argv = spec
+        .cmd
+        .iter()
+        .map(|a| cstring(a.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let l = &spec.limits;
+    let mut rlimits = vec![(libc::RLIMIT_CORE, 0, 0)];
+    if let Some(n) = l.nofile {
+        rlimits.push((libc::RLIMIT_NOFILE, n, n));
+    }
+    if let Some(s) = l.fsize {
+        rlimits.push((libc::RLIMIT_FSIZE, s.as_bytes(), s.as_bytes()));
+    }
+    if let Some(t) = l.cpu_time {
+        // Per process, in whole seconds; the supervisor enforces the sandbox-wide total.
+        let secs = t.as_std().as_secs_f64().ceil() as u64;
+        rlimits.push((libc::RLIMIT_CPU, secs, secs + 1));
+    }
+    let cap_last = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40);
+    Ok(ChildPlan {
+        id: id.to_string(),
+        root: RootPlan {
+            staging,
+            image: spec.image.clone(),
+            disk_bytes: l.disk.as_bytes(),
+            binds: spec.mounts.clone(),
+            hostname,
+            uid: spec.user.uid,
+            gid: spec.user.gid,
+        },
+        uid: spec.user.uid,
+        gid: spec.user.gid,
+        argv,
+        envp,
+        search_path,
+        workdir: spec.workdir.clone().unwrap_or_else(|| PathBuf::from("/")),
+        rlimits,
+        seccomp: seccomp::compile(seccomp::DEFAULT_POLICY)?,
+        cap_last,
+        cgroup_join,
+        timing: opts.timing,
+    })
+}
+
+/// Signals the supervisor handles itself.
+const SUPERVISOR_SIGNALS: &[libc::c_int] = &[
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGCHLD,
+    libc::SIGWINCH,
+];
+
+/// What the sandbox's init reported.
+#[derive(Debug, Default)]
+struct InitReport {
+    wait_status: Option<i32>,
+    setup_error: Option<(String, String)>,
+    exec_error: Option<(i32, String)>,
+    timings: Option<String>,
+}
+
+fn supervise(
+    spec: &Spec,
+    plan: &ChildPlan,
+    cg: &Cgroup,
+    t_start: Instant,
+    opts: &RunOptions,
+    state_root: &Path,
+    hierarchy: &Hierarchy,
+) -> Result<RunReport, RunError> {
+    let (go_r, go_w) = sys::pipe().map_err(prep("create a pipe"))?;
+    let (status_r, status_w) = sys::pipe().map_err(prep("create a pipe"))?;
+    let pty = if spec.tty {
+        Some(sys::openpty().map_err(prep("open a pseudo-terminal"))?)
+    } else {
+        None
+    };
+    let sigs = SigSet::of(SUPERVISOR_SIGNALS);
+    let old_mask = sigs.block().map_err(prep("block signals"))?;
+    let sigfd = sigs.signalfd().map_err(prep("create a signalfd"))?;
+    let t_prep = t_start.elapsed();
+
+    let flags = libc::CLONE_NEWUSER
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC;
+    let pid = sys::clone_fork(flags).map_err(prep("clone the sandbox"))?;
+    if pid == 0 {
+        drop(go_w);
+        drop(status_r);
+        drop(sigfd);
+        let (master, slave) = match pty {
+            Some((m, s)) => (Some(m), Some(s)),
+            None => (None, None),
+        };
+        drop(master);
+        init::child_main(
+            plan,
+            ChildFds {
+                go: go_r,
+                status: status_w,
+                tty: slave,
+            },
+        );
+    }
+    drop(go_r);
+    drop(status_w);
+    let master = pty.map(|(m, _slave)| m);
+    let t_clone = t_start.elapsed();
+
+    // From here on the child exists: any failure must kill and reap it.
+    let started = setup_from_outside(pid, &go_w);
+    let t_joined = t_start.elapsed();
+    if let Err(e) = started {
+        let _ = sys::kill(pid, libc::SIGKILL);
+        let _ = sys::wait4(pid, 0);
+        let _ = old_mask.set_mask();
+        return Err(e);
+    }
+
+    // Opportunistic reaping of sandboxes whose supervisor was killed, while ours starts.
+    let reaped = state::gc(state_root, hierarchy);
+    for line in &reaped.removed {
+        eprintln!("cove: reaped stale {line}");
+    }
+
+    let mut sup = Supervisor {
+        id: plan.id.clone(),
+        spec,
+        cg,
+        pid,
+        started: t_start,
+        deadline: spec.limits.timeout.map(|t| t_start + t.as_std()),
+        killed_for: None,
+        stop_requested: None,
+        message: None,
+    };
+    let result = sup.wait(status_r, sigfd, master, &go_w);
+    let _ = old_mask.set_mask();
+    let (init_report, init_status) = result?;
+
+    if opts.timing {
+        eprintln!(
+            "cove: timing: prepare={}us clone={}us joined={}us child[{}] total={}us",
+            t_prep.as_micros(),
+            t_clone.as_micros(),
+            t_joined.as_micros(),
+            init_report.timings.as_deref().unwrap_or("-"),
+            t_start.elapsed().as_micros()
+        );
+    }
+    if let Some((step, message)) = init_report.setup_error {
+        return Err(RunError::Setup { step, message });
+    }
+    Ok(sup.report(&init_report, init_status))
+}
+
+/// Writes the id maps and lets the child go (it joins its cgroup itself).
+fn setup_from_outside(pid: libc::pid_t, go: &OwnedFd) -> Result<(), RunError> {
+    let map = format!("0 {HOST_ID_BASE} {ID_COUNT}\n");
+    for file in ["uid_map", "gid_map"] {
+        let path = format!("/proc/{pid}/{file}");
+        fs::write(&path, &map).map_err(prep(format!("write {path}")))?;
+    }
+    sys::write_all(go.as_raw_fd(), b"g").map_err(prep("start the sandbox"))
+}
+
+struct Supervisor<'a> {
+    id: String,
+    spec: &'a Spec,
+    cg: &'a Cgroup,
+    pid: libc::pid_t,
+    started: Instant,
+    deadline: Option<Instant>,
+    /// Set when the supervisor itself ended the sandbox for a limit.
+    killed_for: Option<Reason>,
+    /// Set when the user asked to stop (first signal); the grace period ends at this instant.
+    stop_requested: Option<(Instant, libc::c_int)>,
+    message: Option<String>,
+}
+
+impl Supervisor<'_> {
+    fn wait(
+        &mut self,
+        status_r: OwnedFd,
+        sigfd: OwnedFd,
+        master: Option<OwnedFd>,
+        _go: &OwnedFd,
+    ) -> Result<(InitReport, i32), RunError> {
+        let mut reader = BufReader::new(File::from(status_r));
+        let mut report = InitReport::default();
+        let status_fd = reader.get_ref().as_raw_fd();
+        let mut relay = master
+            .map(crate::pty::Relay::new)
+            .transpose()
+            .map_err(prep("set up the terminal"))?;
+        let mut status_open = true;
+        while status_open {
+            let timeout = self.next_timeout();
+            let mut fds = vec![(status_fd, libc::POLLIN), (sigfd.as_raw_fd(), libc::POLLIN)];
+            if let Some(r) = &relay {
+                fds.extend(r.poll_fds());
+            }
+            let revents = sys::poll(&fds, timeout).map_err(prep("wait for the sandbox"))?;
+            if revents[0] != 0 {
+                let mut line = String::new();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => status_open = false,
+                    Ok(_) => parse_status_line(line.trim_end(), &mut report),
+                }
+            }
+            if revents[1] != 0 {
+                while let Some(sig) = sys::read_signalfd(&sigfd).map_err(prep("read signals"))? {
+                    self.on_signal(sig as libc::c_int, relay.as_ref());
+                }
+            }
+            if let Some(r) = &mut relay {
+                r.pump(&revents[2..]);
+            }
+            self.check_limits();
+        }
+        // Drain any output still buffered in the terminal.
+        if let Some(r) = &mut relay {
+            r.drain();
+        }
+        let mut rest = Vec::new();
+        let _ = reader.read_to_end(&mut rest);
+        let (_, status, _) = sys::wait4(self.pid, 0)
+            .map_err(prep("reap the sandbox"))?
+            .unwrap_or((self.pid, 0, sys::Usage::default()));
+        Ok((report, status))
+    }
+
+    fn next_timeout(&self) -> i32 {
+        let mut t = TICK;
+        let now = Instant::now();
+        for d in [self.deadline, self.stop_requested.map(|s| s.0)]
+            .into_iter()
+            .flatten()
+        {
+            t = t.min(d.saturating_duration_since(now));
+        }
+        t.as_millis() as i32
+    }
+
+    fn on_signal(&mut self, sig: libc::c_int, relay: Option<&crate::pty::Relay>) {
+        match sig {
+            libc::SIGCHLD => {}
+            libc::SIGWINCH => {
+                if let Some(r) = relay {
+                    r.resize();
+                }
+            }
+            _ => {
+                if self.stop_requested.is_some() {
+                    // A second request: stop now.
+                    self.kill(
+                        Reason::Killed,
+                        format!("killed: stopped by {} (twice)", signame(sig)),
+                    );
+                } else {
+                    self.stop_requested = Some((Instant::now() + STOP_GRACE, sig));
+                    let _ = sys::kill(self.pid, sig);
+                }
+            }
+        }
+    }
+
+    fn kill(&mut self, reason: Reason, message: String) {
+        if self.killed_for.is_none() {
+            self.killed_for = Some(reason);
+            self.message = Some(message);
+        }
+        let _ = sys::kill(self.pid, libc::SIGKILL);
+    }
+
+    fn check_limits(&mut self) {
+        if self.killed_for.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        let l = &self.spec.limits;
+        if let (Some(d), Some(t)) = (self.deadline, l.timeout)
+            && now >= d
+        {
+            self.kill(Reason::Timeout, format!("killed: timeout {t} reached"));
+            return;
+        }
+        if let Some((d, sig)) = self.stop_requested
+            && now >= d
+        {
+            self.kill(
+                Reason::Killed,
+                format!(
+                    "killed: still running {STOP_GRACE:?} after {}",
+                    signame(sig)
+                ),
+            );
+            return;
+        }
+        let Ok(st) = self.cg.stats() else { return };
+        if st.oom_kills > 0 {
+            self.kill(
+                Reason::MemoryLimit,
+                format!("killed: memory limit {} exceeded", l.memory),
+            );
+        } else if st.pids_limit_hits > 0 {
+            self.kill(
+                Reason::PidsLimit,
+                format!("killed: pids limit {} reached", l.pids),
+            );
+        } else if let Some(t) = l.cpu_time
+            && st.cpu_usage_ns >= t.as_std().as_nanos() as u64
+        {
+            self.kill(
+                Reason::CpuTimeLimit,
+                format!("killed: CPU-time limit {t} exceeded"),
+            );
+        }
+    }
+
+    /// Builds the final report from what init said, how init ended, and the cgroup's counters.
+    fn report(&mut self, init: &InitReport, init_status: i32) -> RunReport {
+        let stats = self.cg.stats().unwrap_or_default();
+        let l = &self.spec.limits;
+        // The command's status if init reported it; otherwise init's own (killed by us).
+        let status = init.wait_status.unwrap_or(init_status);
+        let (mut exit_code, mut signal) = decode_status(status);
+        if let Some((code, msg)) = &init.exec_error {
+            exit_code = *code;
+            signal = None;
+            self.message.get_or_insert_with(|| msg.clone());
+        }
+        let reason = if let Some(r) = self.killed_for {
+            r
+        } else if stats.oom_kills > 0 {
+            self.message = Some(format!("killed: memory limit {} exceeded", l.memory));
+            Reason::MemoryLimit
+        } else if stats.pids_limit_hits > 0 && (exit_code != 0 || signal.is_some()) {
+            self.message = Some(format!("pids limit {} reached", l.pids));
+            Reason::PidsLimit
+        } else if signal == Some(libc::SIGXCPU)
+            || (l
+                .cpu_time
+                .is_some_and(|t| stats.cpu_usage_ns >= t.as_std().as_nanos() as u64)
+                && signal == Some(libc::SIGKILL))
+        {
+            self.message = Some(format!(
+                "killed: CPU-time limit {} exceeded",
+                l.cpu_time.map(|t| t.to_string()).unwrap_or_default()
+            ));
+            Reason::CpuTimeLimit
+        } else if self.stop_requested.is_some() {
+            let sig = self.stop_requested.map(|s| s.1).unwrap_or(libc::SIGTERM);
+            self.message = Some(format!("stopped by {}", signame(sig)));
+            Reason::Killed
+        } else {
+            Reason::Exited
+        };
+        RunReport {
+            id: self.id.clone(),
+            exit_code,
+            signal,
+            reason,
+            message: self.message.clone(),
+            wall_time_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+            cpu_time_ms: stats.cpu_usage_ns as f64 / 1e6,
+            peak_memory_bytes: stats.memory_peak_bytes,
+        }
+    }
+}
+
+fn parse_status_line(line: &str, report: &mut InitReport) {
+    let (tag, rest) = line.split_once(' ').unwrap_or((line, ""));
+    match tag {
+        "W" => report.wait_status = rest.split(' ').next().and_then(|s| s.parse().ok()),
+        "E" => {
+            let (step, msg) = rest.split_once('\t').unwrap_or((rest, ""));
+            report.setup_error = Some((step.to_string(), msg.to_string()));
+        }
+        "X" => {
+            let (code, msg) = rest.split_once('\t').unwrap_or(("127", rest));
+            report.exec_error = Some((code.parse().unwrap_or(127), msg.to_string()));
+        }
+        "T" => report.timings = Some(rest.to_string()),
+        _ => {}
+    }
+}
+
+/// (exit code as a shell reports it, signal).
+fn decode_status(status: i32) -> (i32, Option<i32>) {
+    if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        (128 + sig, Some(sig))
+    } else {
+        (libc::WEXITSTATUS(status), None)
+    }
+}
+
+/// The conventional name of a signal.
+pub fn signame(sig: libc::c_int) -> String {
+    let name = match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGPIPE => "SIGPIPE",
+        _ => return format!("signal {sig}"),
+    };
+    name.to_string()
+}

@@ -1,0 +1,220 @@
+//! Per-sandbox state on the host, and the reaper that removes what a dead supervisor left.
+//!
+//! Every sandbox owns `/run/cove/<id>/` (its mount point and its lock) and the cgroup
+//! `cove/<id>`. The supervisor holds an exclusive `flock` on `/run/cove/<id>/lock` for the
+//! sandbox's whole life, so "is anybody still responsible for this sandbox?" is one non-blocking
+//! lock attempt, with no pid files that can be recycled. A state directory is born locked: it is
+//! built under a dot-name, locked, then renamed into place, so the reaper never sees an unlocked
+//! directory that is still being set up.
+//!
+//! Everything else a sandbox creates (namespaces, its mounts) lives only as long as its
+//! processes, and those die with the sandbox's pid 1.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use cove_types::SandboxId;
+
+use crate::cgroup::{CgroupError, Hierarchy};
+use crate::sys;
+
+/// Where per-sandbox state lives.
+pub const STATE_ROOT: &str = "/run/cove";
+/// The cgroup parent of every sandbox (`cove/<id>` in each controller).
+pub const CGROUP_PARENT: &str = "cove";
+/// How old a half-built state directory must be before the reaper removes it.
+const HALF_BUILT_GRACE: Duration = Duration::from_secs(60);
+
+/// A failed state-directory operation, naming the path.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{op} {}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cgroup")]
+    Cgroup(#[from] CgroupError),
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StateError {
+    let path = path.to_path_buf();
+    move |source| StateError::Io { op, path, source }
+}
+
+/// The cgroup name of a sandbox.
+pub fn cgroup_name(id: &SandboxId) -> String {
+    format!("{CGROUP_PARENT}/{id}")
+}
+
+/// A sandbox's state directory, locked for as long as this value lives.
+pub struct StateDir {
+    dir: PathBuf,
+    _lock: OwnedFd,
+}
+
+impl StateDir {
+    /// Creates `/run/cove/<id>` (with its `root` mount point), locked.
+    pub fn create(root: &Path, id: &SandboxId) -> Result<StateDir, StateError> {
+        fs::create_dir_all(root).map_err(io_err("create", root))?;
+        let tmp = root.join(format!(".new-{id}"));
+        fs::create_dir(&tmp).map_err(io_err("create", &tmp))?;
+        let built = (|| {
+            let lock_path = tmp.join("lock");
+            let lock: OwnedFd = File::create(&lock_path)
+                .map_err(io_err("create", &lock_path))?
+                .into();
+            if !sys::try_lock(&lock).map_err(io_err("lock", &lock_path))? {
+                return Err(io_err("lock", &lock_path)(io::ErrorKind::WouldBlock.into()));
+            }
+            let mnt = tmp.join("root");
+            fs::create_dir(&mnt).map_err(io_err("create", &mnt))?;
+            let dir = root.join(id.as_str());
+            fs::rename(&tmp, &dir).map_err(io_err("rename into place", &dir))?;
+            Ok(StateDir { dir, _lock: lock })
+        })();
+        if built.is_err() {
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        built
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The sandbox root's mount point (only ever mounted inside the sandbox's namespace).
+    pub fn mount_point(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+
+    /// Removes the directory; the lock is released when `self` drops.
+    pub fn remove(self) -> Result<(), StateError> {
+        fs::remove_dir_all(&self.dir).map_err(io_err("remove", &self.dir))
+    }
+}
+
+/// What one reaper pass removed.
+#[derive(Debug, Default)]
+pub struct GcReport {
+    /// One human-readable line per object removed.
+    pub removed: Vec<String>,
+    /// Objects that could not be removed, with the reason.
+    pub failed: Vec<String>,
+}
+
+/// Removes every sandbox object whose supervisor is gone: processes (through the cgroup), the
+/// cgroups, host-side mounts under the state directory (there should be none), and the state
+/// directory. Live sandboxes (locked state directories) are never touched.
+pub fn gc(root: &Path, cgroups: &Hierarchy) -> GcReport {
+    let mut report = GcReport::default();
+    let mut live = Vec::new();
+    if let Ok(entries) = fs::read_dir(root) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if let Some(id) = name.strip_prefix(".new-") {
+                if is_old(&path) {
+                    reap_dir(
+                        &path,
+                        &format!("half-built state directory of {id}"),
+                        &mut report,
+                    );
+                }
+                continue;
+            }
+            if name.parse::<SandboxId>().is_err() {
+                continue;
+            }
+            match is_locked(&path.join("lock")) {
+                Ok(true) => live.push(name),
+                Ok(false) => {
+                    reap_cgroup(cgroups, &format!("{CGROUP_PARENT}/{name}"), &mut report);
+                    reap_dir(&path, &format!("state directory of {name}"), &mut report);
+                }
+                Err(e) => report.failed.push(format!("{}: {e}", path.display())),
+            }
+        }
+    }
+    match cgroups.children(CGROUP_PARENT) {
+        Ok(children) => {
+            for cg in children {
+                let name = cg.rsplit('/').next().unwrap_or_default();
+                if !live.iter().any(|l| l == name) && !root.join(name).exists() {
+                    reap_cgroup(cgroups, &cg, &mut report);
+                }
+            }
+        }
+        Err(e) => report.failed.push(format!("list cgroups: {e}")),
+    }
+    report
+}
+
+fn is_old(path: &Path) -> bool {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| SystemTime::now().duration_since(t).ok())
+        .is_some_and(|age| age > HALF_BUILT_GRACE)
+}
+
+/// Whether someone holds the lock. A missing lock file counts as unlocked.
+fn is_locked(lock: &Path) -> io::Result<bool> {
+    let f = match OpenOptions::new().read(true).open(lock) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let fd: OwnedFd = f.into();
+    Ok(!sys::try_lock(&fd)?)
+}
+
+fn reap_cgroup(cgroups: &Hierarchy, name: &str, report: &mut GcReport) {
+    let cg = cgroups.open(name);
+    let procs = cg.pids().map(|p| p.len()).unwrap_or(0);
+    let mut kill = |pid: i32| {
+        let _ = sys::kill(pid, libc::SIGKILL);
+    };
+    match cg.kill_all(&mut kill).and_then(|()| cg.remove()) {
+        Ok(()) if procs > 0 => report
+            .removed
+            .push(format!("cgroup {name} (killed {procs} processes)")),
+        Ok(()) => report.removed.push(format!("cgroup {name}")),
+        Err(e) => report.failed.push(format!("cgroup {name}: {e}")),
+    }
+}
+
+fn reap_dir(path: &Path, what: &str, report: &mut GcReport) {
+    for m in mounts_under(path) {
+        match sys::umount2(&m, libc::MNT_DETACH) {
+            Ok(()) => report.removed.push(format!("mount {m}")),
+            Err(e) => report.failed.push(format!("mount {m}: {e}")),
+        }
+    }
+    match fs::remove_dir_all(path) {
+        Ok(()) => report.removed.push(what.to_string()),
+        Err(e) => report.failed.push(format!("{what}: {e}")),
+    }
+}
+
+/// Host mounts at or below `path`, deepest first.
+fn mounts_under(path: &Path) -> Vec<String> {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let prefix = path.to_string_lossy();
+    let mut found: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(prefix.as_ref()))
+        .map(str::to_string)
+        .collect();
+    found.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    found
+}

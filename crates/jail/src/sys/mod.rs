@@ -1,0 +1,687 @@
+//! The only place in the jail where `unsafe` is allowed: thin, documented wrappers over the
+//! system calls the containment pipeline makes. Each wrapper returns `std::io::Result`, takes
+//! Rust types, and keeps the raw-pointer handling next to its `// SAFETY:` justification.
+//!
+//! Rejected: `nix` and `rustix`. The jail needs about forty calls, several of which neither
+//! covers in a form we can use (a `fork`-like `clone` with namespace flags, `close_range` with
+//! `CLOSE_RANGE_CLOEXEC`, capability bounding-set drops); one dependency (`libc`) keeps the
+//! whole unsafe surface in one reviewable file.
+
+pub(crate) mod seccomp;
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn check_long(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cstr(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in string"))
+}
+
+/// `clone(flags | SIGCHLD)` with fork semantics: returns the child's pid in the parent and 0 in
+/// the child, which continues on a copy of the parent's stack.
+///
+/// The caller must be single-threaded (the `cove run` supervisor and the sandbox's init are):
+/// the child then holds no lock that another thread owned, so it may allocate freely.
+pub(crate) fn clone_fork(flags: libc::c_int) -> io::Result<libc::pid_t> {
+    // SAFETY: with a NULL stack pointer the raw clone syscall behaves like fork(2): the child
+    // resumes here on a copy-on-write copy of our stack. No Rust invariant is broken because the
+    // caller is single-threaded (documented requirement), so no lock is held by a vanished thread.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (flags | libc::SIGCHLD) as libc::c_ulong,
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::c_int>(),
+            std::ptr::null_mut::<libc::c_int>(),
+            0 as libc::c_ulong,
+        )
+    };
+    check_long(ret).map(|pid| pid as libc::pid_t)
+}
+
+/// `fork(2)`; same single-threaded requirement as [`clone_fork`].
+pub(crate) fn fork() -> io::Result<libc::pid_t> {
+    clone_fork(0)
+}
+
+/// `unshare(2)`.
+pub(crate) fn unshare(flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: unshare takes a plain integer and touches no memory of ours.
+    check(unsafe { libc::unshare(flags) }).map(drop)
+}
+
+/// `mount(2)`. `None` arguments are passed as NULL.
+pub(crate) fn mount(
+    source: Option<&str>,
+    target: &str,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let source = source.map(cstr).transpose()?;
+    let target = cstr(target)?;
+    let fstype = fstype.map(cstr).transpose()?;
+    let data = data.map(cstr).transpose()?;
+    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: every pointer is either NULL or points to a NUL-terminated CString that outlives
+    // the call; the kernel copies the strings before returning.
+    let ret = unsafe {
+        libc::mount(
+            ptr(&source),
+            target.as_ptr(),
+            ptr(&fstype),
+            flags,
+            ptr(&data).cast(),
+        )
+    };
+    check(ret).map(drop)
+}
+
+/// `umount2(2)`.
+pub(crate) fn umount2(target: &str, flags: libc::c_int) -> io::Result<()> {
+    let target = cstr(target)?;
+    // SAFETY: `target` is a valid NUL-terminated string for the duration of the call.
+    check(unsafe { libc::umount2(target.as_ptr(), flags) }).map(drop)
+}
+
+/// `pivot_root(2)`.
+pub(crate) fn pivot_root(new_root: &str, put_old: &str) -> io::Result<()> {
+    let new_root = cstr(new_root)?;
+    let put_old = cstr(put_old)?;
+    // SAFETY: both arguments are valid NUL-terminated strings for the duration of the call.
+    let ret = unsafe { libc::syscall(libc::SYS_pivot_root, new_root.as_ptr(), put_old.as_ptr()) };
+    check_long(ret).map(drop)
+}
+
+/// `sethostname(2)`.
+pub(crate) fn sethostname(name: &str) -> io::Result<()> {
+    // SAFETY: the pointer and length describe the bytes of `name`, which outlives the call.
+    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) }).map(drop)
+}
+
+/// `setresuid(2)` and `setresgid(2)` to the same id, group first.
+pub(crate) fn set_ids(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::setresgid(gid, gid, gid) })?;
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::setresuid(uid, uid, uid) }).map(drop)
+}
+
+/// `setgroups(2)`.
+pub(crate) fn setgroups(groups: &[libc::gid_t]) -> io::Result<()> {
+    // SAFETY: pointer and length describe `groups`, which outlives the call.
+    check(unsafe { libc::setgroups(groups.len(), groups.as_ptr()) }).map(drop)
+}
+
+fn prctl(op: libc::c_int, a: libc::c_ulong, b: libc::c_ulong) -> io::Result<libc::c_int> {
+    // SAFETY: every prctl operation used in this module takes integer arguments only (or, for
+    // PR_SET_NAME, a pointer that the caller guarantees valid; see `set_name`).
+    check(unsafe { libc::prctl(op, a, b, 0 as libc::c_ulong, 0 as libc::c_ulong) })
+}
+
+/// Deliver `sig` to us when our parent thread exits.
+pub(crate) fn set_parent_death_signal(sig: libc::c_int) -> io::Result<()> {
+    prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0).map(drop)
+}
+
+/// Mark the process (not) dumpable: a non-dumpable process cannot be ptraced or have its
+/// `/proc/PID/mem` read by processes without `CAP_SYS_PTRACE`.
+pub(crate) fn set_dumpable(on: bool) -> io::Result<()> {
+    prctl(libc::PR_SET_DUMPABLE, on as libc::c_ulong, 0).map(drop)
+}
+
+/// `PR_SET_NO_NEW_PRIVS`: execve can never grant privileges again.
+pub(crate) fn set_no_new_privs() -> io::Result<()> {
+    prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0).map(drop)
+}
+
+/// Sets the process name shown in `ps` (truncated by the kernel to 15 bytes).
+pub(crate) fn set_name(name: &str) -> io::Result<()> {
+    let c = cstr(name)?;
+    // SAFETY: PR_SET_NAME reads at most 16 bytes from a NUL-terminated string that outlives the
+    // call.
+    check(unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr() as libc::c_ulong, 0, 0, 0) }).map(drop)
+}
+
+/// Secure bits: root gets no capabilities from execve, and these bits can never be changed again.
+pub(crate) fn lock_securebits() -> io::Result<()> {
+    const SECBIT_NOROOT: libc::c_ulong = 1 << 0;
+    const SECBIT_NOROOT_LOCKED: libc::c_ulong = 1 << 1;
+    const SECBIT_NO_SETUID_FIXUP_LOCKED: libc::c_ulong = 1 << 3;
+    const SECBIT_KEEP_CAPS_LOCKED: libc::c_ulong = 1 << 5;
+    const SECBIT_NO_CAP_AMBIENT_RAISE: libc::c_ulong = 1 << 6;
+    const SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED: libc::c_ulong = 1 << 7;
+    let bits = SECBIT_NOROOT
+        | SECBIT_NOROOT_LOCKED
+        | SECBIT_NO_SETUID_FIXUP_LOCKED
+        | SECBIT_KEEP_CAPS_LOCKED
+        | SECBIT_NO_CAP_AMBIENT_RAISE
+        | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED;
+    prctl(libc::PR_SET_SECUREBITS, bits, 0).map(drop)
+}
+
+/// Drops every capability from the bounding set (`last` is the highest capability number).
+pub(crate) fn drop_bounding_set(last: u32, keep: u64) -> io::Result<()> {
+    for cap in 0..=last {
+        if keep & (1 << cap) != 0 {
+            continue;
+        }
+        match prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0) {
+            Ok(_) => {}
+            // Capabilities newer than this kernel report EINVAL: nothing to drop.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Clears the ambient set.
+pub(crate) fn clear_ambient() -> io::Result<()> {
+    prctl(
+        libc::PR_CAP_AMBIENT,
+        libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+        0,
+    )
+    .map(drop)
+}
+
+/// `capset(2)`: sets effective, permitted and inheritable to `keep` (a bit mask of
+/// capability numbers below 64).
+pub(crate) fn capset(keep: u64) -> io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let lo = keep as u32;
+    let hi = (keep >> 32) as u32;
+    let data = [
+        Data {
+            effective: lo,
+            permitted: lo,
+            inheritable: 0,
+        },
+        Data {
+            effective: hi,
+            permitted: hi,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: header and the two-element data array have the layout of the kernel's
+    // `__user_cap_header_struct` / `__user_cap_data_struct[2]` for version 3, and live for the
+    // whole call.
+    let ret = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    check_long(ret).map(drop)
+}
+
+/// `close_range(first, ~0, flags)`: with `cloexec`, marks instead of closing.
+pub(crate) fn close_range(first: u32, cloexec: bool) -> io::Result<()> {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    let flags = if cloexec { CLOSE_RANGE_CLOEXEC } else { 0 };
+    // SAFETY: close_range only manipulates our descriptor table. Descriptors owned by Rust
+    // objects that are later dropped would be double-closed, so callers only use this right
+    // before execve or when every remaining descriptor is intentionally abandoned.
+    let ret = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, flags) };
+    check_long(ret).map(drop)
+}
+
+/// Closes every descriptor from 3 up except those in `keep`.
+pub(crate) fn close_fds_except(keep: &[RawFd]) -> io::Result<()> {
+    let mut keep: Vec<RawFd> = keep.iter().copied().filter(|&fd| fd > 2).collect();
+    keep.sort_unstable();
+    let mut next = 3;
+    for fd in keep {
+        if fd > next {
+            // SAFETY: see `close_range`; the range [next, fd-1] holds no descriptor we keep.
+            let ret =
+                unsafe { libc::syscall(libc::SYS_close_range, next as u32, (fd - 1) as u32, 0) };
+            check_long(ret)?;
+        }
+        next = fd + 1;
+    }
+    close_range(next as u32, false)
+}
+
+/// `dup2(2)`.
+pub(crate) fn dup2(from: RawFd, to: RawFd) -> io::Result<()> {
+    // SAFETY: dup2 only manipulates the descriptor table; `to` is a stdio slot we own.
+    check(unsafe { libc::dup2(from, to) }).map(drop)
+}
+
+/// `pipe2(O_CLOEXEC)`: (read end, write end).
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// `setsid(2)`.
+pub(crate) fn setsid() -> io::Result<()> {
+    // SAFETY: no arguments.
+    check(unsafe { libc::setsid() }).map(drop)
+}
+
+/// Makes `fd` (a terminal) the controlling terminal of this session.
+pub(crate) fn set_controlling_tty(fd: RawFd) -> io::Result<()> {
+    // SAFETY: TIOCSCTTY takes an integer argument.
+    check(unsafe { libc::ioctl(fd, libc::TIOCSCTTY, 0) }).map(drop)
+}
+
+/// Sets a resource limit (soft and hard).
+pub(crate) fn setrlimit(
+    resource: libc::__rlimit_resource_t,
+    soft: u64,
+    hard: u64,
+) -> io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: `lim` is a valid rlimit for the duration of the call.
+    check(unsafe { libc::setrlimit(resource, &lim) }).map(drop)
+}
+
+/// A set of signals.
+pub(crate) struct SigSet(libc::sigset_t);
+
+impl SigSet {
+    /// The empty set.
+    pub(crate) fn empty() -> SigSet {
+        // SAFETY: sigset_t is plain data; sigemptyset initialises it fully.
+        let mut set = unsafe { std::mem::zeroed::<libc::sigset_t>() };
+        // SAFETY: `set` is a valid sigset_t.
+        unsafe { libc::sigemptyset(&mut set) };
+        SigSet(set)
+    }
+    /// Every signal.
+    pub(crate) fn full() -> SigSet {
+        let mut s = SigSet::empty();
+        // SAFETY: `s.0` is a valid sigset_t.
+        unsafe { libc::sigfillset(&mut s.0) };
+        s
+    }
+    /// The set of `sigs`.
+    pub(crate) fn of(sigs: &[libc::c_int]) -> SigSet {
+        let mut s = SigSet::empty();
+        for &sig in sigs {
+            // SAFETY: `s.0` is a valid sigset_t; invalid numbers only make sigaddset fail.
+            unsafe { libc::sigaddset(&mut s.0, sig) };
+        }
+        s
+    }
+    /// Blocks these signals; returns the previous mask.
+    pub(crate) fn block(&self) -> io::Result<SigSet> {
+        let mut old = SigSet::empty();
+        // SAFETY: both pointers are valid sigset_t values for the duration of the call.
+        let ret = unsafe { libc::sigprocmask(libc::SIG_BLOCK, &self.0, &mut old.0) };
+        check(ret).map(|_| old)
+    }
+    /// Makes this set the signal mask.
+    pub(crate) fn set_mask(&self) -> io::Result<()> {
+        // SAFETY: valid sigset_t pointer; NULL old-set pointer is allowed.
+        let ret = unsafe { libc::sigprocmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+        check(ret).map(drop)
+    }
+    /// Waits for one of these (blocked) signals; returns (signal, sender pid, si_code).
+    pub(crate) fn wait(&self) -> io::Result<(libc::c_int, libc::pid_t, libc::c_int)> {
+        loop {
+            // SAFETY: siginfo_t is plain data that sigwaitinfo fills in.
+            let mut info = unsafe { std::mem::zeroed::<libc::siginfo_t>() };
+            // SAFETY: both pointers are valid for the duration of the call.
+            let ret = unsafe { libc::sigwaitinfo(&self.0, &mut info) };
+            if ret < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return Err(e);
+            }
+            // SAFETY: si_pid is valid to read for every signal; for signals without a sender it
+            // reads as 0.
+            let pid = unsafe { info.si_pid() };
+            return Ok((ret, pid, info.si_code));
+        }
+    }
+    /// A signalfd delivering these signals (which must be blocked).
+    pub(crate) fn signalfd(&self) -> io::Result<OwnedFd> {
+        // SAFETY: valid sigset pointer; -1 asks for a new descriptor.
+        let fd =
+            check(unsafe { libc::signalfd(-1, &self.0, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) })?;
+        // SAFETY: signalfd returned a new descriptor that nobody else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+}
+
+/// Reads one pending signal number from a signalfd, if any.
+pub(crate) fn read_signalfd(fd: &OwnedFd) -> io::Result<Option<u32>> {
+    // SAFETY: signalfd_siginfo is plain data.
+    let mut info = unsafe { std::mem::zeroed::<libc::signalfd_siginfo>() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: we read at most `size` bytes into `info`, which is exactly that large.
+    let n = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            size,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok((n as usize == size).then_some(info.ssi_signo))
+}
+
+/// Resets every catchable signal's disposition to the default.
+pub(crate) fn reset_signal_dispositions() {
+    for sig in 1..libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL is always sound; failures (invalid numbers) are ignored.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
+}
+
+/// Ignores `sig`.
+pub(crate) fn ignore_signal(sig: libc::c_int) {
+    // SAFETY: installing SIG_IGN is always sound.
+    unsafe { libc::signal(sig, libc::SIG_IGN) };
+}
+
+/// `kill(2)`.
+pub(crate) fn kill(pid: libc::pid_t, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::kill(pid, sig) }).map(drop)
+}
+
+/// Resource usage of a reaped child.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Usage {
+    pub(crate) utime_us: u64,
+    pub(crate) stime_us: u64,
+    pub(crate) maxrss_kib: u64,
+}
+
+/// `wait4(pid, flags)`: `Some((pid, status, usage))`, or `None` with `WNOHANG` and nothing ready.
+pub(crate) fn wait4(
+    pid: libc::pid_t,
+    flags: libc::c_int,
+) -> io::Result<Option<(libc::pid_t, libc::c_int, Usage)>> {
+    let mut status = 0;
+    // SAFETY: rusage is plain data filled in by the kernel.
+    let mut ru = unsafe { std::mem::zeroed::<libc::rusage>() };
+    loop {
+        // SAFETY: both pointers are valid for the duration of the call.
+        let ret = unsafe { libc::wait4(pid, &mut status, flags, &mut ru) };
+        if ret < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        if ret == 0 {
+            return Ok(None);
+        }
+        let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+        let usage = Usage {
+            utime_us: tv(ru.ru_utime),
+            stime_us: tv(ru.ru_stime),
+            maxrss_kib: ru.ru_maxrss as u64,
+        };
+        return Ok(Some((ret, status, usage)));
+    }
+}
+
+/// `poll(2)` on (fd, events) pairs; returns the revents of each. EINTR returns all zeros.
+pub(crate) fn poll(fds: &[(RawFd, i16)], timeout_ms: i32) -> io::Result<Vec<i16>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&(fd, events)| libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: the pointer and length describe `pfds`, which outlives the call.
+    let ret = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+    if ret < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            return Ok(vec![0; fds.len()]);
+        }
+        return Err(e);
+    }
+    Ok(pfds.iter().map(|p| p.revents).collect())
+}
+
+/// `getrandom(2)` into `buf`.
+pub(crate) fn getrandom(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of `buf`.
+        let n =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
+/// `flock(fd, LOCK_EX | LOCK_NB)`: `Ok(false)` when another holder has it.
+pub(crate) fn try_lock(fd: &OwnedFd) -> io::Result<bool> {
+    // SAFETY: plain integer arguments on a descriptor we own.
+    let ret = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if ret == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.kind() == io::ErrorKind::WouldBlock {
+        Ok(false)
+    } else {
+        Err(e)
+    }
+}
+
+/// Brings the loopback interface of the current network namespace up.
+pub(crate) fn loopback_up() -> io::Result<()> {
+    // SAFETY: socket takes integer arguments.
+    let fd =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: socket returned a new descriptor that nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data.
+    let mut req = unsafe { std::mem::zeroed::<libc::ifreq>() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the name from and writes the flags into `req`.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
+    // SAFETY: the union member ifru_flags was just filled in by SIOCGIFFLAGS.
+    unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
+    // SAFETY: SIOCSIFFLAGS reads `req`, which is valid.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) }).map(drop)
+}
+
+/// Replaces the process image. Returns only on failure.
+pub(crate) fn execve(path: &CStr, argv: &[CString], envp: &[CString]) -> io::Error {
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
+    envp_ptrs.push(std::ptr::null());
+    // SAFETY: path, argv and envp are NUL-terminated strings in NULL-terminated arrays, all alive
+    // for the call; on success the process image is replaced and nothing here runs again.
+    unsafe { libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
+    io::Error::last_os_error()
+}
+
+/// `_exit(2)`: ends the process without running destructors or flushing stdio buffers (the
+/// right way out of a forked child).
+pub(crate) fn exit(code: i32) -> ! {
+    // SAFETY: _exit never returns and touches no Rust state.
+    unsafe { libc::_exit(code) }
+}
+
+/// Window size of a terminal.
+pub(crate) fn get_winsize(fd: RawFd) -> io::Result<libc::winsize> {
+    // SAFETY: winsize is plain data.
+    let mut ws = unsafe { std::mem::zeroed::<libc::winsize>() };
+    // SAFETY: TIOCGWINSZ writes a winsize into the valid pointer.
+    check(unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) })?;
+    Ok(ws)
+}
+
+/// Sets the window size of a terminal.
+pub(crate) fn set_winsize(fd: RawFd, ws: &libc::winsize) -> io::Result<()> {
+    // SAFETY: TIOCSWINSZ reads a winsize from the valid pointer.
+    check(unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, ws) }).map(drop)
+}
+
+/// Whether `fd` is a terminal.
+pub(crate) fn isatty(fd: RawFd) -> bool {
+    // SAFETY: isatty takes an integer and reads no memory of ours.
+    unsafe { libc::isatty(fd) == 1 }
+}
+
+/// Terminal attributes.
+pub(crate) struct Termios(libc::termios);
+
+/// Reads the attributes of terminal `fd`.
+pub(crate) fn tcgetattr(fd: RawFd) -> io::Result<Termios> {
+    // SAFETY: termios is plain data.
+    let mut t = unsafe { std::mem::zeroed::<libc::termios>() };
+    // SAFETY: tcgetattr fills the valid pointer.
+    check(unsafe { libc::tcgetattr(fd, &mut t) })?;
+    Ok(Termios(t))
+}
+
+/// Restores saved attributes.
+pub(crate) fn tcsetattr(fd: RawFd, t: &Termios) -> io::Result<()> {
+    // SAFETY: valid termios pointer.
+    check(unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t.0) }).map(drop)
+}
+
+/// Puts terminal `fd` in raw mode.
+pub(crate) fn make_raw(fd: RawFd, saved: &Termios) -> io::Result<()> {
+    let mut t = saved.0;
+    // SAFETY: cfmakeraw edits the valid termios value in place.
+    unsafe { libc::cfmakeraw(&mut t) };
+    // SAFETY: valid termios pointer.
+    check(unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) }).map(drop)
+}
+
+/// Opens a new pseudo-terminal pair on the host's devpts: (master, slave).
+pub(crate) fn openpty() -> io::Result<(OwnedFd, OwnedFd)> {
+    // SAFETY: posix_openpt takes flags and returns a new descriptor.
+    let m = check(unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
+    // SAFETY: `m` is a new descriptor nobody else owns.
+    let master = unsafe { OwnedFd::from_raw_fd(m) };
+    // SAFETY: grantpt/unlockpt take the master descriptor only.
+    check(unsafe { libc::grantpt(m) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::unlockpt(m) })?;
+    // TIOCGPTPEER opens the slave through the master, without a path lookup in /dev/pts.
+    const TIOCGPTPEER: libc::c_ulong = 0x5441;
+    // SAFETY: TIOCGPTPEER takes open flags and returns a new descriptor.
+    let s = check(unsafe {
+        libc::ioctl(
+            m,
+            TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: `s` is a new descriptor nobody else owns.
+    Ok((master, unsafe { OwnedFd::from_raw_fd(s) }))
+}
+
+/// The calling thread's CLOCK_MONOTONIC time in nanoseconds.
+pub(crate) fn monotonic_ns() -> u64 {
+    // SAFETY: timespec is plain data.
+    let mut ts = unsafe { std::mem::zeroed::<libc::timespec>() };
+    // SAFETY: valid pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The mount flags (`ST_*`) of the filesystem holding `path`.
+pub(crate) fn statvfs_flags(path: &str) -> io::Result<libc::c_ulong> {
+    let c = cstr(path)?;
+    // SAFETY: statvfs is plain data filled in by the kernel.
+    let mut st = unsafe { std::mem::zeroed::<libc::statvfs>() };
+    // SAFETY: valid path string and output pointer for the duration of the call.
+    check(unsafe { libc::statvfs(c.as_ptr(), &mut st) })?;
+    Ok(st.f_flag)
+}
+
+/// `read(2)` into `buf`, retrying on EINTR.
+pub(crate) fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: the pointer and length describe `buf`, which outlives the call.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// `write(2)` of all of `buf`, retrying on EINTR and short writes.
+pub(crate) fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: the pointer and length describe `buf`, which outlives the call.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        buf = &buf[n as usize..];
+    }
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! Cove's shared vocabulary: sandbox ids, human sizes and durations, the sandbox spec, and the
+//! reasons a sandbox ends. No I/O happens here.
+//!
+//! Values are parsed once, at the edge (CLI flags, config files, API bodies), into newtypes that
+//! cannot hold an invalid value; the rest of Cove never re-validates them.
+
+#![forbid(unsafe_code)]
+
+mod id;
+mod reason;
+mod spec;
+mod units;
+
+pub use id::{IdError, SandboxId};
+pub use reason::{Reason, RunReport};
+pub use spec::{
+    BindMount, DEFAULT_CPUS_MILLIS, DEFAULT_DISK, DEFAULT_MEMORY, DEFAULT_PIDS, EnvVar, Image,
+    Limits, MAX_INNER_ID, NetMode, Spec, SpecError, User, parse_cpus,
+};
+pub use units::{Duration, ParseError, Size};

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Cove needs.
+#   scripts/deps.sh runtime   what `cove run` needs at run time (python3 for the first demo)
+#   scripts/deps.sh test      + what the test suite uses (busybox-static for a rootfs image)
+#   scripts/deps.sh bench     + the peers the benchmarks compare with (bubblewrap, crun, hyperfine)
+# Installs only what is missing, so it costs nothing on a prepared machine.
+set -euo pipefail
+want=(iproute2 util-linux ca-certificates python3)
+case "${1:-runtime}" in
+  runtime) ;;
+  test) want+=(busybox-static) ;;
+  bench) want+=(busybox-static bubblewrap crun hyperfine) ;;
+  *) echo "deps.sh: unknown set ${1}; use runtime, test or bench" >&2; exit 2 ;;
+esac
+missing=()
+for p in "${want[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "deps.sh: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Fails (and lists them) if any host object of a Cove sandbox is left: cgroups named cove,
+# state directories under /run/cove, mounts with cove in their path, processes named cove-*.
+set -uo pipefail
+found=0
+report() { echo "leak: $*" >&2; found=1; }
+for d in /sys/fs/cgroup/*/cove /sys/fs/cgroup/cove; do
+  [ -d "$d" ] || continue
+  while IFS= read -r c; do report "cgroup $c"; done < <(find "$d" -mindepth 1 -type d)
+done
+if [ -d /run/cove ]; then
+  while IFS= read -r s; do report "state $s"; done < <(find /run/cove -mindepth 1 -maxdepth 1)
+fi
+while IFS= read -r m; do report "mount $m"; done < <(awk '$5 ~ /cove/ {print $5}' /proc/self/mountinfo)
+while IFS= read -r p; do report "process $p"; done < <(ps -eo pid=,comm= | awk '$2 ~ /^cove-/ {print $1" "$2}')
+if [ "$found" = 0 ]; then echo "leaks: none"; fi
+exit "$found"

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs the whole test suite, as root (the integration tests start real sandboxes):
+#   sudo scripts/test.sh
+# Installs what the tests need, checks formatting and lints, then runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "test.sh: run as root: the integration tests create namespaces and cgroups" >&2; exit 1; }
+scripts/deps.sh test
+export PATH="$HOME/.cargo/bin:$PATH"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
+# Nothing any test started may be left on the host.
+scripts/leaks.sh
