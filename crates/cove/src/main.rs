@@ -29,7 +29,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a command in a new sandbox and exit with its exit code.
+    #[command(flatten_help = false)]
     Run(Box<run::RunArgs>),
     /// Remove what sandboxes whose `cove run` was killed left behind (cgroups, state, processes).
     Gc {

@@ -71,7 +71,9 @@ pub struct RunArgs {
     /// User to run as inside the sandbox (root inside is unprivileged on the host).
     #[arg(short = 'u', long, value_name = "UID[:GID]")]
     user: Option<User>,
-    /// Bind a host path into the sandbox, read-only unless `:rw`.
+    /// Bind a host path into the sandbox, read-only unless `:rw`. Root inside the sandbox is
+    /// uid 1500000000 on the host (uid N inside is 1500000000+N), so a `:rw` volume must be
+    /// writable by that uid, e.g. `chown 1500000000 DIR`.
     #[arg(short = 'v', long = "volume", value_name = "SRC:DST[:ro|rw]")]
     volume: Vec<BindMount>,
     /// Allocate a pseudo-terminal (window size and Ctrl-C pass through).

@@ -108,8 +108,11 @@ fn dangerous_system_calls_are_denied() {
 #[test]
 fn proc_leaks_are_masked_and_proc_sys_is_read_only() {
     let f = probe(&[], &[]);
-    assert_eq!(f["kcore_len"], "0", "/proc/kcore must read as empty");
-    assert_eq!(f["kallsyms_len"], "0", "/proc/kallsyms must read as empty");
+    // Masked (reads as /dev/null) or absent (this kernel hides kcore from a user namespace's
+    // procfs): either way no kernel memory.
+    for file in ["kcore_len", "kallsyms_len"] {
+        assert!(f[file] == "0" || f[file] == "err", "{file}: {}", f[file]);
+    }
     // /dev/null is char device 1:3 (rdev 259).
     assert!(
         f["sysrq_write"] == "opened rdev=259" || f["sysrq_write"].starts_with("errno="),
@@ -168,7 +171,11 @@ fn host_files_and_abstract_sockets_are_unreachable() {
     require_root();
     let name = format!("cove-test-{}", common::new_id());
     // An abstract socket on the host: reachable from the host, not from the sandbox.
-    let addr = std::os::linux::net::SocketAddrExt::from_abstract_name(name.as_bytes()).unwrap();
+    let addr =
+        <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(
+            name.as_bytes(),
+        )
+        .unwrap();
     let _listener = UnixListener::bind_addr(&addr).unwrap();
     let arg = format!("abstract={name}");
     let f = probe(

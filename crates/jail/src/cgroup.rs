@@ -623,9 +623,6 @@ impl Cgroup {
 
     fn kill_all_within(&self, kill: &mut dyn FnMut(i32), timeout: Duration) -> Result<()> {
         self.check()?;
-        if self.pids()?.is_empty() {
-            return Ok(());
-        }
         let deadline = Instant::now() + timeout;
         if self.version == Version::V2 && write_if_exists(&self.dirs[0].join("cgroup.kill"), "1")? {
             return self.wait_empty(None, deadline);

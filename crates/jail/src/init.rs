@@ -183,7 +183,18 @@ fn init(plan: &ChildPlan, fds: &ChildFds, mut clock: Clock) -> Result<Never, Fai
     let all = SigSet::full();
     all.block().step("block signals in init")?;
     let (exec_r, exec_w) = sys::pipe().step("create the exec-status pipe")?;
+    lock_down_init(plan).step("drop init's privileges")?;
     clock.mark("init_ready");
+    let pid = sys::fork().step("fork the command")?;
+    if pid == 0 {
+        drop(exec_r);
+        exec_command(plan, fds.tty.as_ref(), exec_w);
+    }
+    drop(exec_w);
+    let mut msg = String::new();
+    let _ = File::from(exec_r).read_to_string(&mut msg);
+    clock.mark("exec");
+    drop_effective_caps().step("drop init's capabilities")?;
     if clock.on {
         let t0 = clock.marks.first().map_or(0, |m| m.1);
         let line: Vec<String> = clock
@@ -193,15 +204,6 @@ fn init(plan: &ChildPlan, fds: &ChildFds, mut clock: Clock) -> Result<Never, Fai
             .collect();
         send(format!("T {}\n", line.join(" ")));
     }
-    let pid = sys::fork().step("fork the command")?;
-    if pid == 0 {
-        drop(exec_r);
-        exec_command(plan, fds.tty.as_ref(), exec_w);
-    }
-    drop(exec_w);
-    let mut msg = String::new();
-    let _ = File::from(exec_r).read_to_string(&mut msg);
-    lock_down_init(plan).step("drop init's privileges")?;
     if let Some((code, text)) = msg.split_once('\t') {
         let _ = sys::wait4(pid, 0);
         send(format!("X {code}\t{text}\n"));
@@ -227,16 +229,22 @@ fn init(plan: &ChildPlan, fds: &ChildFds, mut clock: Clock) -> Result<Never, Fai
     }
 }
 
-/// Init keeps only CAP_KILL, can never regain anything, and runs under the same seccomp filter
-/// as the command.
+/// Before forking the command, init shrinks the bounding set to CAP_KILL and installs the
+/// seccomp filter; the command inherits both, so the work (and the filter's verification by the
+/// kernel) happens once. Init still holds its effective capabilities here: the command needs
+/// them for its own last steps (ids, secure bits).
 fn lock_down_init(plan: &ChildPlan) -> std::io::Result<()> {
-    let keep = 1u64 << CAP_KILL;
-    sys::drop_bounding_set(plan.cap_last, keep)?;
-    sys::capset(keep)?;
-    sys::clear_ambient()?;
+    sys::drop_bounding_set(plan.cap_last, 1u64 << CAP_KILL)?;
     plan.seccomp
         .install()
         .map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+/// Once the command runs, init keeps only CAP_KILL (to signal a command running as another
+/// uid).
+fn drop_effective_caps() -> std::io::Result<()> {
+    sys::capset(1u64 << CAP_KILL)?;
+    sys::clear_ambient()
 }
 
 /// The command's side, after init forked it: the last containment steps, then execve.
@@ -277,7 +285,7 @@ fn prepare_command(plan: &ChildPlan, tty: Option<&OwnedFd>) -> Result<CString, F
     for &(res, soft, hard) in &plan.rlimits {
         sys::setrlimit(res, soft, hard).step("set resource limits")?;
     }
-    sys::drop_bounding_set(plan.cap_last, 0).step("drop the capability bounding set")?;
+    sys::drop_bounding_set(CAP_KILL, 0).step("drop the capability bounding set")?;
     sys::lock_securebits().step("lock the secure bits")?;
     sys::setgroups(&[plan.gid]).step("set supplementary groups")?;
     sys::set_ids(plan.uid, plan.gid).step("switch to the sandbox user")?;
@@ -285,9 +293,8 @@ fn prepare_command(plan: &ChildPlan, tty: Option<&OwnedFd>) -> Result<CString, F
     sys::clear_ambient().step("clear ambient capabilities")?;
     sys::close_range(3, true).step("close inherited descriptors")?;
     sys::set_no_new_privs().step("set no_new_privs")?;
-    let path = resolve_command(plan)?;
-    plan.seccomp.install().step("install the seccomp filter")?;
-    Ok(path)
+    // The seccomp filter was installed by init before the fork and is inherited.
+    resolve_command(plan)
 }
 
 fn attach_tty(fd: RawFd) -> std::io::Result<()> {

@@ -66,7 +66,7 @@ impl Relay {
     pub(crate) fn pump(&mut self, revents: &[i16]) {
         let mut buf = [0u8; 16384];
         if revents.first().is_some_and(|&r| r != 0) {
-            self.from_master(&mut buf);
+            self.copy_from_master(&mut buf);
         }
         if revents.get(1).is_some_and(|&r| r != 0) {
             match sys::read(STDIN, &mut buf) {
@@ -81,7 +81,7 @@ impl Relay {
         }
     }
 
-    fn from_master(&mut self, buf: &mut [u8]) -> bool {
+    fn copy_from_master(&mut self, buf: &mut [u8]) -> bool {
         match sys::read(self.master.as_raw_fd(), buf) {
             // EIO: every slave descriptor is closed; the sandbox is gone.
             Ok(0) | Err(_) => {
@@ -101,7 +101,7 @@ impl Relay {
         while self.master_open {
             match sys::poll(&[(self.master.as_raw_fd(), libc::POLLIN)], 20) {
                 Ok(r) if r[0] != 0 => {
-                    if !self.from_master(&mut buf) {
+                    if !self.copy_from_master(&mut buf) {
                         break;
                     }
                 }

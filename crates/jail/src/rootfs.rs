@@ -50,36 +50,21 @@ pub(crate) struct RootPlan {
     pub gid: u32,
 }
 
-const MS_RO_FLAGS: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV;
-
 /// Host directories the `host` image exposes read-only (those that exist).
 const HOST_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 
-/// Host `/etc` entries toolchains need: the dynamic linker cache, Debian alternatives (e.g.
-/// `/usr/bin/awk` points through `/etc/alternatives`), TLS roots, time zone, protocol tables.
+/// Host `/etc` entries toolchains need: the dynamic linker cache (without it every program
+/// start searches the library path), Debian alternatives (`/usr/bin/awk` and friends point
+/// through `/etc/alternatives`), TLS roots, the time zone, and the protocol and service tables.
 const HOST_ETC: &[&str] = &[
     "alternatives",
-    "bash.bashrc",
     "ca-certificates",
-    "ca-certificates.conf",
-    "debian_version",
-    "gai.conf",
-    "inputrc",
     "ld.so.cache",
-    "ld.so.conf",
-    "ld.so.conf.d",
     "localtime",
-    "mime.types",
     "os-release",
-    "perl",
-    "profile",
     "protocols",
-    "python3",
-    "python3.11",
     "services",
     "ssl",
-    "terminfo",
-    "timezone",
 ];
 
 /// `/proc` files that leak host information or offer host-wide knobs: hidden behind
@@ -107,6 +92,9 @@ const PROC_MASKED: &[&str] = &[
     "dynamic_debug",
 ];
 
+/// The entries of [`PROC_MASKED`] that are directories (hidden by an empty tmpfs).
+const PROC_MASKED_DIRS: &[&str] = &["acpi", "asound", "scsi", "driver", "dynamic_debug"];
+
 /// `/proc` subtrees made read-only.
 const PROC_READONLY: &[&str] = &["sys", "bus", "fs", "irq"];
 
@@ -121,45 +109,29 @@ fn bind(src: &Path, dst: &Path, readonly: bool, recursive: bool) -> Result<(), R
     let rec = if recursive { libc::MS_REC } else { 0 };
     sys::mount(Some(s(src)), s(dst), None, libc::MS_BIND | rec, None).map_err(err("bind", dst))?;
     if readonly {
-        remount_readonly(dst)?;
+        make_readonly(dst)?;
     }
     Ok(())
 }
 
-/// Remounts a bind mount read-only, keeping the flags the kernel locked on it (a user namespace
-/// may not clear `nosuid`/`nodev`/`noexec` inherited from the host mount).
-fn remount_readonly(dst: &Path) -> Result<(), RootfsError> {
-    let st = statvfs_flags(dst).map_err(err("statvfs", dst))?;
-    let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | MS_RO_FLAGS | st;
-    sys::mount(None, s(dst), None, flags, None).map_err(err("remount read-only", dst))
-}
-
-fn statvfs_flags(p: &Path) -> io::Result<libc::c_ulong> {
-    let mut flags = 0;
-    let f = sys::statvfs_flags(s(p))?;
-    for (st, ms) in [
-        (libc::ST_NOEXEC, libc::MS_NOEXEC),
-        (libc::ST_NOSUID, libc::MS_NOSUID),
-        (libc::ST_NODEV, libc::MS_NODEV),
-        (libc::ST_NOATIME, libc::MS_NOATIME),
-        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
-        (libc::ST_RELATIME, libc::MS_RELATIME),
-    ] {
-        if f & st != 0 {
-            flags |= ms;
-        }
-    }
-    Ok(flags)
+/// Makes the mount at `dst` and every mount below it read-only, `nosuid` and `nodev` in one
+/// call (flags the kernel locked on host mounts, like `noexec`, are kept as they are).
+fn make_readonly(dst: &Path) -> Result<(), RootfsError> {
+    sys::set_mount_attrs(
+        s(dst),
+        sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
+    )
+    .map_err(err("make read-only", dst))
 }
 
 fn mkdir(p: &Path, mode: u32) -> Result<(), RootfsError> {
     match fs::DirBuilder::new().mode(mode).create(p) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(err("mkdir", p)(e)),
+        // The umask may have removed bits (e.g. the sticky /tmp).
+        Ok(()) => fs::set_permissions(p, fs::Permissions::from_mode(mode)).map_err(err("chmod", p)),
+        // An image's own directory (e.g. its /proc) is used as it is.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(err("mkdir", p)(e)),
     }
-    // The umask may have removed bits (e.g. the sticky /tmp).
-    fs::set_permissions(p, fs::Permissions::from_mode(mode)).map_err(err("chmod", p))
 }
 
 fn write(p: &Path, content: &str) -> Result<(), RootfsError> {
@@ -221,7 +193,6 @@ fn host_image(root: &Path, plan: &RootPlan) -> Result<(), RootfsError> {
         ("home", 0o755),
         ("root", 0o700),
         ("run", 0o755),
-        ("etc", 0o755),
         ("mnt", 0o755),
         ("opt", 0o755),
         ("srv", 0o755),
@@ -229,6 +200,15 @@ fn host_image(root: &Path, plan: &RootPlan) -> Result<(), RootfsError> {
         mkdir(&root.join(d), mode)?;
     }
     let etc = root.join("etc");
+    mkdir(&etc, 0o755)?;
+    sys::mount(
+        Some("cove"),
+        s(&etc),
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some("size=1m,mode=0755"),
+    )
+    .map_err(err("mount /etc on", &etc))?;
     let user_line = if plan.uid != 0 {
         let home = root.join("home/user");
         mkdir(&home, 0o755)?;
@@ -277,9 +257,10 @@ fn host_image(root: &Path, plan: &RootPlan) -> Result<(), RootfsError> {
         } else {
             write(&dst, "")?;
         }
-        bind(&host, &dst, true, false)?;
+        bind(&host, &dst, false, false)?;
     }
-    Ok(())
+    // The generated files and the host entries become read-only together.
+    make_readonly(&etc)
 }
 
 fn overlay_image(staging: &Path, lower: &Path) -> Result<PathBuf, RootfsError> {
@@ -325,10 +306,7 @@ fn mount_proc(root: &Path) -> Result<(), RootfsError> {
     .map_err(err("mount proc on", &proc))?;
     for name in PROC_MASKED {
         let p = proc.join(name);
-        let Ok(meta) = fs::metadata(&p) else {
-            continue;
-        };
-        if meta.is_dir() {
+        let masked = if PROC_MASKED_DIRS.contains(name) {
             sys::mount(
                 Some("cove"),
                 s(&p),
@@ -336,9 +314,13 @@ fn mount_proc(root: &Path) -> Result<(), RootfsError> {
                 libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
                 Some("size=0,mode=0555"),
             )
-            .map_err(err("mask", &p))?;
         } else {
-            bind(Path::new("/dev/null"), &p, false, false)?;
+            sys::mount(Some("/dev/null"), s(&p), None, libc::MS_BIND, None)
+        };
+        match masked {
+            // Not every kernel has every file.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            r => r.map_err(err("mask", &p))?,
         }
     }
     for name in PROC_READONLY {

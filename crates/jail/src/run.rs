@@ -113,7 +113,11 @@ pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunReport, RunError> {
         let mut kill = |pid: i32| {
             let _ = sys::kill(pid, libc::SIGKILL);
         };
-        let cleaned = cg.kill_all(&mut kill).and_then(|()| cg.remove());
+        // Normally empty already: init's exit took the whole pid namespace with it.
+        let cleaned = match cg.pids() {
+            Ok(p) if p.is_empty() => cg.remove(),
+            _ => cg.kill_all(&mut kill).and_then(|()| cg.remove()),
+        };
         let report = outcome?;
         cleaned?;
         Ok(report)

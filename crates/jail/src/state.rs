@@ -1,6 +1,6 @@
 //! Per-sandbox state on the host, and the reaper that removes what a dead supervisor left.
 //!
-//! Every sandbox owns `/run/cove/<id>/` (its mount point and its lock) and the cgroup
+//! Every sandbox owns `/run/cove/<id>/` (its lock) and the cgroup
 //! `cove/<id>`. The supervisor holds an exclusive `flock` on `/run/cove/<id>/lock` for the
 //! sandbox's whole life, so "is anybody still responsible for this sandbox?" is one non-blocking
 //! lock attempt, with no pid files that can be recycled. A state directory is born locked: it is
@@ -72,8 +72,6 @@ impl StateDir {
             if !sys::try_lock(&lock).map_err(io_err("lock", &lock_path))? {
                 return Err(io_err("lock", &lock_path)(io::ErrorKind::WouldBlock.into()));
             }
-            let mnt = tmp.join("root");
-            fs::create_dir(&mnt).map_err(io_err("create", &mnt))?;
             let dir = root.join(id.as_str());
             fs::rename(&tmp, &dir).map_err(io_err("rename into place", &dir))?;
             Ok(StateDir { dir, _lock: lock })
@@ -89,9 +87,14 @@ impl StateDir {
         &self.dir
     }
 
-    /// The sandbox root's mount point (only ever mounted inside the sandbox's namespace).
+    /// Where the sandbox's root is assembled, inside the sandbox's own mount namespace only: the
+    /// state root itself, which always exists. Mounting over it in the sandbox's namespace hides
+    /// nothing on the host, and no per-sandbox directory has to be created and removed (removing
+    /// a directory that was a mount point in a dying namespace cost about 0.5 ms).
     pub fn mount_point(&self) -> PathBuf {
-        self.dir.join("root")
+        self.dir
+            .parent()
+            .map_or_else(|| PathBuf::from(STATE_ROOT), Path::to_path_buf)
     }
 
     /// Removes the directory; the lock is released when `self` drops.

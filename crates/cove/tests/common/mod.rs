@@ -2,6 +2,7 @@
 //! it prints, and prove afterwards that the sandbox left nothing on the host.
 
 #![allow(dead_code)]
+#![allow(unsafe_code)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -161,6 +162,33 @@ pub fn assert_no_leaks(id: &str) {
         }
     }
     assert!(leaks.is_empty(), "sandbox {id} leaked: {leaks:#?}");
+}
+
+/// Makes this test process the reaper of its orphans. A test that kills `cove run` orphans the
+/// sandbox's init; its exit must be collected by someone, and the host's pid 1 is not always a
+/// reaping init (in containers and some VMs it is not).
+pub fn become_subreaper() {
+    // SAFETY: PR_SET_CHILD_SUBREAPER takes an integer argument.
+    let ret = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(ret, 0);
+}
+
+/// Collects every exited orphan (see [`become_subreaper`]), waiting up to 5 s for `pid`s named
+/// `cove-<id>` to exit.
+pub fn reap_orphans(id: &str) {
+    let comm: String = format!("cove-{id}").chars().take(15).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        // SAFETY: waitpid with a NULL status pointer and WNOHANG only reaps.
+        while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+        let alive = std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == comm)
+        });
+        if !alive || std::time::Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 /// Whether we can run the privileged tests at all.

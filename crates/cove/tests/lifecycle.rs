@@ -1,0 +1,176 @@
+//! How a sandbox ends when the user stops it, and what is left when `cove run` itself dies.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Run, assert_no_leaks, become_subreaper, cove_bin, reap_orphans, require_root};
+
+fn signal(pid: u32, sig: i32) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+/// Waits until the sandbox's cgroup exists, i.e. the sandbox is running.
+fn wait_running(id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let v1 = format!("/sys/fs/cgroup/pids/cove/{id}/cgroup.procs");
+        let v2 = format!("/sys/fs/cgroup/cove/{id}/cgroup.procs");
+        for f in [v1, v2] {
+            if std::fs::read_to_string(&f).is_ok_and(|s| s.lines().count() >= 2) {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("sandbox {id} did not start");
+}
+
+fn stop_with(sig: i32, cmd: &[&str]) -> (i32, serde_json::Value, String) {
+    require_root();
+    let mut args = vec!["--json", "--"];
+    args.extend_from_slice(cmd);
+    let run = Run::new(&args);
+    let child = run
+        .command()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_running(&run.id);
+    signal(child.id(), sig);
+    let out = child.wait_with_output().unwrap();
+    assert_no_leaks(&run.id);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let report = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    (
+        out.status.code().unwrap(),
+        report,
+        String::from_utf8_lossy(&out.stderr).into_owned() + &stdout,
+    )
+}
+
+#[test]
+fn ctrl_c_stops_the_command_with_reason_killed() {
+    let (code, r, out) = stop_with(libc::SIGINT, &["sleep", "30"]);
+    assert_eq!(code, 130, "{out}");
+    assert_eq!(r["reason"], "killed");
+    assert_eq!(r["signal"], 2);
+    assert!(out.contains("stopped by SIGINT"), "{out}");
+}
+
+#[test]
+fn sigterm_is_forwarded_and_the_command_may_exit_cleanly() {
+    let (code, r, out) = stop_with(
+        libc::SIGTERM,
+        &[
+            "sh",
+            "-c",
+            "trap 'echo cleaned-up; exit 3' TERM; sleep 30 & wait",
+        ],
+    );
+    assert_eq!(code, 3, "{out}");
+    assert_eq!(r["reason"], "killed");
+    assert!(out.contains("cleaned-up"), "{out}");
+}
+
+#[test]
+fn background_processes_die_with_the_command() {
+    require_root();
+    let out = Run::new(&["--", "sh", "-c", "sleep 1000 & sleep 1000 & echo started"]).output();
+    assert_eq!(out.stdout, "started\n");
+    // Run::output already asserted that no process of the sandbox is left.
+}
+
+#[test]
+fn a_killed_supervisor_leaves_nothing_after_gc() {
+    require_root();
+    become_subreaper();
+    let run = Run::new(&["--", "sh", "-c", "sleep 1000 & sleep 1000"]);
+    let mut child = run.command().spawn().unwrap();
+    wait_running(&run.id);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    reap_orphans(&run.id);
+    // The sandbox's init dies with its supervisor (parent-death signal), taking every process
+    // of its pid namespace with it; the cgroup and state directory wait for the reaper.
+    let out = Command::new(cove_bin())
+        .args(["gc", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report["failed"].as_array().unwrap().is_empty(), "{report}");
+    // Another test's reaper pass may have won the race; either way nothing may remain.
+    assert_no_leaks(&run.id);
+}
+
+#[test]
+fn the_next_run_reaps_what_a_killed_supervisor_left() {
+    require_root();
+    become_subreaper();
+    let victim = Run::new(&["--", "sleep", "1000"]);
+    let mut child = victim.command().spawn().unwrap();
+    wait_running(&victim.id);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    reap_orphans(&victim.id);
+    let out = Run::new(&["--", "true"]).output();
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_no_leaks(&victim.id);
+}
+
+#[test]
+fn gc_never_touches_a_live_sandbox() {
+    require_root();
+    let run = Run::new(&["--", "sh", "-c", "sleep 2; echo alive"]);
+    let child = run.command().stdout(Stdio::piped()).spawn().unwrap();
+    wait_running(&run.id);
+    let gc = Command::new(cove_bin())
+        .args(["gc", "--json"])
+        .output()
+        .unwrap();
+    assert!(gc.status.success());
+    assert!(
+        !String::from_utf8_lossy(&gc.stdout).contains(&run.id),
+        "gc removed a live sandbox"
+    );
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "alive\n");
+    assert_no_leaks(&run.id);
+}
+
+#[test]
+fn many_sandboxes_in_parallel_are_independent() {
+    require_root();
+    let runs: Vec<Run> = (0..8)
+        .map(|i| {
+            Run::new(&[
+                "--",
+                "sh",
+                "-c",
+                &format!("echo {i} > /tmp/n; sleep 0.2; cat /tmp/n"),
+            ])
+        })
+        .collect();
+    let children: Vec<_> = runs
+        .iter()
+        .map(|r| r.command().stdout(Stdio::piped()).spawn().unwrap())
+        .collect();
+    for (i, (child, run)) in children.into_iter().zip(&runs).enumerate() {
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), i.to_string());
+        assert_no_leaks(&run.id);
+    }
+}
