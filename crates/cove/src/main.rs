@@ -36,6 +36,9 @@ enum Command {
         /// Print what was removed as JSON.
         #[arg(long)]
         json: bool,
+        /// Also empty the pool of ready network namespaces.
+        #[arg(long)]
+        pool: bool,
     },
 }
 
@@ -43,7 +46,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(*args),
-        Command::Gc { json } => run::gc(json),
+        Command::Gc { json, pool } => run::gc(json, pool),
     };
     match result {
         Ok(code) => code,

@@ -178,9 +178,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `cove gc`.
-pub fn gc(json: bool) -> anyhow::Result<ExitCode> {
+pub fn gc(json: bool, pool: bool) -> anyhow::Result<ExitCode> {
     let hierarchy = Hierarchy::detect()?;
-    let report = reap(std::path::Path::new(STATE_ROOT), &hierarchy);
+    let root = std::path::Path::new(STATE_ROOT);
+    let mut report = reap(root, &hierarchy);
+    if pool {
+        let n = cove_jail::netns::drain(root);
+        if n > 0 {
+            report
+                .removed
+                .push(format!("{n} pooled network namespaces"));
+        }
+    }
     if json {
         println!(
             "{}",

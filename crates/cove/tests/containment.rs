@@ -226,3 +226,25 @@ fn the_host_keyring_is_out_of_reach() {
     assert_eq!(f["errno_keyctl"], EPERM);
     assert_eq!(f["errno_add_key"], EPERM);
 }
+
+#[test]
+fn the_sandbox_may_listen_on_low_ports_but_not_reconfigure_its_network() {
+    require_root();
+    let out = Run::new(&[
+        "--",
+        "python3",
+        "-c",
+        "import socket, fcntl, struct\n\
+s = socket.socket(); s.bind(('127.0.0.1', 80)); s.listen(); print('listening on 80')\n\
+c = socket.create_connection(('127.0.0.1', 80)); print('connected')\n\
+ifr = struct.pack('16sh', b'lo', 0)\n\
+try:\n    fcntl.ioctl(socket.socket(), 0x8914, ifr)\n    print('lo reconfigured')\n\
+except PermissionError:\n    print('lo: EPERM')\n",
+    ])
+    .output();
+    assert_eq!(
+        out.stdout, "listening on 80\nconnected\nlo: EPERM\n",
+        "{}",
+        out.stderr
+    );
+}

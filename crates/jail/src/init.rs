@@ -116,7 +116,6 @@ fn contain(plan: &ChildPlan, fds: &ChildFds) -> Result<Never, Failure> {
     die_with_supervisor(&fds.go).step("tie the sandbox's life to the supervisor")?;
     sys::unshare(libc::CLONE_NEWCGROUP).step("enter a new cgroup namespace")?;
     sys::sethostname(&plan.root.hostname).step("set the hostname")?;
-    sys::loopback_up().step("bring the loopback interface up")?;
     clock.mark("namespaces");
     rootfs::enter(&plan.root).step("build the root filesystem")?;
     clock.mark("rootfs");

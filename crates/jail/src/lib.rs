@@ -10,6 +10,7 @@
 
 pub mod cgroup;
 mod init;
+pub mod netns;
 mod pty;
 mod rootfs;
 pub mod run;

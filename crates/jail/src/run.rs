@@ -17,6 +17,7 @@ use cove_types::{Image, Reason, RunReport, SandboxId, Spec, SpecError};
 
 use crate::cgroup::{self, Cgroup, Hierarchy};
 use crate::init::{self, ChildFds, ChildPlan};
+use crate::netns;
 use crate::rootfs::RootPlan;
 use crate::seccomp;
 use crate::state::{self, StateDir};
@@ -113,11 +114,11 @@ pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunReport, RunError> {
         let mut kill = |pid: i32| {
             let _ = sys::kill(pid, libc::SIGKILL);
         };
-        // Normally empty already: init's exit took the whole pid namespace with it.
-        let cleaned = match cg.pids() {
-            Ok(p) if p.is_empty() => cg.remove(),
-            _ => cg.kill_all(&mut kill).and_then(|()| cg.remove()),
-        };
+        // Normally empty already: init's exit took the whole pid namespace with it. Only when
+        // the removal finds the cgroup busy (a failed start) are stragglers hunted down.
+        let cleaned = cg
+            .remove()
+            .or_else(|_| cg.kill_all(&mut kill).and_then(|()| cg.remove()));
         let report = outcome?;
         cleaned?;
         Ok(report)
@@ -268,10 +269,11 @@ fn supervise(
     let sigfd = sigs.signalfd().map_err(prep("create a signalfd"))?;
     let t_prep = t_start.elapsed();
 
+    // The network namespace is entered before the clone (see `netns`); the child inherits it.
+    let _net = netns::take_or_create(state_root).map_err(prep("prepare a network namespace"))?;
     let flags = libc::CLONE_NEWUSER
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWNS
-        | libc::CLONE_NEWNET
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWIPC;
     let pid = sys::clone_fork(flags).map_err(prep("clone the sandbox"))?;
@@ -385,6 +387,7 @@ impl Supervisor<'_> {
             .transpose()
             .map_err(prep("set up the terminal"))?;
         let mut status_open = true;
+        let mut last_check = Instant::now();
         while status_open {
             let timeout = self.next_timeout();
             let mut fds = vec![(status_fd, libc::POLLIN), (sigfd.as_raw_fd(), libc::POLLIN)];
@@ -407,7 +410,12 @@ impl Supervisor<'_> {
             if let Some(r) = &mut relay {
                 r.pump(&revents[2..]);
             }
-            self.check_limits();
+            // Limits are checked on the tick, not on every wake-up; the end report reads the
+            // counters once more anyway.
+            if last_check.elapsed() >= TICK || self.deadline_passed() {
+                last_check = Instant::now();
+                self.check_limits();
+            }
         }
         // Drain any output still buffered in the terminal.
         if let Some(r) = &mut relay {
@@ -419,6 +427,11 @@ impl Supervisor<'_> {
             .map_err(prep("reap the sandbox"))?
             .unwrap_or((self.pid, 0, sys::Usage::default()));
         Ok((report, status))
+    }
+
+    fn deadline_passed(&self) -> bool {
+        let now = Instant::now();
+        self.deadline.is_some_and(|d| now >= d) || self.stop_requested.is_some_and(|s| now >= s.0)
     }
 
     fn next_timeout(&self) -> i32 {

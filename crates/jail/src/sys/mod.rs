@@ -708,3 +708,17 @@ pub(crate) fn set_mount_attrs(path: &str, set: u64) -> io::Result<()> {
     };
     check_long(ret).map(drop)
 }
+
+/// `setns(2)`.
+pub(crate) fn setns(fd: RawFd, nstype: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain integer arguments on a descriptor the caller owns.
+    check(unsafe { libc::setns(fd, nstype) }).map(drop)
+}
+
+/// Whether `fd` refers to a network namespace (`NS_GET_NSTYPE`).
+pub(crate) fn is_net_namespace(fd: &OwnedFd) -> bool {
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: NS_GET_NSTYPE takes no argument and returns the namespace type or an error.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE) };
+    ret == libc::CLONE_NEWNET
+}

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Start latency of `cove run -- /bin/true`, side by side in one run with bubblewrap and crun on
+# the same busybox rootfs, and the breakdown of where Cove's start time goes.
+#
+#   sudo bench/start-latency.sh            # 5 rounds x 40 runs per tool, interleaved
+#   ROUNDS=10 RUNS=50 sudo bench/start-latency.sh
+#
+# Tools are measured in interleaved rounds (A B C A B C ...) so that a slow patch of the machine
+# hurts every tool alike; medians are over all samples of all rounds. Needs root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "start-latency.sh: run as root" >&2; exit 1; }
+ROUNDS="${ROUNDS:-5}"
+RUNS="${RUNS:-40}"
+WORK="${BENCH_WORK:-/var/tmp/cove-bench}"
+OUT="$WORK/results"
+scripts/deps.sh bench
+cargo build --release --locked -p cove >/dev/null
+COVE="$PWD/target/release/cove"
+
+# The shared rootfs: Debian's static busybox, nothing else.
+ROOTFS="$WORK/rootfs"
+rm -rf "$WORK"; mkdir -p "$ROOTFS"/{bin,proc,dev,tmp,etc} "$OUT"
+cp /bin/busybox "$ROOTFS/bin/busybox"
+for a in true sh; do ln -s busybox "$ROOTFS/bin/$a"; done
+
+# crun's default config (crun spec), on the same rootfs, without a terminal.
+BUNDLE="$WORK/crun-bundle"
+mkdir -p "$BUNDLE"
+(cd "$BUNDLE" && crun spec >/dev/null)
+python3 - "$BUNDLE/config.json" "$ROOTFS" <<'PY'
+import json, sys
+path, rootfs = sys.argv[1], sys.argv[2]
+c = json.load(open(path))
+c["root"] = {"path": rootfs, "readonly": True}
+c["process"]["terminal"] = False
+c["process"]["args"] = ["/bin/true"]
+json.dump(c, open(path, "w"), indent=1)
+PY
+# crun refuses a "hybrid" cgroup host whose cgroup2 mount has any controller; inside a private
+# mount namespace without that mount it sees plain cgroup v1 (no per-run cost).
+CRUN_WRAP="$WORK/crun-legacy.sh"
+cat >"$CRUN_WRAP" <<SH
+#!/usr/bin/env bash
+if grep -q ' /sys/fs/cgroup/unified ' /proc/self/mountinfo; then
+  exec unshare -m --propagation private bash -c 'umount /sys/fs/cgroup/unified && exec "\$@"' bash "\$@"
+fi
+exec "\$@"
+SH
+chmod +x "$CRUN_WRAP"
+
+declare -A CMD=(
+  [cove]="$COVE run --image $ROOTFS -- /bin/true"
+  [cove-host]="$COVE run -- /bin/true"
+  [bwrap]="bwrap --unshare-all --die-with-parent --ro-bind $ROOTFS / --proc /proc --dev /dev --tmpfs /tmp /bin/true"
+  [crun]="crun run --bundle $BUNDLE cove-bench-crun"
+  [fork-exec]="$ROOTFS/bin/true"
+)
+ORDER=(cove cove-host bwrap crun fork-exec)
+
+for r in $(seq 1 "$ROUNDS"); do
+  for name in "${ORDER[@]}"; do
+    if [ "$name" = crun ]; then
+      "$CRUN_WRAP" hyperfine -N -w 3 -r "$RUNS" --export-json "$OUT/$name-$r.json" "${CMD[$name]}" >/dev/null
+    else
+      hyperfine -N -w 3 -r "$RUNS" --export-json "$OUT/$name-$r.json" "${CMD[$name]}" >/dev/null
+    fi
+  done
+  echo "round $r/$ROUNDS done" >&2
+done
+
+# Where Cove's time goes: its own per-step clock (--timing), median over RUNS runs.
+for i in $(seq 1 "$RUNS"); do "$COVE" run --timing --image "$ROOTFS" -- /bin/true 2>>"$OUT/timing.txt"; done
+
+python3 - "$OUT" "$ROUNDS" "${ORDER[@]}" <<'PY'
+import json, re, statistics, sys
+out, rounds, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+med = {}
+for n in names:
+    times = []
+    for r in range(1, rounds + 1):
+        times += json.load(open(f"{out}/{n}-{r}.json"))["results"][0]["times"]
+    med[n] = statistics.median(times) * 1000
+    p90 = statistics.quantiles(times, n=10)[-1] * 1000
+    print(f"{n:10s} median {med[n]:6.2f} ms   p90 {p90:6.2f} ms   ({len(times)} runs)")
+print()
+for n in names:
+    if n != "bwrap":
+        print(f"{n:10s} / bwrap = {med[n] / med['bwrap']:.2f}")
+steps = {}
+for line in open(f"{out}/timing.txt"):
+    for k, v in re.findall(r"(\w+)=(\d+)", line):
+        steps.setdefault(k, []).append(int(v))
+print("\ncove --timing, medians in microseconds from the start of `run` (child steps from the clone):")
+print("  " + "  ".join(f"{k}={statistics.median(v):.0f}" for k, v in steps.items()))
+PY
+crun delete -f cove-bench-crun >/dev/null 2>&1 || true
