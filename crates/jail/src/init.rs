@@ -194,6 +194,9 @@ fn init(plan: &ChildPlan, fds: &ChildFds, mut clock: Clock) -> Result<Never, Fai
     let _ = File::from(exec_r).read_to_string(&mut msg);
     clock.mark("exec");
     drop_effective_caps().step("drop init's capabilities")?;
+    plan.seccomp
+        .install()
+        .step("install init's seccomp filter")?;
     if clock.on {
         let t0 = clock.marks.first().map_or(0, |m| m.1);
         let line: Vec<String> = clock
@@ -228,15 +231,11 @@ fn init(plan: &ChildPlan, fds: &ChildFds, mut clock: Clock) -> Result<Never, Fai
     }
 }
 
-/// Before forking the command, init shrinks the bounding set to CAP_KILL and installs the
-/// seccomp filter; the command inherits both, so the work (and the filter's verification by the
-/// kernel) happens once. Init still holds its effective capabilities here: the command needs
-/// them for its own last steps (ids, secure bits).
+/// Before forking the command, init shrinks the bounding set to CAP_KILL: the command
+/// inherits that, and init keeps its effective capabilities until the command has taken its own
+/// last steps (ids, secure bits).
 fn lock_down_init(plan: &ChildPlan) -> std::io::Result<()> {
-    sys::drop_bounding_set(plan.cap_last, 1u64 << CAP_KILL)?;
-    plan.seccomp
-        .install()
-        .map_err(|e| std::io::Error::other(e.to_string()))
+    sys::drop_bounding_set(plan.cap_last, 1u64 << CAP_KILL)
 }
 
 /// Once the command runs, init keeps only CAP_KILL (to signal a command running as another
@@ -292,8 +291,9 @@ fn prepare_command(plan: &ChildPlan, tty: Option<&OwnedFd>) -> Result<CString, F
     sys::clear_ambient().step("clear ambient capabilities")?;
     sys::close_range(3, true).step("close inherited descriptors")?;
     sys::set_no_new_privs().step("set no_new_privs")?;
-    // The seccomp filter was installed by init before the fork and is inherited.
-    resolve_command(plan)
+    let path = resolve_command(plan)?;
+    plan.seccomp.install().step("install the seccomp filter")?;
+    Ok(path)
 }
 
 fn attach_tty(fd: RawFd) -> std::io::Result<()> {
