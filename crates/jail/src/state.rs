@@ -97,9 +97,12 @@ impl StateDir {
             .map_or_else(|| PathBuf::from(STATE_ROOT), Path::to_path_buf)
     }
 
-    /// Removes the directory; the lock is released when `self` drops.
+    /// Removes the directory; the lock is released when `self` drops. The directory holds
+    /// only the lock file, so two calls do (a recursive removal costs a directory scan).
     pub fn remove(self) -> Result<(), StateError> {
-        fs::remove_dir_all(&self.dir).map_err(io_err("remove", &self.dir))
+        let lock = self.dir.join("lock");
+        fs::remove_file(&lock).map_err(io_err("remove", &lock))?;
+        fs::remove_dir(&self.dir).map_err(io_err("remove", &self.dir))
     }
 }
 
