@@ -81,13 +81,15 @@ fn the_command_gets_a_terminal_of_the_callers_size() {
         "--",
         "sh",
         "-c",
-        "test -t 0 && test -t 1 && echo both-ttys; stty size",
+        "test -t 0 && test -t 1 && echo both-ttys; tty; stty size",
     ]);
     let mut child = spawn_on(&slave, &run);
     drop(slave);
     let seen = read_until(&mut master, "40 100", Duration::from_secs(20));
     let status = child.wait().unwrap();
     assert!(seen.contains("both-ttys"), "{seen:?}");
+    // The terminal lives on the sandbox's own devpts: it has a name there.
+    assert!(seen.contains("/dev/pts/0"), "{seen:?}");
     assert!(seen.contains("40 100"), "{seen:?}");
     assert!(status.success());
     assert_no_leaks(&run.id);

@@ -35,6 +35,8 @@ pub(crate) struct ChildPlan {
     pub rlimits: Vec<(libc::__rlimit_resource_t, u64, u64)>,
     pub seccomp: Program,
     pub cap_last: u32,
+    /// Give the command a terminal.
+    pub tty: bool,
     /// Files to write `0` to, joining the sandbox's cgroup (see `Cgroup::self_join_files`).
     pub cgroup_join: Vec<PathBuf>,
     pub timing: bool,
@@ -46,8 +48,6 @@ pub(crate) struct ChildFds {
     pub go: OwnedFd,
     /// Write end of the status pipe to the supervisor.
     pub status: OwnedFd,
-    /// Terminal for the command, when it gets one.
-    pub tty: Option<OwnedFd>,
 }
 
 /// A failed step: which one, and why.
@@ -119,14 +119,31 @@ fn contain(plan: &ChildPlan, fds: &ChildFds) -> Result<Never, Failure> {
     clock.mark("namespaces");
     rootfs::enter(&plan.root).step("build the root filesystem")?;
     clock.mark("rootfs");
+    let tty = if plan.tty {
+        Some(terminal(fds).step("open the sandbox's terminal")?)
+    } else {
+        None
+    };
     sys::set_name(&format!("cove-{}", plan.id)).step("name the init process")?;
     sys::set_dumpable(false).step("make init non-dumpable")?;
     let keep = [fds.status.as_raw_fd()]
         .into_iter()
-        .chain(fds.tty.as_ref().map(|t| t.as_raw_fd()))
+        .chain(tty.as_ref().map(|t| t.as_raw_fd()))
         .collect::<Vec<_>>();
     sys::close_fds_except(&keep).step("close inherited descriptors")?;
-    init(plan, fds, clock)
+    init(plan, fds, tty.as_ref(), clock)
+}
+
+/// Opens a terminal on the sandbox's own devpts (so that `tty` and `/dev/pts/0` mean something
+/// inside) and lets the supervisor take a copy of the master side: "P <fd>" on the status pipe,
+/// then wait for its acknowledgement on the "go" pipe. Returns the slave side, for the command.
+fn terminal(fds: &ChildFds) -> std::io::Result<OwnedFd> {
+    let (master, slave) = sys::openpty_at("/dev/ptmx")?;
+    let line = format!("P {}\n", master.as_raw_fd());
+    sys::write_all(fds.status.as_raw_fd(), line.as_bytes())?;
+    wait_for_supervisor(&fds.go)?;
+    drop(master);
+    Ok(slave)
 }
 
 /// Still host root by uid (the id maps are not written yet), the child moves itself.
@@ -174,7 +191,12 @@ const FORWARDED: &[libc::c_int] = &[
 /// Init: forks the command, drops its own privileges, then reaps and forwards signals until
 /// the command ends. Its descriptors stay owned by [`child_main`] (so that a failure can still
 /// be reported); the "go" descriptor was closed by the caller, the value is never used again.
-fn init(plan: &ChildPlan, fds: &ChildFds, mut clock: Clock) -> Result<Never, Failure> {
+fn init(
+    plan: &ChildPlan,
+    fds: &ChildFds,
+    tty: Option<&OwnedFd>,
+    mut clock: Clock,
+) -> Result<Never, Failure> {
     let status_fd = fds.status.as_raw_fd();
     let send = |line: String| {
         let _ = sys::write_all(status_fd, line.as_bytes());
@@ -187,7 +209,7 @@ fn init(plan: &ChildPlan, fds: &ChildFds, mut clock: Clock) -> Result<Never, Fai
     let pid = sys::fork().step("fork the command")?;
     if pid == 0 {
         drop(exec_r);
-        exec_command(plan, fds.tty.as_ref(), exec_w);
+        exec_command(plan, tty, exec_w);
     }
     drop(exec_w);
     let mut msg = String::new();

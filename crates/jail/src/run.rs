@@ -225,6 +225,7 @@ fn plan(
         seccomp: seccomp::compile(seccomp::DEFAULT_POLICY)?,
         cap_last,
         cgroup_join,
+        tty: spec.tty,
         timing: opts.timing,
     })
 }
@@ -259,11 +260,6 @@ fn supervise(
 ) -> Result<RunReport, RunError> {
     let (go_r, go_w) = sys::pipe().map_err(prep("create a pipe"))?;
     let (status_r, status_w) = sys::pipe().map_err(prep("create a pipe"))?;
-    let pty = if spec.tty {
-        Some(sys::openpty().map_err(prep("open a pseudo-terminal"))?)
-    } else {
-        None
-    };
     let sigs = SigSet::of(SUPERVISOR_SIGNALS);
     let old_mask = sigs.block().map_err(prep("block signals"))?;
     let sigfd = sigs.signalfd().map_err(prep("create a signalfd"))?;
@@ -281,23 +277,16 @@ fn supervise(
         drop(go_w);
         drop(status_r);
         drop(sigfd);
-        let (master, slave) = match pty {
-            Some((m, s)) => (Some(m), Some(s)),
-            None => (None, None),
-        };
-        drop(master);
         init::child_main(
             plan,
             ChildFds {
                 go: go_r,
                 status: status_w,
-                tty: slave,
             },
         );
     }
     drop(go_r);
     drop(status_w);
-    let master = pty.map(|(m, _slave)| m);
     let t_clone = t_start.elapsed();
 
     // From here on the child exists: any failure must kill and reap it.
@@ -327,7 +316,7 @@ fn supervise(
         stop_requested: None,
         message: None,
     };
-    let result = sup.wait(status_r, sigfd, master, &go_w);
+    let result = sup.wait(status_r, sigfd, &go_w);
     let _ = old_mask.set_mask();
     let (init_report, init_status) = result?;
 
@@ -376,16 +365,12 @@ impl Supervisor<'_> {
         &mut self,
         status_r: OwnedFd,
         sigfd: OwnedFd,
-        master: Option<OwnedFd>,
-        _go: &OwnedFd,
+        go: &OwnedFd,
     ) -> Result<(InitReport, i32), RunError> {
         let mut reader = BufReader::new(File::from(status_r));
         let mut report = InitReport::default();
         let status_fd = reader.get_ref().as_raw_fd();
-        let mut relay = master
-            .map(crate::pty::Relay::new)
-            .transpose()
-            .map_err(prep("set up the terminal"))?;
+        let mut relay: Option<crate::pty::Relay> = None;
         let mut status_open = true;
         let mut last_check = Instant::now();
         while status_open {
@@ -399,7 +384,13 @@ impl Supervisor<'_> {
                 let mut line = String::new();
                 match reader.read_line(&mut line) {
                     Ok(0) | Err(_) => status_open = false,
-                    Ok(_) => parse_status_line(line.trim_end(), &mut report),
+                    Ok(_) => {
+                        if let Some(fd) = line.strip_prefix("P ") {
+                            relay = Some(self.take_terminal(fd.trim(), go)?);
+                        } else {
+                            parse_status_line(line.trim_end(), &mut report);
+                        }
+                    }
                 }
             }
             if revents[1] != 0 {
@@ -427,6 +418,17 @@ impl Supervisor<'_> {
             .map_err(prep("reap the sandbox"))?
             .unwrap_or((self.pid, 0, sys::Usage::default()));
         Ok((report, status))
+    }
+
+    /// The sandbox opened its terminal: take a copy of the master side and let it go on.
+    fn take_terminal(&self, fd: &str, go: &OwnedFd) -> Result<crate::pty::Relay, RunError> {
+        let fd: i32 = fd.parse().map_err(|_| {
+            prep("read the terminal's descriptor")(io::ErrorKind::InvalidData.into())
+        })?;
+        let master = sys::take_fd_of(self.pid, fd).map_err(prep("take the sandbox's terminal"))?;
+        let relay = crate::pty::Relay::new(master).map_err(prep("set up the terminal"))?;
+        sys::write_all(go.as_raw_fd(), b"t").map_err(prep("start the sandbox"))?;
+        Ok(relay)
     }
 
     fn deadline_passed(&self) -> bool {

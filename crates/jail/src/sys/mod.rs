@@ -605,16 +605,18 @@ pub(crate) fn make_raw(fd: RawFd, saved: &Termios) -> io::Result<()> {
     check(unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) }).map(drop)
 }
 
-/// Opens a new pseudo-terminal pair on the host's devpts: (master, slave).
-pub(crate) fn openpty() -> io::Result<(OwnedFd, OwnedFd)> {
-    // SAFETY: posix_openpt takes flags and returns a new descriptor.
-    let m = check(unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
+/// Opens a new pseudo-terminal pair through the `ptmx` at `ptmx` (the sandbox's own devpts
+/// instance, so that the terminal has a name inside the sandbox): (master, slave).
+pub(crate) fn openpty_at(ptmx: &str) -> io::Result<(OwnedFd, OwnedFd)> {
+    let c = cstr(ptmx)?;
+    // SAFETY: valid path; open returns a new descriptor.
+    let m =
+        check(unsafe { libc::open(c.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
     // SAFETY: `m` is a new descriptor nobody else owns.
     let master = unsafe { OwnedFd::from_raw_fd(m) };
-    // SAFETY: grantpt/unlockpt take the master descriptor only.
-    check(unsafe { libc::grantpt(m) })?;
-    // SAFETY: as above.
-    check(unsafe { libc::unlockpt(m) })?;
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads an int from the valid pointer.
+    check(unsafe { libc::ioctl(m, libc::TIOCSPTLCK, &unlock) })?;
     // TIOCGPTPEER opens the slave through the master, without a path lookup in /dev/pts.
     const TIOCGPTPEER: libc::c_ulong = 0x5441;
     // SAFETY: TIOCGPTPEER takes open flags and returns a new descriptor.
@@ -627,6 +629,19 @@ pub(crate) fn openpty() -> io::Result<(OwnedFd, OwnedFd)> {
     })?;
     // SAFETY: `s` is a new descriptor nobody else owns.
     Ok((master, unsafe { OwnedFd::from_raw_fd(s) }))
+}
+
+/// A duplicate of descriptor `fd` of process `pid` (`pidfd_open` + `pidfd_getfd`).
+pub(crate) fn take_fd_of(pid: libc::pid_t, fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: plain integer arguments; returns a new descriptor.
+    let pidfd = check_long(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })? as RawFd;
+    // SAFETY: `pidfd` is a new descriptor nobody else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // SAFETY: plain integer arguments; returns a new descriptor (close-on-exec).
+    let got =
+        check_long(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) })?;
+    // SAFETY: pidfd_getfd returned a new descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(got as RawFd) })
 }
 
 /// The calling thread's CLOCK_MONOTONIC time in nanoseconds.
