@@ -67,8 +67,12 @@ const HOST_ETC: &[&str] = &[
     "ssl",
 ];
 
-/// `/proc` files that leak host information or offer host-wide knobs: hidden behind
-/// `/dev/null` (files) or an empty read-only tmpfs (directories).
+/// `/proc` files that leak host information or offer host-wide knobs, and that the sandbox
+/// could otherwise open: hidden behind `/dev/null` (files) or an empty read-only tmpfs
+/// (directories, [`PROC_MASKED_DIRS`]). Files the kernel makes readable by global root only
+/// (`kpagecount`, `kpageflags`, `kpagecgroup`, `vmallocinfo`, `slabinfo`, mode 0400) need no
+/// mask: root inside is an unprivileged uid outside. `kcore` and `sysrq-trigger` are masked all
+/// the same, as the first files anyone checks.
 const PROC_MASKED: &[&str] = &[
     "kcore",
     "kallsyms",
@@ -79,11 +83,6 @@ const PROC_MASKED: &[&str] = &[
     "timer_stats",
     "sched_debug",
     "sysrq-trigger",
-    "kpagecount",
-    "kpageflags",
-    "kpagecgroup",
-    "vmallocinfo",
-    "slabinfo",
     "config.gz",
     "acpi",
     "asound",
@@ -95,8 +94,9 @@ const PROC_MASKED: &[&str] = &[
 /// The entries of [`PROC_MASKED`] that are directories (hidden by an empty tmpfs).
 const PROC_MASKED_DIRS: &[&str] = &["acpi", "asound", "scsi", "driver", "dynamic_debug"];
 
-/// `/proc` subtrees made read-only.
-const PROC_READONLY: &[&str] = &["sys", "bus", "fs", "irq"];
+/// `/proc` subtrees made read-only. Only `sys` holds files a process may write to
+/// (`/proc/bus`, `/proc/fs` and `/proc/irq` writable entries are global root's only).
+const PROC_READONLY: &[&str] = &["sys"];
 
 /// Host device nodes bound into the sandbox's `/dev`.
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];

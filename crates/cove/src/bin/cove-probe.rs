@@ -130,6 +130,15 @@ fn main() {
         "kallsyms_len",
         fs::read("/proc/kallsyms").map_or("err".into(), |b| b.len().to_string()),
     );
+    for file in ["slabinfo", "vmallocinfo", "kpageflags"] {
+        line(
+            &format!("{file}_read"),
+            match fs::read(format!("/proc/{file}")) {
+                Ok(b) => format!("read {} bytes", b.len()),
+                Err(e) => format!("errno={}", e.raw_os_error().unwrap_or(0)),
+            },
+        );
+    }
     line(
         "sysrq_write",
         match fs::OpenOptions::new()
