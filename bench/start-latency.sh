@@ -15,8 +15,7 @@ RUNS="${RUNS:-40}"
 WORK="${BENCH_WORK:-/var/tmp/cove-bench}"
 OUT="$WORK/results"
 scripts/deps.sh bench
-cargo build --release --locked -p cove >/dev/null
-COVE="$PWD/target/release/cove"
+COVE=$(scripts/build-release.sh 2>/dev/null)
 
 # The shared rootfs: Debian's static busybox, nothing else.
 ROOTFS="$WORK/rootfs"

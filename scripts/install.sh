@@ -18,8 +18,8 @@ if ! command -v cargo >/dev/null 2>&1; then
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
 
-cargo build --release --locked -p cove
-install -m 0755 target/release/cove /usr/local/bin/cove
+bin=$(scripts/build-release.sh)
+install -m 0755 "$bin" /usr/local/bin/cove
 echo "installed /usr/local/bin/cove ($(/usr/local/bin/cove --version))"
 echo "first sandbox:"
 /usr/local/bin/cove run -- python3 -c 'import os, socket; print(f"hello from {socket.gethostname()}: pid {os.getpid()}, uid {os.getuid()}")'
