@@ -737,3 +737,13 @@ pub(crate) fn is_net_namespace(fd: &OwnedFd) -> bool {
     let ret = unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE) };
     ret == libc::CLONE_NEWNET
 }
+
+/// The filesystem type (`f_type`, e.g. `CGROUP2_SUPER_MAGIC`) of the filesystem holding `path`.
+pub(crate) fn statfs_type(path: &str) -> io::Result<i64> {
+    let c = cstr(path)?;
+    // SAFETY: statfs is plain data filled in by the kernel.
+    let mut st = unsafe { std::mem::zeroed::<libc::statfs>() };
+    // SAFETY: valid path string and output pointer for the duration of the call.
+    check(unsafe { libc::statfs(c.as_ptr(), &mut st) })?;
+    Ok(st.f_type as i64)
+}
