@@ -114,6 +114,11 @@ fn bind(src: &Path, dst: &Path, readonly: bool, recursive: bool) -> Result<(), R
     Ok(())
 }
 
+/// Mounts a tmpfs (source name `cove`, so that it is recognisable in mountinfo) on `dst`.
+fn tmpfs(dst: &Path, flags: libc::c_ulong, opts: &str) -> io::Result<()> {
+    sys::mount(Some("cove"), s(dst), Some("tmpfs"), flags, Some(opts))
+}
+
 /// Makes the mount at `dst` and every mount below it read-only, `nosuid` and `nodev` in one
 /// call (flags the kernel locked on host mounts, like `noexec`, are kept as they are).
 fn make_readonly(dst: &Path) -> Result<(), RootfsError> {
@@ -147,14 +152,8 @@ pub(crate) fn enter(plan: &RootPlan) -> Result<(), RootfsError> {
         .map_err(err("make private", "/"))?;
     let staging = &plan.staging;
     let tmpfs_opts = format!("size={},mode=0755", plan.disk_bytes);
-    sys::mount(
-        Some("cove"),
-        s(staging),
-        Some("tmpfs"),
-        libc::MS_NOSUID | libc::MS_NODEV,
-        Some(&tmpfs_opts),
-    )
-    .map_err(err("mount writable layer on", staging))?;
+    tmpfs(staging, libc::MS_NOSUID | libc::MS_NODEV, &tmpfs_opts)
+        .map_err(err("mount writable layer on", staging))?;
     let root = match &plan.image {
         Image::Host => {
             host_image(staging, plan)?;
@@ -201,12 +200,10 @@ fn host_image(root: &Path, plan: &RootPlan) -> Result<(), RootfsError> {
     }
     let etc = root.join("etc");
     mkdir(&etc, 0o755)?;
-    sys::mount(
-        Some("cove"),
-        s(&etc),
-        Some("tmpfs"),
+    tmpfs(
+        &etc,
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        Some("size=1m,mode=0755"),
+        "size=1m,mode=0755",
     )
     .map_err(err("mount /etc on", &etc))?;
     let user_line = if plan.uid != 0 {
@@ -307,12 +304,10 @@ fn mount_proc(root: &Path) -> Result<(), RootfsError> {
     for name in PROC_MASKED {
         let p = proc.join(name);
         let masked = if PROC_MASKED_DIRS.contains(name) {
-            sys::mount(
-                Some("cove"),
-                s(&p),
-                Some("tmpfs"),
+            tmpfs(
+                &p,
                 libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                Some("size=0,mode=0555"),
+                "size=0,mode=0555",
             )
         } else {
             sys::mount(Some("/dev/null"), s(&p), None, libc::MS_BIND, None)
@@ -335,12 +330,10 @@ fn mount_proc(root: &Path) -> Result<(), RootfsError> {
 fn mount_dev(root: &Path) -> Result<(), RootfsError> {
     let dev = root.join("dev");
     mkdir(&dev, 0o755)?;
-    sys::mount(
-        Some("cove"),
-        s(&dev),
-        Some("tmpfs"),
+    tmpfs(
+        &dev,
         libc::MS_NOSUID | libc::MS_NOEXEC,
-        Some("size=64k,mode=0755"),
+        "size=64k,mode=0755",
     )
     .map_err(err("mount /dev on", &dev))?;
     for name in DEVICES {
@@ -360,14 +353,8 @@ fn mount_dev(root: &Path) -> Result<(), RootfsError> {
     .map_err(err("mount devpts on", &pts))?;
     let shm = dev.join("shm");
     mkdir(&shm, 0o1777)?;
-    sys::mount(
-        Some("cove"),
-        s(&shm),
-        Some("tmpfs"),
-        libc::MS_NOSUID | libc::MS_NODEV,
-        Some("size=64m,mode=1777"),
-    )
-    .map_err(err("mount /dev/shm on", &shm))?;
+    tmpfs(&shm, libc::MS_NOSUID | libc::MS_NODEV, "size=64m,mode=1777")
+        .map_err(err("mount /dev/shm on", &shm))?;
     for (name, target) in [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),

@@ -60,18 +60,7 @@ impl fmt::Display for SandboxId {
     }
 }
 
-impl serde::Serialize for SandboxId {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for SandboxId {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+serde_via_str!(SandboxId);
 
 #[cfg(test)]
 mod tests {

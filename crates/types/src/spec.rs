@@ -102,18 +102,13 @@ impl std::str::FromStr for EnvVar {
     }
 }
 
-impl serde::Serialize for EnvVar {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&format_args!("{}={}", self.key, self.value))
+impl std::fmt::Display for EnvVar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}", self.key, self.value)
     }
 }
 
-impl<'de> serde::Deserialize<'de> for EnvVar {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+serde_via_str!(EnvVar);
 
 /// The user the command runs as, inside the sandbox's user namespace.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -150,18 +145,13 @@ impl std::str::FromStr for User {
     }
 }
 
-impl serde::Serialize for User {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&format_args!("{}:{}", self.uid, self.gid))
+impl std::fmt::Display for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.uid, self.gid)
     }
 }
 
-impl<'de> serde::Deserialize<'de> for User {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+serde_via_str!(User);
 
 /// A host path bound into the sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,23 +193,19 @@ impl std::str::FromStr for BindMount {
     }
 }
 
-impl serde::Serialize for BindMount {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+impl std::fmt::Display for BindMount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mode = if self.writable { "rw" } else { "ro" };
-        s.collect_str(&format_args!(
+        write!(
+            f,
             "{}:{}:{mode}",
             self.source.display(),
             self.target.display()
-        ))
+        )
     }
 }
 
-impl<'de> serde::Deserialize<'de> for BindMount {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+serde_via_str!(BindMount);
 
 /// Resource limits. Every field has a safe default; none is unlimited by default except
 /// the optional wall-clock and CPU-time budgets.
