@@ -315,6 +315,7 @@ fn supervise(
         killed_for: None,
         stop_requested: None,
         message: None,
+        final_stats: None,
     };
     let result = sup.wait(status_r, sigfd, &go_w);
     let _ = old_mask.set_mask();
@@ -358,6 +359,9 @@ struct Supervisor<'a> {
     /// Set when the user asked to stop (first signal); the grace period ends at this instant.
     stop_requested: Option<(Instant, libc::c_int)>,
     message: Option<String>,
+    /// The cgroup's counters, read as soon as init reports the command's end (while init and
+    /// its namespaces are still being torn down).
+    final_stats: Option<cgroup::Stats>,
 }
 
 impl Supervisor<'_> {
@@ -389,6 +393,9 @@ impl Supervisor<'_> {
                             relay = Some(self.take_terminal(fd.trim(), go)?);
                         } else {
                             parse_status_line(line.trim_end(), &mut report);
+                            if report.wait_status.is_some() && self.final_stats.is_none() {
+                                self.final_stats = self.cg.stats().ok();
+                            }
                         }
                     }
                 }
@@ -526,7 +533,11 @@ impl Supervisor<'_> {
 
     /// Builds the final report from what init said, how init ended, and the cgroup's counters.
     fn report(&mut self, init: &InitReport, init_status: i32) -> RunReport {
-        let stats = self.cg.stats().unwrap_or_default();
+        let stats = self
+            .final_stats
+            .take()
+            .or_else(|| self.cg.stats().ok())
+            .unwrap_or_default();
         let l = &self.spec.limits;
         // The command's status if init reported it; otherwise init's own (killed by us).
         let status = init.wait_status.unwrap_or(init_status);
