@@ -55,48 +55,46 @@ const CGROUP_SUPER_MAGIC: i64 = 0x0027_e0eb;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 
-/// Mountinfo lines describing the standard layout under `base`, built from `statfs` and `stat`
-/// (a pure v2 mount at `base`, or v1 hierarchies in `base/<controller>`, combined mounts such as
-/// `cpu,cpuacct` recognised by their shared device), or `None` when `base` looks otherwise.
+/// Mountinfo lines describing the standard layout under `base`, built from `statfs` alone (a
+/// pure v2 mount at `base`, or v1 hierarchies in `base/<controller>`, combined mounts such as
+/// `cpu,cpuacct` recognised by their shared filesystem id), or `None` when `base` looks
+/// otherwise.
 fn standard_layout(base: &Path) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let magic = |p: &Path| crate::sys::statfs_type(p.to_str()?).ok();
-    match magic(base)? {
-        CGROUP2_SUPER_MAGIC => Some(format!(
-            "1 1 0:0 / {} rw - cgroup2 cgroup2 rw\n",
-            base.display()
-        )),
+    let statfs = |p: &Path| crate::sys::statfs_type(p.to_str()?).ok();
+    let line = |path: &Path, fstype: &str, opts: &str, id: u64| {
+        let path = path.to_str()?;
+        // Paths that mountinfo would escape are left to the full parser.
+        (!path.contains([' ', '\t', '\n', '\\']))
+            .then(|| format!("1 1 0:{id} / {path} rw - {fstype} {fstype} rw{opts}\n"))
+    };
+    let (magic, _) = statfs(base)?;
+    match magic {
+        CGROUP2_SUPER_MAGIC => line(base, "cgroup2", "", 0),
         TMPFS_MAGIC => {
+            // One statfs per controller: the filesystem id tells combined mounts apart.
             let mut groups: Vec<(u64, PathBuf, Vec<&str>)> = Vec::new();
             for c in V1_CONTROLLERS {
                 let p = base.join(c);
-                if magic(&p) != Some(CGROUP_SUPER_MAGIC) {
+                let Some((CGROUP_SUPER_MAGIC, fsid)) = statfs(&p) else {
                     continue;
-                }
-                let canon = fs::canonicalize(&p).ok()?;
-                let dev = fs::metadata(&canon).ok()?.dev();
-                match groups.iter_mut().find(|g| g.0 == dev) {
+                };
+                match groups.iter_mut().find(|g| g.0 == fsid) {
                     Some(g) => g.2.push(c),
-                    None => groups.push((dev, canon, vec![c])),
+                    None => groups.push((fsid, p, vec![c])),
                 }
             }
             let mut text = String::new();
-            for (dev, path, ctrls) in &groups {
-                let path = path.to_str()?;
-                if path.contains([' ', '\t', '\n', '\\']) {
-                    return None;
-                }
-                text.push_str(&format!(
-                    "1 1 0:{dev} / {path} rw - cgroup cgroup rw,{}\n",
-                    ctrls.join(",")
-                ));
+            for (i, (_, path, ctrls)) in groups.iter().enumerate() {
+                text.push_str(&line(
+                    path,
+                    "cgroup",
+                    &format!(",{}", ctrls.join(",")),
+                    i as u64 + 1,
+                )?);
             }
             let unified = base.join("unified");
-            if magic(&unified) == Some(CGROUP2_SUPER_MAGIC) {
-                text.push_str(&format!(
-                    "1 1 0:0 / {} rw - cgroup2 cgroup2 rw\n",
-                    unified.display()
-                ));
+            if statfs(&unified).is_some_and(|s| s.0 == CGROUP2_SUPER_MAGIC) {
+                text.push_str(&line(&unified, "cgroup2", "", 0)?);
             }
             Some(text)
         }

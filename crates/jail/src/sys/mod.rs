@@ -738,12 +738,15 @@ pub(crate) fn is_net_namespace(fd: &OwnedFd) -> bool {
     ret == libc::CLONE_NEWNET
 }
 
-/// The filesystem type (`f_type`, e.g. `CGROUP2_SUPER_MAGIC`) of the filesystem holding `path`.
-pub(crate) fn statfs_type(path: &str) -> io::Result<i64> {
+/// The filesystem type (`f_type`, e.g. `CGROUP2_SUPER_MAGIC`) and id (`f_fsid`, distinct per
+/// superblock, so per cgroup hierarchy) of the filesystem holding `path`.
+pub(crate) fn statfs_type(path: &str) -> io::Result<(i64, u64)> {
     let c = cstr(path)?;
     // SAFETY: statfs is plain data filled in by the kernel.
     let mut st = unsafe { std::mem::zeroed::<libc::statfs>() };
     // SAFETY: valid path string and output pointer for the duration of the call.
     check(unsafe { libc::statfs(c.as_ptr(), &mut st) })?;
-    Ok(st.f_type as i64)
+    // SAFETY: fsid_t is two plain ints; reading them through a byte copy is sound.
+    let fsid: [u32; 2] = unsafe { std::mem::transmute_copy(&st.f_fsid) };
+    Ok((st.f_type as i64, (fsid[0] as u64) << 32 | fsid[1] as u64))
 }
