@@ -181,7 +181,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 pub fn gc(json: bool, pool: bool) -> anyhow::Result<ExitCode> {
     let hierarchy = Hierarchy::detect()?;
     let root = std::path::Path::new(STATE_ROOT);
-    let mut report = reap(root, &hierarchy);
+    let mut report = reap(root, &hierarchy, cove_jail::state::Scope::Everything);
     if pool {
         let n = cove_jail::netns::drain(root);
         if n > 0 {

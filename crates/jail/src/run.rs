@@ -300,7 +300,7 @@ fn supervise(
     }
 
     // Opportunistic reaping of sandboxes whose supervisor was killed, while ours starts.
-    let reaped = state::gc(state_root, hierarchy);
+    let reaped = state::gc(state_root, hierarchy, state::Scope::Abandoned);
     for line in &reaped.removed {
         eprintln!("cove: reaped stale {line}");
     }

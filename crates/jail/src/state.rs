@@ -115,10 +115,21 @@ pub struct GcReport {
     pub failed: Vec<String>,
 }
 
+/// How thoroughly [`gc`] looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Unlocked state directories (and their cgroups) only: what a killed supervisor leaves.
+    /// Cheap enough for every `cove run` to do while its own sandbox starts.
+    Abandoned,
+    /// Also cgroups under `cove/` that no state directory accounts for (left by a crash of the
+    /// host, or by hand): `cove gc`.
+    Everything,
+}
+
 /// Removes every sandbox object whose supervisor is gone: processes (through the cgroup), the
 /// cgroups, host-side mounts under the state directory (there should be none), and the state
 /// directory. Live sandboxes (locked state directories) are never touched.
-pub fn gc(root: &Path, cgroups: &Hierarchy) -> GcReport {
+pub fn gc(root: &Path, cgroups: &Hierarchy, scope: Scope) -> GcReport {
     let mut report = GcReport::default();
     let mut live = Vec::new();
     if let Ok(entries) = fs::read_dir(root) {
@@ -147,6 +158,9 @@ pub fn gc(root: &Path, cgroups: &Hierarchy) -> GcReport {
                 Err(e) => report.failed.push(format!("{}: {e}", path.display())),
             }
         }
+    }
+    if scope == Scope::Abandoned {
+        return report;
     }
     match cgroups.children(CGROUP_PARENT) {
         Ok(children) => {
