@@ -439,6 +439,19 @@ impl Hierarchy {
         }
     }
 
+    /// Removes `parent` from every controller where it is empty (it stays where it still has
+    /// children, or where another process is creating one right now); returns how many
+    /// directories went.
+    pub fn remove_if_empty(&self, parent: &str) -> usize {
+        if check_name(parent).is_err() {
+            return 0;
+        }
+        self.mounts
+            .iter()
+            .filter(|m| fs::remove_dir(m.join(parent)).is_ok())
+            .count()
+    }
+
     /// Names (like `cove/<child>`) of the direct children of `parent` in any controller we
     /// use: union, sorted, deduplicated; empty if `parent` does not exist. `parent` may be
     /// empty for the hierarchy root.

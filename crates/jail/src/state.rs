@@ -173,6 +173,12 @@ pub fn gc(root: &Path, cgroups: &Hierarchy, scope: Scope) -> GcReport {
         }
         Err(e) => report.failed.push(format!("list cgroups: {e}")),
     }
+    // The parent directories themselves, once nothing is left in them.
+    if cgroups.remove_if_empty(CGROUP_PARENT) > 0 {
+        report
+            .removed
+            .push(format!("empty cgroup parent {CGROUP_PARENT}/"));
+    }
     report
 }
 
