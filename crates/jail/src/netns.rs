@@ -46,6 +46,11 @@ impl NetNs {
     }
 }
 
+/// The calling thread's current network namespace.
+pub fn current() -> io::Result<NetNs> {
+    Ok(NetNs(fs::File::open("/proc/thread-self/ns/net")?.into()))
+}
+
 /// Claims a pooled namespace, or creates and configures one now. Either way the calling thread
 /// is left in the returned namespace.
 pub fn take_or_create(state_root: &Path) -> io::Result<NetNs> {

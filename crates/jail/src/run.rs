@@ -266,7 +266,10 @@ fn supervise(
     let t_prep = t_start.elapsed();
 
     // The network namespace is entered before the clone (see `netns`); the child inherits it.
-    let _net = netns::take_or_create(state_root).map_err(prep("prepare a network namespace"))?;
+    // The supervisor goes back to its own right after, so that the sandbox's namespace dies
+    // with the sandbox (its teardown then overlaps the supervisor's cleanup).
+    let home_net = netns::current().map_err(prep("open the network namespace"))?;
+    let net = netns::take_or_create(state_root).map_err(prep("prepare a network namespace"))?;
     let flags = libc::CLONE_NEWUSER
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWNS
@@ -287,6 +290,14 @@ fn supervise(
     }
     drop(go_r);
     drop(status_w);
+    let left = home_net.enter();
+    drop(net);
+    if let Err(e) = left {
+        let _ = sys::kill(pid, libc::SIGKILL);
+        let _ = sys::wait4(pid, 0);
+        let _ = old_mask.set_mask();
+        return Err(prep("return to the host's network namespace")(e));
+    }
     let t_clone = t_start.elapsed();
 
     // From here on the child exists: any failure must kill and reap it.
