@@ -452,6 +452,30 @@ impl Hierarchy {
             .count()
     }
 
+    /// The same layout without the v1 freezer hierarchy: one `mkdir`, one migration and one
+    /// `rmdir` fewer per sandbox, for sandboxes nobody will pause (`cove run`). Killing does
+    /// not need it: the sandbox's pid namespace dies with its init. Unchanged on v2.
+    pub fn without_freezer(&self) -> Hierarchy {
+        let mut h = self.clone();
+        if let (Version::V1, Some(f)) = (h.version, h.slots.freezer) {
+            let shared = [h.slots.memory, h.slots.cpu, h.slots.cpuacct, h.slots.pids].contains(&f);
+            if !shared {
+                h.mounts.remove(f);
+                let shift = |i: &mut usize| {
+                    if *i > f {
+                        *i -= 1;
+                    }
+                };
+                shift(&mut h.slots.memory);
+                shift(&mut h.slots.cpu);
+                shift(&mut h.slots.cpuacct);
+                shift(&mut h.slots.pids);
+            }
+            h.slots.freezer = None;
+        }
+        h
+    }
+
     /// Names (like `cove/<child>`) of the direct children of `parent` in any controller we
     /// use: union, sorted, deduplicated; empty if `parent` does not exist. `parent` may be
     /// empty for the hierarchy root.
@@ -1780,5 +1804,21 @@ mod tests {
             (Err(_), Err(_)) => {}
             (a, b) => panic!("fast {a:?} vs mountinfo {b:?}"),
         }
+    }
+
+    #[test]
+    fn without_freezer_drops_only_the_freezer_directory() {
+        let (_fake, h) = v1_hybrid(true);
+        let full = h.open("cove/x").self_join_files();
+        let lean = h.without_freezer().open("cove/x").self_join_files();
+        assert_eq!(full.len(), 5);
+        assert_eq!(lean.len(), 4);
+        assert!(
+            lean.iter()
+                .all(|p| !p.to_string_lossy().contains("freezer"))
+        );
+        assert!(lean.iter().all(|p| full.contains(p)));
+        let cg = h.without_freezer().create("cove/y", &limits()).unwrap();
+        assert!(cg.freeze().is_err(), "no freezer: pausing must say so");
     }
 }

@@ -101,7 +101,10 @@ pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunReport, RunError> {
             cpu_millis: Some(spec.limits.cpus_millis as u64),
             pids: Some(spec.limits.pids),
         };
-        let cg = hierarchy.create(&state::cgroup_name(&id), &limits)?;
+        // Nothing pauses a `cove run` sandbox: no freezer cgroup for it.
+        let cg = hierarchy
+            .without_freezer()
+            .create(&state::cgroup_name(&id), &limits)?;
         let plan = plan(spec, &id, state.mount_point(), cg.self_join_files(), opts);
         let plan = match plan {
             Ok(p) => p,
