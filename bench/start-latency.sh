@@ -52,10 +52,13 @@ declare -A CMD=(
   [cove]="$COVE run --image $ROOTFS -- /bin/true"
   [cove-host]="$COVE run -- /bin/true"
   [bwrap]="bwrap --unshare-all --die-with-parent --ro-bind $ROOTFS / --proc /proc --dev /dev --tmpfs /tmp /bin/true"
+  # Closer to what Cove does (still without cgroups or seccomp): a user namespace, no
+  # capabilities, a new session.
+  [bwrap-userns-capdrop]="bwrap --unshare-all --unshare-user --cap-drop ALL --new-session --die-with-parent --ro-bind $ROOTFS / --proc /proc --dev /dev --tmpfs /tmp /bin/true"
   [crun]="crun run --bundle $BUNDLE cove-bench-crun"
   [fork-exec]="$ROOTFS/bin/true"
 )
-ORDER=(cove cove-host bwrap crun fork-exec)
+ORDER=(cove cove-host bwrap bwrap-userns-capdrop crun fork-exec)
 
 for r in $(seq 1 "$ROUNDS"); do
   for name in "${ORDER[@]}"; do
@@ -81,11 +84,11 @@ for n in names:
         times += json.load(open(f"{out}/{n}-{r}.json"))["results"][0]["times"]
     med[n] = statistics.median(times) * 1000
     p90 = statistics.quantiles(times, n=10)[-1] * 1000
-    print(f"{n:10s} median {med[n]:6.2f} ms   p90 {p90:6.2f} ms   ({len(times)} runs)")
+    print(f"{n:21s} median {med[n]:6.2f} ms   p90 {p90:6.2f} ms   ({len(times)} runs)")
 print()
 for n in names:
     if n != "bwrap":
-        print(f"{n:10s} / bwrap = {med[n] / med['bwrap']:.2f}")
+        print(f"{n:21s} / bwrap = {med[n] / med['bwrap']:.2f}")
 steps = {}
 for line in open(f"{out}/timing.txt"):
     for k, v in re.findall(r"(\w+)=(\d+)", line):

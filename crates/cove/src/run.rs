@@ -93,6 +93,10 @@ pub struct RunArgs {
     /// host object of the sandbox (cgroup cove/ID, /run/cove/ID).
     #[arg(long, value_name = "ID")]
     id: Option<SandboxId>,
+    /// Build /dev on a tmpfs with binds of the host's nodes instead of binding Cove's /dev
+    /// template (what happens anyway where /var/lib is mounted nodev).
+    #[arg(long, hide = true)]
+    dev_tmpfs: bool,
     /// Print where the start-up time went, on stderr.
     #[arg(long, hide = true)]
     timing: bool,
@@ -160,6 +164,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let opts = RunOptions {
         timing: args.timing,
         id: args.id,
+        no_dev_template: args.dev_tmpfs,
         state_root: None,
     };
     let report = run_sandbox(&spec, &opts)?;

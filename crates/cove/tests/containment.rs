@@ -128,11 +128,26 @@ fn proc_leaks_are_masked_and_proc_sys_is_read_only() {
 
 #[test]
 fn dev_is_minimal() {
-    let f = probe(&[], &[]);
-    assert_eq!(
-        f["dev"],
-        "fd,full,null,ptmx,pts,random,shm,stderr,stdin,stdout,tty,urandom,zero"
-    );
+    // Both ways of building /dev: Cove's read-only template, and a tmpfs of binds.
+    for extra in [&[][..], &["--dev-tmpfs"][..]] {
+        let f = probe(&[], extra);
+        assert_eq!(
+            f["dev"], "fd,full,null,ptmx,pts,random,shm,stderr,stdin,stdout,tty,urandom,zero",
+            "{extra:?}"
+        );
+        let out = Run::new(&[
+            extra,
+            &[
+                "--",
+                "sh",
+                "-c",
+                "echo x > /dev/null && head -c 8 /dev/urandom | wc -c && echo y > /dev/shm/f && cat /dev/shm/f",
+            ],
+        ]
+        .concat())
+        .output();
+        assert_eq!(out.stdout, "8\ny\n", "{extra:?}: {}", out.stderr);
+    }
 }
 
 #[test]

@@ -45,6 +45,9 @@ pub(crate) struct RootPlan {
     pub disk_bytes: u64,
     pub binds: Vec<BindMount>,
     pub hostname: String,
+    /// A host directory holding the sandbox's `/dev` (see [`dev_template`]); `None` builds
+    /// `/dev` from binds on a tmpfs.
+    pub dev_template: Option<PathBuf>,
     /// Inner uid/gid of the command, for `/etc/passwd` and its home directory.
     pub uid: u32,
     pub gid: u32,
@@ -98,8 +101,74 @@ const PROC_MASKED_DIRS: &[&str] = &["acpi", "asound", "scsi", "driver", "dynamic
 /// (`/proc/bus`, `/proc/fs` and `/proc/irq` writable entries are global root's only).
 const PROC_READONLY: &[&str] = &["sys"];
 
-/// Host device nodes bound into the sandbox's `/dev`.
-const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+/// The device nodes of a sandbox's `/dev`: name, major, minor (all mode 0666).
+const DEVICE_NODES: &[(&str, u32, u32)] = &[
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+/// The symbolic links of a sandbox's `/dev`.
+const DEV_LINKS: &[(&str, &str)] = &[
+    ("ptmx", "pts/ptmx"),
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+];
+
+/// The `/dev` template under `dir` (`dir/dev`), built on first use by host root: the device
+/// nodes of [`DEVICE_NODES`], the links of [`DEV_LINKS`], and empty `pts` and `shm` for the
+/// sandbox's own mounts. A sandbox then gets its `/dev` as one read-only bind of it, instead of
+/// a tmpfs with six binds and five links (about 0.2 ms of every start). `None` when `dir` sits
+/// on a `nodev` filesystem (the nodes could not be opened) or cannot be written; the caller
+/// then builds `/dev` the long way.
+pub(crate) fn dev_template(dir: &Path) -> Option<PathBuf> {
+    let t = dir.join("dev");
+    if fs::symlink_metadata(t.join("urandom")).is_ok() {
+        return Some(t);
+    }
+    build_dev_template(dir, &t).ok()
+}
+
+fn build_dev_template(dir: &Path, t: &Path) -> io::Result<PathBuf> {
+    fs::create_dir_all(dir)?;
+    if sys::is_nodev(s(dir))? {
+        return Err(io::Error::other("nodev"));
+    }
+    // Built aside and renamed into place, so that a concurrent start sees all or nothing.
+    let tmp = dir.join(format!("dev.new-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::DirBuilder::new().mode(0o755).create(&tmp)?;
+    let built = (|| {
+        for (name, major, minor) in DEVICE_NODES {
+            let p = tmp.join(name);
+            sys::mknod_char(s(&p), 0o666, *major, *minor)?;
+            fs::set_permissions(&p, fs::Permissions::from_mode(0o666))?;
+        }
+        fs::DirBuilder::new().mode(0o755).create(tmp.join("pts"))?;
+        fs::DirBuilder::new().mode(0o755).create(tmp.join("shm"))?;
+        for (name, target) in DEV_LINKS {
+            symlink(target, tmp.join(name))?;
+        }
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))?;
+        match fs::rename(&tmp, t) {
+            // Another start finished first: use its template.
+            Err(_) if t.join("urandom").exists() => {
+                let _ = fs::remove_dir_all(&tmp);
+                Ok(())
+            }
+            r => r,
+        }
+    })();
+    if built.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    built.map(|()| t.to_path_buf())
+}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap_or("")
@@ -162,7 +231,7 @@ pub(crate) fn enter(plan: &RootPlan) -> Result<(), RootfsError> {
         Image::Path(lower) => overlay_image(staging, lower)?,
     };
     mount_proc(&root)?;
-    mount_dev(&root)?;
+    mount_dev(&root, plan.dev_template.as_deref())?;
     for b in &plan.binds {
         user_bind(&root, b)?;
     }
@@ -327,22 +396,21 @@ fn mount_proc(root: &Path) -> Result<(), RootfsError> {
     Ok(())
 }
 
-fn mount_dev(root: &Path) -> Result<(), RootfsError> {
+fn mount_dev(root: &Path, template: Option<&Path>) -> Result<(), RootfsError> {
     let dev = root.join("dev");
     mkdir(&dev, 0o755)?;
-    tmpfs(
-        &dev,
-        libc::MS_NOSUID | libc::MS_NOEXEC,
-        "size=64k,mode=0755",
-    )
-    .map_err(err("mount /dev on", &dev))?;
-    for name in DEVICES {
-        let d = dev.join(name);
-        write(&d, "")?;
-        bind(&Path::new("/dev").join(name), &d, false, false)?;
+    match template {
+        // The template's nodes are the host's device numbers on a host filesystem (not a
+        // user-namespace mount, which could not open device nodes).
+        Some(t) => {
+            bind(t, &dev, false, false)?;
+            // Read-only and nosuid, but not nodev: these nodes are the point.
+            sys::set_mount_attrs(s(&dev), sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID)
+                .map_err(err("make read-only", &dev))?;
+        }
+        None => dev_on_tmpfs(&dev)?,
     }
     let pts = dev.join("pts");
-    mkdir(&pts, 0o755)?;
     sys::mount(
         Some("devpts"),
         s(&pts),
@@ -352,16 +420,22 @@ fn mount_dev(root: &Path) -> Result<(), RootfsError> {
     )
     .map_err(err("mount devpts on", &pts))?;
     let shm = dev.join("shm");
-    mkdir(&shm, 0o1777)?;
     tmpfs(&shm, libc::MS_NOSUID | libc::MS_NODEV, "size=64m,mode=1777")
-        .map_err(err("mount /dev/shm on", &shm))?;
-    for (name, target) in [
-        ("ptmx", "pts/ptmx"),
-        ("fd", "/proc/self/fd"),
-        ("stdin", "/proc/self/fd/0"),
-        ("stdout", "/proc/self/fd/1"),
-        ("stderr", "/proc/self/fd/2"),
-    ] {
+        .map_err(err("mount /dev/shm on", &shm))
+}
+
+/// `/dev` without a template: a small tmpfs with the host's nodes bound onto empty files.
+fn dev_on_tmpfs(dev: &Path) -> Result<(), RootfsError> {
+    tmpfs(dev, libc::MS_NOSUID | libc::MS_NOEXEC, "size=64k,mode=0755")
+        .map_err(err("mount /dev on", dev))?;
+    for (name, _, _) in DEVICE_NODES {
+        let d = dev.join(name);
+        write(&d, "")?;
+        bind(&Path::new("/dev").join(name), &d, false, false)?;
+    }
+    mkdir(&dev.join("pts"), 0o755)?;
+    mkdir(&dev.join("shm"), 0o1777)?;
+    for (name, target) in DEV_LINKS {
         let p = dev.join(name);
         symlink(target, &p).map_err(err("symlink", &p))?;
     }

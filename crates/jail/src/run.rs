@@ -27,6 +27,8 @@ use crate::sys::{self, SigSet};
 /// outside, which owns nothing on the host. Chosen far above the ranges `useradd` hands out in
 /// `/etc/subuid` (from 100000 up, 65536 per user).
 pub const HOST_ID_BASE: u32 = 1_500_000_000;
+/// Where the `/dev` template lives (see `rootfs::dev_template`).
+const DEV_TEMPLATE_DIR: &str = "/var/lib/cove";
 /// Number of ids mapped (inner 0..=65535).
 pub const ID_COUNT: u32 = 65_536;
 /// How often the supervisor checks the limits that do not end a sandbox by themselves.
@@ -67,6 +69,8 @@ fn prep(what: impl Into<String>) -> impl FnOnce(io::Error) -> RunError {
 pub struct RunOptions {
     /// Print where the start time went (stderr).
     pub timing: bool,
+    /// Build each sandbox's `/dev` on a tmpfs instead of binding the host template.
+    pub no_dev_template: bool,
     /// The sandbox id; random when not given.
     pub id: Option<SandboxId>,
     /// Where state lives (default [`state::STATE_ROOT`]).
@@ -215,6 +219,11 @@ fn plan(
             disk_bytes: l.disk.as_bytes(),
             binds: spec.mounts.clone(),
             hostname,
+            dev_template: if opts.no_dev_template {
+                None
+            } else {
+                crate::rootfs::dev_template(Path::new(DEV_TEMPLATE_DIR))
+            },
             uid: spec.user.uid,
             gid: spec.user.gid,
         },

@@ -750,3 +750,22 @@ pub(crate) fn statfs_type(path: &str) -> io::Result<(i64, u64)> {
     let fsid: [u32; 2] = unsafe { std::mem::transmute_copy(&st.f_fsid) };
     Ok((st.f_type as i64, (fsid[0] as u64) << 32 | fsid[1] as u64))
 }
+
+/// `mknod(2)` of a character device `major:minor` with `mode` permission bits.
+pub(crate) fn mknod_char(path: &str, mode: u32, major: u32, minor: u32) -> io::Result<()> {
+    let c = cstr(path)?;
+    let dev = libc::makedev(major, minor);
+    // SAFETY: valid path string; plain integer arguments.
+    check(unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | mode, dev) }).map(drop)
+}
+
+/// Whether the filesystem holding `path` is mounted `nodev` (device nodes on it cannot be
+/// opened).
+pub(crate) fn is_nodev(path: &str) -> io::Result<bool> {
+    let c = cstr(path)?;
+    // SAFETY: statvfs is plain data filled in by the kernel.
+    let mut st = unsafe { std::mem::zeroed::<libc::statvfs>() };
+    // SAFETY: valid path string and output pointer for the duration of the call.
+    check(unsafe { libc::statvfs(c.as_ptr(), &mut st) })?;
+    Ok(st.f_flag & libc::ST_NODEV != 0)
+}
