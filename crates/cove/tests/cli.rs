@@ -228,3 +228,16 @@ fn python_runs_on_the_host_image() {
     ]);
     assert_eq!(out.stdout, "2 0\n", "{}", out.stderr);
 }
+
+#[test]
+fn the_command_starts_with_default_signal_dispositions() {
+    require_root();
+    // cove itself ignores SIGPIPE (the Rust runtime does); the command must not inherit that.
+    let out = run(&["--", "grep", "SigIgn", "/proc/self/status"]);
+    assert_eq!(
+        out.stdout.split_whitespace().nth(1),
+        Some("0000000000000000"),
+        "{}",
+        out.stdout
+    );
+}

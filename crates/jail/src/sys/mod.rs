@@ -406,9 +406,13 @@ pub(crate) fn read_signalfd(fd: &OwnedFd) -> io::Result<Option<u32>> {
     Ok((n as usize == size).then_some(info.ssi_signo))
 }
 
-/// Resets every catchable signal's disposition to the default.
+/// Resets the dispositions of the standard signals to the default.
+/// Only the standard signals (1-31): they are the ones a parent process ignores (the Rust
+/// runtime ignores SIGPIPE, `nohup` SIGHUP, a shell's background job SIGINT and SIGQUIT);
+/// handlers do not survive `execve` anyway, and walking the real-time signals too would double
+/// the system calls on the path to the command's start.
 pub(crate) fn reset_signal_dispositions() {
-    for sig in 1..libc::SIGRTMAX() {
+    for sig in 1..32 {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
         }
