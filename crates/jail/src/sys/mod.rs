@@ -408,14 +408,39 @@ pub(crate) fn read_signalfd(fd: &OwnedFd) -> io::Result<Option<u32>> {
 
 /// Resets every signal's disposition to the default. All of them: an ignored disposition
 /// survives `execve`, and parents do ignore real-time signals too (a test harness was seen
-/// passing on 32 and 33 ignored).
+/// passing on 32 and 33 ignored). The raw system call is used because glibc's wrappers refuse
+/// the two signals it reserves for itself (32 and 33).
 pub(crate) fn reset_signal_dispositions() {
-    for sig in 1..=libc::SIGRTMAX() {
+    /// The kernel's `struct sigaction` for `rt_sigaction` (not glibc's).
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: libc::c_ulong,
+        restorer: usize,
+        mask: u64,
+    }
+    let dfl = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for sig in 1..=64 {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
         }
-        // SAFETY: installing SIG_DFL is always sound; failures (invalid numbers) are ignored.
-        unsafe { libc::signal(sig, libc::SIG_DFL) };
+        // SAFETY: `dfl` is a valid kernel sigaction for the duration of the call, the old-action
+        // pointer is NULL and the size is the kernel's sigset size (8); SIG_DFL needs no
+        // restorer. Failures (numbers this kernel lacks) are ignored.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                &dfl as *const KernelSigaction,
+                std::ptr::null_mut::<KernelSigaction>(),
+                8usize,
+            )
+        };
     }
 }
 
