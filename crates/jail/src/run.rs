@@ -89,6 +89,7 @@ pub fn new_id() -> io::Result<SandboxId> {
 pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunReport, RunError> {
     let t_start = Instant::now();
     spec.validate()?;
+    check_host_paths(spec)?;
     let id = match opts.id {
         Some(id) => id,
         None => new_id().map_err(prep("generate a sandbox id"))?,
@@ -136,13 +137,8 @@ pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunReport, RunError> {
     Ok(report)
 }
 
-fn plan(
-    spec: &Spec,
-    id: &SandboxId,
-    staging: PathBuf,
-    cgroup_join: Vec<PathBuf>,
-    opts: &RunOptions,
-) -> Result<ChildPlan, RunError> {
+/// The host paths the spec names must exist before anything is created for the sandbox.
+fn check_host_paths(spec: &Spec) -> Result<(), RunError> {
     if let Image::Path(p) = &spec.image {
         let meta = fs::metadata(p).map_err(prep(format!("image {}", p.display())))?;
         if !meta.is_dir() {
@@ -154,6 +150,16 @@ fn plan(
     for b in &spec.mounts {
         fs::metadata(&b.source).map_err(prep(format!("bind source {}", b.source.display())))?;
     }
+    Ok(())
+}
+
+fn plan(
+    spec: &Spec,
+    id: &SandboxId,
+    staging: PathBuf,
+    cgroup_join: Vec<PathBuf>,
+    opts: &RunOptions,
+) -> Result<ChildPlan, RunError> {
     let hostname = spec.hostname.clone().unwrap_or_else(|| id.to_string());
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), DEFAULT_PATH.into()),
