@@ -17,7 +17,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
-use cove_types::{BindMount, Image};
+use cove_types::BindMount;
 
 use crate::sys;
 
@@ -36,12 +36,22 @@ fn err(op: &'static str, path: impl AsRef<Path>) -> impl FnOnce(io::Error) -> Ro
     move |source| RootfsError { op, path, source }
 }
 
+/// The root filesystem, resolved by the supervisor.
+#[derive(Debug, Clone)]
+pub(crate) enum RootImage {
+    /// The host's `/usr`, `/bin`, `/sbin`, `/lib*`, read-only.
+    Host,
+    /// Read-only layer directories, bottom first (a directory image is one layer), stacked
+    /// with overlayfs under the sandbox's writable layer.
+    Layers(Vec<PathBuf>),
+}
+
 /// What the child needs to build the root; resolved by the supervisor before the clone.
 #[derive(Debug, Clone)]
 pub(crate) struct RootPlan {
     /// Host directory to mount the sandbox root on (in the child's mount namespace only).
     pub staging: PathBuf,
-    pub image: Image,
+    pub image: RootImage,
     pub disk_bytes: u64,
     pub binds: Vec<BindMount>,
     pub hostname: String,
@@ -224,11 +234,11 @@ pub(crate) fn enter(plan: &RootPlan) -> Result<(), RootfsError> {
     tmpfs(staging, libc::MS_NOSUID | libc::MS_NODEV, &tmpfs_opts)
         .map_err(err("mount writable layer on", staging))?;
     let root = match &plan.image {
-        Image::Host => {
+        RootImage::Host => {
             host_image(staging, plan)?;
             staging.clone()
         }
-        Image::Path(lower) => overlay_image(staging, lower)?,
+        RootImage::Layers(layers) => overlay_image(staging, layers)?,
     };
     mount_proc(&root)?;
     mount_dev(&root, plan.dev_template.as_deref())?;
@@ -329,16 +339,21 @@ fn host_image(root: &Path, plan: &RootPlan) -> Result<(), RootfsError> {
     make_readonly(&etc)
 }
 
-fn overlay_image(staging: &Path, lower: &Path) -> Result<PathBuf, RootfsError> {
+/// Overlayfs over `layers` (bottom first). `userxattr`: mounted inside the sandbox's user
+/// namespace, overlayfs can only use `user.overlay.*` attributes (for opaque directories and
+/// its own copy-up bookkeeping); the image unpacker writes both forms.
+fn overlay_image(staging: &Path, layers: &[PathBuf]) -> Result<PathBuf, RootfsError> {
     let upper = staging.join("upper");
     let work = staging.join("work");
     let merged = staging.join("root");
     for d in [&upper, &work, &merged] {
         mkdir(d, 0o755)?;
     }
+    // overlayfs lists lower layers top first.
+    let lowers: Vec<&str> = layers.iter().rev().map(|l| s(l)).collect();
     let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        s(lower),
+        "lowerdir={},upperdir={},workdir={},userxattr",
+        lowers.join(":"),
         s(&upper),
         s(&work)
     );

@@ -18,7 +18,7 @@ use cove_types::{Image, Reason, RunReport, SandboxId, Spec, SpecError};
 use crate::cgroup::{self, Cgroup, Hierarchy};
 use crate::init::{self, ChildFds, ChildPlan};
 use crate::netns;
-use crate::rootfs::RootPlan;
+use crate::rootfs::{RootImage, RootPlan};
 use crate::seccomp;
 use crate::state::{self, StateDir};
 use crate::sys::{self, SigSet};
@@ -146,6 +146,12 @@ fn check_host_paths(spec: &Spec) -> Result<(), RunError> {
                 reason: format!("{} is not a directory", p.display()),
             }));
         }
+        // overlayfs options separate layers with ':' and options with ','.
+        if p.to_string_lossy().contains([':', ',']) {
+            return Err(RunError::Spec(SpecError::Image {
+                reason: format!("{}: an image path may not contain ':' or ','", p.display()),
+            }));
+        }
     }
     for b in &spec.mounts {
         fs::metadata(&b.source).map_err(prep(format!("bind source {}", b.source.display())))?;
@@ -220,7 +226,10 @@ fn plan(
         id: id.to_string(),
         root: RootPlan {
             staging,
-            image: spec.image.clone(),
+            image: match &spec.image {
+                Image::Host => RootImage::Host,
+                Image::Path(p) => RootImage::Layers(vec![p.clone()]),
+            },
             disk_bytes: l.disk.as_bytes(),
             binds: spec.mounts.clone(),
             hostname,
