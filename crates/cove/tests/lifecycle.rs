@@ -33,33 +33,46 @@ fn wait_running(id: &str) {
     panic!("sandbox {id} did not start");
 }
 
+/// Runs `cmd`, waits until it prints `ready` (so that its signal handlers are in place), sends
+/// `sig` to `cove run`, and returns the exit code, the JSON report and everything printed.
 fn stop_with(sig: i32, cmd: &[&str]) -> (i32, serde_json::Value, String) {
+    use std::io::{BufRead, BufReader, Read};
     require_root();
     let mut args = vec!["--json", "--"];
     args.extend_from_slice(cmd);
     let run = Run::new(&args);
-    let child = run
+    let mut child = run
         .command()
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_running(&run.id);
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    while !seen.ends_with("ready\n") {
+        assert!(
+            stdout.read_line(&mut seen).unwrap() > 0,
+            "no 'ready': {seen:?}"
+        );
+    }
     signal(child.id(), sig);
-    let out = child.wait_with_output().unwrap();
+    stdout.read_to_string(&mut seen).unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
     assert_no_leaks(&run.id);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let report = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    (
-        out.status.code().unwrap(),
-        report,
-        String::from_utf8_lossy(&out.stderr).into_owned() + &stdout,
-    )
+    let report = serde_json::from_str(seen.lines().last().unwrap()).unwrap();
+    (status.code().unwrap(), report, stderr + &seen)
 }
 
 #[test]
 fn ctrl_c_stops_the_command_with_reason_killed() {
-    let (code, r, out) = stop_with(libc::SIGINT, &["sleep", "30"]);
+    let (code, r, out) = stop_with(libc::SIGINT, &["sh", "-c", "echo ready; exec sleep 30"]);
     assert_eq!(code, 130, "{out}");
     assert_eq!(r["reason"], "killed");
     assert_eq!(r["signal"], 2);
@@ -73,7 +86,7 @@ fn sigterm_is_forwarded_and_the_command_may_exit_cleanly() {
         &[
             "sh",
             "-c",
-            "trap 'echo cleaned-up; exit 3' TERM; sleep 30 & wait",
+            "trap 'echo cleaned-up; exit 3' TERM; echo ready; sleep 30 & wait",
         ],
     );
     assert_eq!(code, 3, "{out}");
