@@ -1,8 +1,8 @@
 //! The only place in this crate where `unsafe` is allowed: thin wrappers over the `*at` system
-//! calls the layer unpacker makes. Each takes Rust types, returns `std::io::Result`, and keeps the
-//! raw-pointer handling next to its `// SAFETY:` justification. What the standard library already
-//! offers safely on an open file (`fchown`, `fchmod`, `futimens`, `fstat`) is used from there
-//! instead.
+//! calls the layer unpacker makes, and the one `renameat2` the image store needs. Each takes Rust
+//! types, returns `std::io::Result`, and keeps the raw-pointer handling next to its `// SAFETY:`
+//! justification. What the standard library already offers safely on an open file (`fchown`,
+//! `fchmod`, `futimens`, `fstat`) is used from there instead.
 //!
 //! Every call here is relative to a directory file descriptor and never follows a symlink in the
 //! final component (the `*at` calls that could follow get `AT_SYMLINK_NOFOLLOW`); resolving the
@@ -298,4 +298,28 @@ pub(crate) fn read_dir_names(dir: BorrowedFd<'_>) -> io::Result<Vec<CString>> {
     // SAFETY: `stream` is valid and not used after this; closedir also closes the duplicate.
     unsafe { libc::closedir(stream) };
     result.map(|()| names)
+}
+
+/// `renameat2(2)` with `RENAME_NOREPLACE`: renames `from` to `to` unless `to` already exists
+/// (then `EEXIST`), in one atomic step. The image store puts unpacked layer directories in place
+/// with it, so that of two processes unpacking the same layer, the second cannot replace (or
+/// merge into) the first one's directory. Unlike the calls above, both are plain paths: they
+/// are the store's own, not an archive's.
+pub(crate) fn rename_noreplace(from: &std::path::Path, to: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let from = CString::new(from.as_os_str().as_bytes())?;
+    let to = CString::new(to.as_os_str().as_bytes())?;
+    retry(false, || {
+        // SAFETY: both paths are NUL-terminated and outlive the call.
+        check(unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        })
+    })
+    .map(drop)
 }

@@ -48,7 +48,7 @@
 mod root;
 mod stream;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::ffi::CString;
 use std::fs::{File, FileTimes, Permissions};
@@ -63,6 +63,7 @@ use tar::EntryType;
 use crate::sys;
 use root::{Cleared, EntryPath, Root, cname};
 pub use stream::Compression;
+pub(crate) use stream::decompress;
 
 /// How to unpack a layer.
 #[derive(Debug, Clone, Default)]

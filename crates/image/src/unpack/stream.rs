@@ -45,7 +45,7 @@ impl Compression {
 }
 
 /// Reads the first bytes of `reader`, sniffs them and returns the decompressed tar stream.
-pub(super) fn decompress<'a>(mut reader: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {
+pub(crate) fn decompress<'a>(mut reader: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {
     let mut head = [0u8; ZSTD_MAGIC.len()];
     let mut len = 0;
     while len < head.len() {

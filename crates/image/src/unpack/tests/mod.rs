@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::{UnpackError, UnpackOptions, UnpackStats, unpack_layer};
 
-pub(super) use archive::{E, tar};
+pub(crate) use archive::{E, tar};
 
 const SENTINEL: &[u8] = b"sentinel: must never change\n";
 
