@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod image;
 mod run;
 
 use std::process::ExitCode;
@@ -20,7 +21,7 @@ pub const EXIT_COVE_FAILED: u8 = 125;
     long_about = "Cove runs untrusted code in isolated Linux sandboxes: namespaces, a private root \
                   filesystem, cgroup limits, dropped capabilities and a seccomp filter, started in \
                   milliseconds.",
-    after_help = "Examples:\n  cove run -- python3 -c 'print(1)'\n  cove run --memory 256M --timeout 10s -- sh -c 'make test'\n  cove run -it -- bash\n  cove gc"
+    after_help = "Examples:\n  cove run -- python3 -c 'print(1)'\n  cove run --memory 256M --timeout 10s -- sh -c 'make test'\n  cove run -it -- bash\n  cove image import ./busybox-oci.tar && cove run --image busybox\n  cove gc"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -31,6 +32,9 @@ struct Cli {
 enum Command {
     #[command(flatten_help = false)]
     Run(Box<run::RunArgs>),
+    /// Manage stored images (import, ls, inspect, rm, prune).
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// Remove what sandboxes whose `cove run` was killed left behind (cgroups, state, processes).
     Gc {
         /// Print what was removed as JSON.
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(*args),
         Command::Gc { json, pool } => run::gc(json, pool),
+        Command::Image(cmd) => image::image(cmd),
     };
     match result {
         Ok(code) => code,

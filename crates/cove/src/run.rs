@@ -27,8 +27,10 @@ use cove_types::{
         cove run --json -- false"
 )]
 pub struct RunArgs {
-    /// Root filesystem: `host` (the host's /usr, /bin, /lib* read-only) or a rootfs directory
-    /// used read-only under a private writable layer.
+    /// Root filesystem: `host` (the host's /usr, /bin, /lib* read-only), a rootfs directory
+    /// (absolute path) used read-only under a private writable layer, or a stored image
+    /// (`busybox`, `app:v1`; see `cove image`), whose Entrypoint, Cmd, Env, WorkingDir and User
+    /// apply unless flags override them.
     #[arg(long, value_name = "host|PATH", default_value = "host")]
     image: String,
     /// Memory limit, swap included.
@@ -100,8 +102,8 @@ pub struct RunArgs {
     /// Print where the start-up time went, on stderr.
     #[arg(long, hide = true)]
     timing: bool,
-    /// The command and its arguments.
-    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+    /// The command and its arguments (optional with an image that has a Cmd or Entrypoint).
+    #[arg(trailing_var_arg = true, value_name = "CMD")]
     cmd: Vec<String>,
 }
 
@@ -139,7 +141,6 @@ impl RunArgs {
         spec.user = self.user.unwrap_or_default();
         spec.mounts = self.volume.clone();
         spec.tty = self.tty;
-        spec.validate()?;
         Ok(spec)
     }
 }
@@ -160,11 +161,24 @@ fn env_entry(s: &str) -> anyhow::Result<EnvVar> {
 
 /// `cove run`.
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let spec = args.spec()?;
+    let mut spec = args.spec()?;
+    let layers = match crate::image::is_reference(&spec.image).map(str::to_string) {
+        Some(reference) => {
+            let given = crate::image::Overrides {
+                cmd_given: !args.cmd.is_empty(),
+                workdir_given: args.workdir.is_some(),
+                user_given: args.user.is_some(),
+            };
+            Some(crate::image::resolve(&reference, &mut spec, &given)?)
+        }
+        None => None,
+    };
+    spec.validate()?;
     let opts = RunOptions {
         timing: args.timing,
         id: args.id,
         no_dev_template: args.dev_tmpfs,
+        layers,
         state_root: None,
     };
     let report = run_sandbox(&spec, &opts)?;

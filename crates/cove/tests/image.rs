@@ -102,3 +102,111 @@ fn a_file_is_not_an_image() {
     assert_eq!(out.code, 125);
     assert!(out.stderr.contains("not a directory"), "{}", out.stderr);
 }
+
+/// An OCI image layout directory holding the busybox rootfs as one layer, named `reference`,
+/// with a config that sets Cmd, Env and WorkingDir. Built with tar and sha256sum, as a user's
+/// build tool would: nothing is downloaded.
+fn oci_layout(rootfs: &Rootfs, reference: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cove-oci-{}", common::new_id()));
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let layer = dir.join("layer.tar");
+    let ok = std::process::Command::new("tar")
+        .args(["-C", &rootfs.arg(), "--numeric-owner", "-cf"])
+        .arg(&layer)
+        .arg(".")
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let put = |path: &Path| -> (String, u64) {
+        let out = std::process::Command::new("sha256sum")
+            .arg(path)
+            .output()
+            .unwrap();
+        let hex = String::from_utf8(out.stdout).unwrap()[..64].to_string();
+        let size = std::fs::metadata(path).unwrap().len();
+        std::fs::rename(path, blobs.join(&hex)).unwrap();
+        (hex, size)
+    };
+    let (layer_hex, layer_size) = put(&layer);
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Cmd": ["/bin/sh", "-c", "echo from-cmd $GREETING; pwd"],
+                   "Env": ["GREETING=hello", "PATH=/bin"], "WorkingDir": "/srv"},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_hex}")]}
+    });
+    let cfg = dir.join("config.json");
+    std::fs::write(&cfg, config.to_string()).unwrap();
+    let (cfg_hex, cfg_size) = put(&cfg);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": format!("sha256:{cfg_hex}"), "size": cfg_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": format!("sha256:{layer_hex}"), "size": layer_size}]
+    });
+    let m = dir.join("manifest.json");
+    std::fs::write(&m, manifest.to_string()).unwrap();
+    let (m_hex, m_size) = put(&m);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": format!("sha256:{m_hex}"), "size": m_size,
+                       "annotations": {"org.opencontainers.image.ref.name": reference}}]
+    });
+    std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    dir
+}
+
+fn cove(args: &[&str]) -> common::Out {
+    common::Out::from(
+        std::process::Command::new(common::cove_bin())
+            .args(args)
+            .output()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn an_imported_image_runs_with_its_own_config() {
+    require_root();
+    let img = Rootfs::new();
+    std::fs::create_dir_all(img.0.join("srv")).unwrap();
+    let name = format!("cove-test/bb-{}:v1", common::new_id());
+    let layout = oci_layout(&img, &name);
+    let out = cove(&["image", "import", &layout.display().to_string()]);
+    std::fs::remove_dir_all(&layout).unwrap();
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains(&name), "{}", out.stdout);
+    let ls = cove(&["image", "ls"]);
+    assert!(ls.stdout.contains(&name), "{}", ls.stdout);
+
+    // No command: the image's Cmd, Env and WorkingDir.
+    let out = run(&["--image", &name]);
+    assert_eq!(out.stdout, "from-cmd hello\n/srv\n", "{}", out.stderr);
+    // A command and flags override them; the image's files are owned by the sandbox's root.
+    let out = run(&[
+        "--image",
+        &name,
+        "-w",
+        "/",
+        "-e",
+        "GREETING=hi",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo $GREETING; pwd; echo x > /bin/new && echo writable",
+    ]);
+    assert_eq!(out.stdout, "hi\n/\nwritable\n", "{}", out.stderr);
+
+    let out = cove(&["image", "rm", &name]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = run(&["--image", &name]);
+    assert_eq!(out.code, 125);
+    assert!(out.stderr.contains("no such image"), "{}", out.stderr);
+    let out = cove(&["image", "prune"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+}

@@ -69,6 +69,9 @@ fn prep(what: impl Into<String>) -> impl FnOnce(io::Error) -> RunError {
 pub struct RunOptions {
     /// Print where the start time went (stderr).
     pub timing: bool,
+    /// The unpacked layers (bottom first) of the spec's image when it is a reference: the
+    /// caller resolves references through the image store; the jail knows nothing of images.
+    pub layers: Option<Vec<PathBuf>>,
     /// Build each sandbox's `/dev` on a tmpfs instead of binding the host template.
     pub no_dev_template: bool,
     /// The sandbox id; random when not given.
@@ -89,7 +92,7 @@ pub fn new_id() -> io::Result<SandboxId> {
 pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunReport, RunError> {
     let t_start = Instant::now();
     spec.validate()?;
-    check_host_paths(spec)?;
+    check_host_paths(spec, opts)?;
     let id = match opts.id {
         Some(id) => id,
         None => new_id().map_err(prep("generate a sandbox id"))?,
@@ -138,8 +141,18 @@ pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunReport, RunError> {
 }
 
 /// The host paths the spec names must exist before anything is created for the sandbox.
-fn check_host_paths(spec: &Spec) -> Result<(), RunError> {
-    if let Image::Path(p) = &spec.image {
+fn check_host_paths(spec: &Spec, opts: &RunOptions) -> Result<(), RunError> {
+    let layers: Vec<&PathBuf> = match (&spec.image, &opts.layers) {
+        (Image::Host, _) => Vec::new(),
+        (Image::Path(p), _) => vec![p],
+        (Image::Ref(_), Some(layers)) if !layers.is_empty() => layers.iter().collect(),
+        (Image::Ref(r), _) => {
+            return Err(RunError::Spec(SpecError::Image {
+                reason: format!("image {r} has not been resolved to layers"),
+            }));
+        }
+    };
+    for p in layers {
         let meta = fs::metadata(p).map_err(prep(format!("image {}", p.display())))?;
         if !meta.is_dir() {
             return Err(RunError::Spec(SpecError::Image {
@@ -229,6 +242,7 @@ fn plan(
             image: match &spec.image {
                 Image::Host => RootImage::Host,
                 Image::Path(p) => RootImage::Layers(vec![p.clone()]),
+                Image::Ref(_) => RootImage::Layers(opts.layers.clone().unwrap_or_default()),
             },
             disk_bytes: l.disk.as_bytes(),
             binds: spec.mounts.clone(),

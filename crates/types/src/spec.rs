@@ -36,17 +36,21 @@ pub enum Image {
     Host,
     /// A root filesystem directory on the host, used read-only as the lower layer.
     Path(PathBuf),
+    /// An OCI image from Cove's image store (`busybox`, `registry:5000/app:v1`, `name@sha256:…`).
+    Ref(String),
 }
 
 impl std::str::FromStr for Image {
     type Err = SpecError;
+    /// `host`; a path (starting with `/` or `.`); otherwise an image reference.
     fn from_str(s: &str) -> Result<Image, SpecError> {
         match s {
             "" => Err(SpecError::Image {
                 reason: "empty image".into(),
             }),
             "host" => Ok(Image::Host),
-            p => Ok(Image::Path(PathBuf::from(p))),
+            p if p.starts_with('/') || p.starts_with('.') => Ok(Image::Path(PathBuf::from(p))),
+            r => Ok(Image::Ref(r.to_string())),
         }
     }
 }
