@@ -209,11 +209,3 @@ fn image_user(spec: &str, layers: &[PathBuf]) -> anyhow::Result<User> {
     let user: User = format!("{uid}:{gid}").parse()?;
     Ok(user)
 }
-
-/// Whether `s` names an image in the store rather than a path or `host`.
-pub fn is_reference(image: &cove_types::Image) -> Option<&str> {
-    match image {
-        cove_types::Image::Ref(r) => Some(r),
-        _ => None,
-    }
-}

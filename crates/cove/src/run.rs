@@ -162,8 +162,8 @@ fn env_entry(s: &str) -> anyhow::Result<EnvVar> {
 /// `cove run`.
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut spec = args.spec()?;
-    let layers = match crate::image::is_reference(&spec.image).map(str::to_string) {
-        Some(reference) => {
+    let layers = match spec.image.clone() {
+        Image::Ref(reference) => {
             let given = crate::image::Overrides {
                 cmd_given: !args.cmd.is_empty(),
                 workdir_given: args.workdir.is_some(),
@@ -171,7 +171,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             };
             Some(crate::image::resolve(&reference, &mut spec, &given)?)
         }
-        None => None,
+        Image::Host | Image::Path(_) => None,
     };
     spec.validate()?;
     let opts = RunOptions {

@@ -8,7 +8,7 @@
 
 use std::ffi::CString;
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -470,8 +470,6 @@ impl Supervisor<'_> {
         if let Some(r) = &mut relay {
             r.drain();
         }
-        let mut rest = Vec::new();
-        let _ = reader.read_to_end(&mut rest);
         let (_, status, _) = sys::wait4(self.pid, 0)
             .map_err(prep("reap the sandbox"))?
             .unwrap_or((self.pid, 0, sys::Usage::default()));
@@ -562,24 +560,17 @@ impl Supervisor<'_> {
             return;
         }
         let Ok(st) = self.cg.stats() else { return };
-        if st.oom_kills > 0 {
-            self.kill(
-                Reason::MemoryLimit,
-                format!("killed: memory limit {} exceeded", l.memory),
-            );
+        let hit = if st.oom_kills > 0 {
+            Reason::MemoryLimit
         } else if st.pids_limit_hits > 0 {
-            self.kill(
-                Reason::PidsLimit,
-                format!("killed: pids limit {} reached", l.pids),
-            );
-        } else if let Some(t) = l.cpu_time
-            && st.cpu_usage_ns >= t.as_std().as_nanos() as u64
-        {
-            self.kill(
-                Reason::CpuTimeLimit,
-                format!("killed: CPU-time limit {t} exceeded"),
-            );
-        }
+            Reason::PidsLimit
+        } else if cpu_budget_spent(l, &st) {
+            Reason::CpuTimeLimit
+        } else {
+            return;
+        };
+        let text = limit_text(l, hit);
+        self.kill(hit, format!("killed: {text}"));
     }
 
     /// Builds the final report from what init said, how init ended, and the cgroup's counters.
@@ -601,21 +592,16 @@ impl Supervisor<'_> {
         let reason = if let Some(r) = self.killed_for {
             r
         } else if stats.oom_kills > 0 {
-            self.message = Some(format!("killed: memory limit {} exceeded", l.memory));
+            self.message = Some(format!("killed: {}", limit_text(l, Reason::MemoryLimit)));
             Reason::MemoryLimit
         } else if stats.pids_limit_hits > 0 && (exit_code != 0 || signal.is_some()) {
-            self.message = Some(format!("pids limit {} reached", l.pids));
+            // The command ended on its own after a refused fork: not killed by us.
+            self.message = Some(limit_text(l, Reason::PidsLimit));
             Reason::PidsLimit
         } else if signal == Some(libc::SIGXCPU)
-            || (l
-                .cpu_time
-                .is_some_and(|t| stats.cpu_usage_ns >= t.as_std().as_nanos() as u64)
-                && signal == Some(libc::SIGKILL))
+            || (cpu_budget_spent(l, &stats) && signal == Some(libc::SIGKILL))
         {
-            self.message = Some(format!(
-                "killed: CPU-time limit {} exceeded",
-                l.cpu_time.map(|t| t.to_string()).unwrap_or_default()
-            ));
+            self.message = Some(format!("killed: {}", limit_text(l, Reason::CpuTimeLimit)));
             Reason::CpuTimeLimit
         } else if self.stop_requested.is_some() {
             let sig = self.stop_requested.map(|s| s.1).unwrap_or(libc::SIGTERM);
@@ -634,6 +620,25 @@ impl Supervisor<'_> {
             cpu_time_ms: stats.cpu_usage_ns as f64 / 1e6,
             peak_memory_bytes: stats.memory_peak_bytes,
         }
+    }
+}
+
+/// Whether the sandbox has used up its CPU-time budget.
+fn cpu_budget_spent(l: &cove_types::Limits, st: &cgroup::Stats) -> bool {
+    l.cpu_time
+        .is_some_and(|t| st.cpu_usage_ns >= t.as_std().as_nanos() as u64)
+}
+
+/// The plain words for a limit that ended a sandbox ("memory limit 512M exceeded").
+fn limit_text(l: &cove_types::Limits, reason: Reason) -> String {
+    match reason {
+        Reason::MemoryLimit => format!("memory limit {} exceeded", l.memory),
+        Reason::PidsLimit => format!("pids limit {} reached", l.pids),
+        Reason::CpuTimeLimit => format!(
+            "CPU-time limit {} exceeded",
+            l.cpu_time.map(|t| t.to_string()).unwrap_or_default()
+        ),
+        other => other.to_string(),
     }
 }
 
