@@ -6,14 +6,32 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
-use cove_image::{ImageRecord, Reference, SANDBOX_ID_BASE, Store};
+use cove_image::{ImageRecord, Reference, SANDBOX_ID_BASE, Store, StoreError};
 use cove_types::{EnvVar, Spec, User};
+use indicatif::HumanBytes;
 
 /// Where images live.
 pub const STORE_ROOT: &str = cove_image::store::DEFAULT_ROOT;
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
+    /// Pull an image from a registry (Docker Hub names, `host:port/name:tag`, `name@sha256:…`).
+    #[command(
+        after_help = "Layers download in parallel and are unpacked as they arrive; an \
+        interrupted pull resumes where it stopped; two pulls of one image download it once.\n\n\
+        Examples:\n  cove image pull busybox\n  cove image pull localhost:5000/team/app:v1\n  \
+        cove image pull --ca ./registry-ca.pem registry.internal:443/app@sha256:…\n  \
+        COVE_REGISTRY_CREDS=ci:token cove image pull registry.internal/app:v2"
+    )]
+    Pull {
+        /// The image reference.
+        reference: String,
+        /// No progress output.
+        #[arg(short, long)]
+        quiet: bool,
+        #[command(flatten)]
+        registry: crate::pull::RegistryArgs,
+    },
     /// Import an OCI image layout (directory or tar) or a `docker save` / `podman save` archive.
     Import {
         /// The layout directory or archive (plain, gzip or zstd).
@@ -42,8 +60,14 @@ pub enum ImageCommand {
     Prune,
 }
 
-fn open_store() -> anyhow::Result<Store> {
-    Store::open(STORE_ROOT, SANDBOX_ID_BASE).with_context(|| format!("image store {STORE_ROOT}"))
+/// Overrides [`STORE_ROOT`] (for tests, benchmarks, and nodes that keep images elsewhere).
+pub const STORE_ENV: &str = "COVE_IMAGE_STORE";
+
+pub fn open_store() -> anyhow::Result<Store> {
+    let root = std::env::var_os(STORE_ENV)
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(STORE_ROOT), PathBuf::from);
+    Store::open(&root, SANDBOX_ID_BASE).with_context(|| format!("image store {}", root.display()))
 }
 
 fn parse_ref(s: &str) -> anyhow::Result<Reference> {
@@ -54,6 +78,14 @@ fn parse_ref(s: &str) -> anyhow::Result<Reference> {
 pub fn image(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
     let store = open_store()?;
     match cmd {
+        ImageCommand::Pull {
+            reference,
+            quiet,
+            registry,
+        } => {
+            let r = crate::pull::pull(&store, &parse_ref(&reference)?, &registry, quiet)?;
+            println!("pulled {} ({})", r.reference, r.config_digest);
+        }
         ImageCommand::Import { path, tag } => {
             let records = cove_image::import(&store, &path, tag.as_deref())
                 .with_context(|| format!("import {}", path.display()))?;
@@ -79,7 +111,7 @@ pub fn image(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
                         r.reference.to_string(),
                         &r.config_digest.hex()[..12],
                         r.layers.len(),
-                        cove_types::Size::bytes(s["size_bytes"].as_u64().unwrap_or(0)).to_string()
+                        HumanBytes(s["size_bytes"].as_u64().unwrap_or(0)).to_string()
                     );
                 }
             }
@@ -98,7 +130,7 @@ pub fn image(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
                 "removed {} blobs and {} unpacked layers, {} freed",
                 p.blobs_removed,
                 p.layers_removed,
-                cove_types::Size::bytes(p.bytes_freed)
+                HumanBytes(p.bytes_freed)
             );
         }
     }
@@ -119,6 +151,17 @@ fn summary(store: &Store, r: &ImageRecord) -> serde_json::Value {
     })
 }
 
+/// When `cove run` pulls an image reference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PullPolicy {
+    /// Only when the image is not stored.
+    Missing,
+    /// Every time, so a tag that moved is followed.
+    Always,
+    /// Never: a missing image is an error.
+    Never,
+}
+
 /// What `cove run` takes from the flags, to be combined with an image's defaults.
 pub struct Overrides {
     pub cmd_given: bool,
@@ -133,9 +176,17 @@ pub fn resolve(
     reference: &str,
     spec: &mut Spec,
     given: &Overrides,
+    policy: PullPolicy,
+    registry: &crate::pull::RegistryArgs,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let store = open_store()?;
-    let record = store.image(&parse_ref(reference)?)?;
+    let reference = parse_ref(reference)?;
+    let record = match (policy, store.image(&reference)) {
+        (PullPolicy::Always, _) | (PullPolicy::Missing, Err(StoreError::NoSuchImage { .. })) => {
+            crate::pull::pull(&store, &reference, registry, false)?
+        }
+        (_, stored) => stored?,
+    };
     let layers = store
         .resolve_layers(&record)
         .with_context(|| format!("unpack the layers of {}", record.reference))?;

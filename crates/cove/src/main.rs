@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod image;
+mod pull;
 mod run;
 
 use std::process::ExitCode;
@@ -21,7 +22,7 @@ pub const EXIT_COVE_FAILED: u8 = 125;
     long_about = "Cove runs untrusted code in isolated Linux sandboxes: namespaces, a private root \
                   filesystem, cgroup limits, dropped capabilities and a seccomp filter, started in \
                   milliseconds.",
-    after_help = "Examples:\n  cove run -- python3 -c 'print(1)'\n  cove run --memory 256M --timeout 10s -- sh -c 'make test'\n  cove run -it -- bash\n  cove image import ./busybox-oci.tar && cove run --image busybox\n  cove gc"
+    after_help = "Examples:\n  cove run -- python3 -c 'print(1)'\n  cove run --memory 256M --timeout 10s -- sh -c 'make test'\n  cove run -it -- bash\n  cove image pull localhost:5000/busybox && cove run --image localhost:5000/busybox\n  cove gc"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -32,8 +33,11 @@ struct Cli {
 enum Command {
     #[command(flatten_help = false)]
     Run(Box<run::RunArgs>),
-    /// Manage stored images (import, ls, inspect, rm, prune).
-    #[command(subcommand)]
+    /// Manage stored images (pull, import, ls, inspect, rm, prune).
+    #[command(
+        subcommand,
+        after_help = "Images are stored under /var/lib/cove/images ($COVE_IMAGE_STORE overrides it)."
+    )]
     Image(image::ImageCommand),
     /// Remove what sandboxes whose `cove run` was killed left behind (cgroups, state, processes).
     Gc {

@@ -102,6 +102,17 @@ pub struct RunArgs {
     /// Print where the start-up time went, on stderr.
     #[arg(long, hide = true)]
     timing: bool,
+    /// When to pull an image REF from its registry: `missing` (not stored yet), `always`
+    /// (refresh the tag first), `never` (fail if it is not stored).
+    #[arg(
+        long,
+        value_name = "WHEN",
+        default_value = "missing",
+        help_heading = "Registry"
+    )]
+    pull: crate::image::PullPolicy,
+    #[command(flatten)]
+    registry: crate::pull::RegistryArgs,
     /// The command and its arguments (optional with an image that has a Cmd or Entrypoint).
     #[arg(trailing_var_arg = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -169,7 +180,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 workdir_given: args.workdir.is_some(),
                 user_given: args.user.is_some(),
             };
-            Some(crate::image::resolve(&reference, &mut spec, &given)?)
+            Some(crate::image::resolve(
+                &reference,
+                &mut spec,
+                &given,
+                args.pull,
+                &args.registry,
+            )?)
         }
         Image::Host | Image::Path(_) => None,
     };

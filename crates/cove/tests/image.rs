@@ -204,7 +204,7 @@ fn an_imported_image_runs_with_its_own_config() {
 
     let out = cove(&["image", "rm", &name]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    let out = run(&["--image", &name]);
+    let out = run(&["--pull", "never", "--image", &name]);
     assert_eq!(out.code, 125);
     assert!(out.stderr.contains("no such image"), "{}", out.stderr);
     let out = cove(&["image", "prune"]);

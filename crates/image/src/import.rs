@@ -38,7 +38,7 @@
 
 mod archive;
 mod docker;
-mod layout;
+pub(crate) mod layout;
 #[cfg(test)]
 mod tests;
 
@@ -336,13 +336,13 @@ impl Found {
 }
 
 /// "linux/amd64" for the running host.
-fn host_platform_name() -> String {
+pub(crate) fn host_platform_name() -> String {
     let (os, arch) = host_platform();
     format!("{os}/{arch}")
 }
 
 /// Whether an image for `os`/`arch` runs here; an unstated field does not disqualify it.
-fn runs_here(os: Option<&str>, arch: Option<&str>) -> bool {
+pub(crate) fn runs_here(os: Option<&str>, arch: Option<&str>) -> bool {
     let (host_os, host_arch) = host_platform();
     os.is_none_or(|os| os == host_os) && arch.is_none_or(|arch| arch == host_arch)
 }

@@ -8,23 +8,31 @@
 //! - [`import`](mod@import): OCI image layouts (directory or tar) and `docker save` archives into the store.
 //! - [`reference`](mod@reference) and [`digest`]: the names of images and of content, parsed once.
 //!
-//! Registry pulls will feed the same store. Every `unsafe` block lives in `sys`; the rest of the
+//! - [`pull`](mod@pull) and [`registry`]: images from an OCI distribution registry into the
+//!   same store, verified, resumable, each blob downloaded once.
+//!
+//! Every `unsafe` block lives in `sys`; the rest of the
 //! crate denies it.
 
 pub mod digest;
 pub mod import;
 mod oci;
+pub mod pull;
 pub mod reference;
+pub mod registry;
 pub mod store;
 #[allow(unsafe_code)]
 mod sys;
 #[cfg(test)]
 mod test_images;
+pub mod tls;
 pub mod unpack;
 
 pub use digest::{Digest, DigestError, Hasher};
 pub use import::{ImportError, import};
+pub use pull::{LayerState, NoProgress, PullError, PullEvent, PullProgress, pull};
 pub use reference::{Reference, ReferenceError};
+pub use registry::{Credentials, RegistryError, RegistryOptions};
 pub use store::{
     DEFAULT_ROOT, Hold, ImageRecord, PruneReport, RunConfig, SANDBOX_ID_BASE, Store, StoreError,
 };

@@ -41,7 +41,7 @@ mod tests;
 use std::collections::HashSet;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -78,8 +78,9 @@ fn tmp_name(what: &str) -> String {
     format!("{TMP_PREFIX}{what}{}-{n}", std::process::id())
 }
 
-/// The image store rooted at one directory.
-#[derive(Debug)]
+/// The image store rooted at one directory. Cloning it is cheap (a few paths), so that
+/// blocking work can be handed to other threads.
+#[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
     blobs: PathBuf,
@@ -203,7 +204,9 @@ pub enum StoreError {
         source: UnpackError,
     },
     /// No record for a reference.
-    #[error("no such image: {reference}; import it with `cove image import`")]
+    #[error(
+        "no such image: {reference}; pull it with `cove image pull` or import it with `cove image import`"
+    )]
     NoSuchImage {
         /// The reference looked up.
         reference: Reference,
@@ -439,6 +442,43 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(actual),
             Err(e) => Err(io_err("rename into place", &tmp.path)(e)),
         }
+    }
+
+    /// Where a pull keeps the blob `digest` while downloading it: a name per digest, not per
+    /// process, so that the next pull resumes it (and locks it while it does). Its prefix makes
+    /// it a temporary file for [`Store::prune`].
+    pub(crate) fn partial_path(&self, digest: &Digest) -> PathBuf {
+        self.blobs
+            .join(format!("{TMP_PREFIX}pull-{}", digest.hex()))
+    }
+
+    /// Puts the completely downloaded, verified file at `path` in place as the blob `digest`.
+    /// If the blob is there already, `path` is removed instead.
+    pub(crate) fn install_blob(&self, path: &Path, digest: &Digest) -> Result<(), StoreError> {
+        fs::set_permissions(path, fs::Permissions::from_mode(BLOB_MODE))
+            .map_err(io_err("set the mode of", path))?;
+        match sys::rename_noreplace(path, &self.blob_path(digest)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                fs::remove_file(path).map_err(io_err("remove", path))
+            }
+            Err(e) => Err(io_err("rename into place", path)(e)),
+        }
+    }
+
+    /// Removes the blob `digest` (found corrupt) so that it can be fetched again.
+    pub(crate) fn remove_blob(&self, digest: &Digest) -> Result<(), StoreError> {
+        let path = self.blob_path(digest);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", &path)(e)),
+        }
+    }
+
+    /// Whether the layer blob `digest` is unpacked already.
+    pub fn has_layer(&self, digest: &Digest) -> bool {
+        fs::symlink_metadata(self.layers.join(digest.hex())).is_ok_and(|m| m.is_dir())
     }
 
     /// Opens the blob `digest` for reading.

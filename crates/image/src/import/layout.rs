@@ -155,7 +155,7 @@ fn name(entry: &Descriptor, tag_override: Option<&Reference>) -> Result<Referenc
 }
 
 /// What a manifest-like blob is.
-enum Kind {
+pub(crate) enum Kind {
     Index(Vec<Descriptor>),
     Manifest(Descriptor, Vec<Descriptor>),
     /// Something else (an artifact, a signature): its media type.
@@ -164,7 +164,7 @@ enum Kind {
 
 /// Tells an index from a manifest by the descriptor's media type, else the document's own, else
 /// by its fields.
-fn classify(
+pub(crate) fn classify(
     descriptor_type: Option<&str>,
     what: &str,
     doc: AnyManifest,
@@ -259,7 +259,7 @@ fn select(
     Ok(None)
 }
 
-fn platform_name(os: &str, arch: &str, variant: Option<&str>) -> String {
+pub(crate) fn platform_name(os: &str, arch: &str, variant: Option<&str>) -> String {
     match variant {
         Some(v) => format!("{os}/{arch}/{v}"),
         None => format!("{os}/{arch}"),

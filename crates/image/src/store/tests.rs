@@ -243,7 +243,7 @@ fn records_round_trip_and_a_missing_one_says_how_to_import() {
     let err = store.image(&missing).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "no such image: busybox:1.36; import it with `cove image import`"
+        "no such image: busybox:1.36; pull it with `cove image pull` or import it with `cove image import`"
     );
     assert_eq!(store.remove_image(&reference("busybox")).unwrap(), image);
     assert!(matches!(
