@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Cove needs.
 #   scripts/deps.sh runtime   what `cove run` needs at run time (python3 for the first demo)
-#   scripts/deps.sh test      + what the test suite uses (busybox-static for a rootfs image)
-#   scripts/deps.sh bench     + the peers the benchmarks compare with (bubblewrap, crun, hyperfine)
+#   scripts/deps.sh test      + what the test suite uses: busybox-static for images; a real
+#                             registry (docker-registry), skopeo to push to it, htpasswd,
+#                             openssl (certificates, token signing), zstd (zstd layers)
+#   scripts/deps.sh bench     + the peers the benchmarks compare with (bubblewrap, crun,
+#                             hyperfine, umoci)
 # Installs only what is missing, so it costs nothing on a prepared machine.
 set -euo pipefail
 want=(iproute2 util-linux ca-certificates python3)
+test_packages=(busybox-static docker-registry skopeo apache2-utils openssl zstd)
 case "${1:-runtime}" in
   runtime) ;;
-  test) want+=(busybox-static) ;;
-  bench) want+=(busybox-static bubblewrap crun hyperfine) ;;
+  test) want+=("${test_packages[@]}") ;;
+  bench) want+=("${test_packages[@]}" bubblewrap crun hyperfine umoci) ;;
   *) echo "deps.sh: unknown set ${1}; use runtime, test or bench" >&2; exit 2 ;;
 esac
 missing=()

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
-use cove_image::{ImageRecord, Reference, SANDBOX_ID_BASE, Store, StoreError};
+use cove_image::{ImageRecord, PinnedLayers, Reference, SANDBOX_ID_BASE, Store, StoreError};
 use cove_types::{EnvVar, Spec, User};
 use indicatif::HumanBytes;
 
@@ -132,6 +132,12 @@ pub fn image(cmd: ImageCommand) -> anyhow::Result<ExitCode> {
                 p.layers_removed,
                 HumanBytes(p.bytes_freed)
             );
+            if p.layers_in_use > 0 {
+                println!(
+                    "kept {} unpacked layers that running sandboxes use; a later prune removes them",
+                    p.layers_in_use
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -178,7 +184,7 @@ pub fn resolve(
     given: &Overrides,
     policy: PullPolicy,
     registry: &crate::pull::RegistryArgs,
-) -> anyhow::Result<Vec<PathBuf>> {
+) -> anyhow::Result<PinnedLayers> {
     let store = open_store()?;
     let reference = parse_ref(reference)?;
     let record = match (policy, store.image(&reference)) {
@@ -187,9 +193,10 @@ pub fn resolve(
         }
         (_, stored) => stored?,
     };
-    let layers = store
-        .resolve_layers(&record)
+    let pinned = store
+        .pin_layers(&record)
         .with_context(|| format!("unpack the layers of {}", record.reference))?;
+    let layers = &pinned.dirs;
     let c = &record.config;
     let args = if given.cmd_given {
         spec.cmd.clone()
@@ -217,9 +224,9 @@ pub fn resolve(
         && let Some(u) = &c.user
         && !u.is_empty()
     {
-        spec.user = image_user(u, &layers).with_context(|| format!("the image's User {u:?}"))?;
+        spec.user = image_user(u, layers).with_context(|| format!("the image's User {u:?}"))?;
     }
-    Ok(layers)
+    Ok(pinned)
 }
 
 /// `uid`, `uid:gid`, `name` or `name:group`, names looked up in the image's own

@@ -173,7 +173,8 @@ fn env_entry(s: &str) -> anyhow::Result<EnvVar> {
 /// `cove run`.
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut spec = args.spec()?;
-    let layers = match spec.image.clone() {
+    // Pinned until the sandbox is gone, so that `cove image prune` leaves its layers alone.
+    let pinned = match spec.image.clone() {
         Image::Ref(reference) => {
             let given = crate::image::Overrides {
                 cmd_given: !args.cmd.is_empty(),
@@ -195,10 +196,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         timing: args.timing,
         id: args.id,
         no_dev_template: args.dev_tmpfs,
-        layers,
+        layers: pinned.as_ref().map(|p| p.dirs.clone()),
         state_root: None,
     };
     let report = run_sandbox(&spec, &opts)?;
+    drop(pinned);
     if let Some(msg) = &report.message {
         eprintln!("cove: {msg}");
     }

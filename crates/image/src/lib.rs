@@ -34,6 +34,7 @@ pub use pull::{LayerState, NoProgress, PullError, PullEvent, PullProgress, pull}
 pub use reference::{Reference, ReferenceError};
 pub use registry::{Credentials, RegistryError, RegistryOptions};
 pub use store::{
-    DEFAULT_ROOT, Hold, ImageRecord, PruneReport, RunConfig, SANDBOX_ID_BASE, Store, StoreError,
+    DEFAULT_ROOT, Hold, ImageRecord, PinnedLayers, PruneReport, RunConfig, SANDBOX_ID_BASE, Store,
+    StoreError,
 };
 pub use unpack::{Compression, UnpackError, UnpackOptions, UnpackStats, unpack_layer};

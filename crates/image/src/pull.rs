@@ -570,15 +570,17 @@ impl Cx<'_> {
             Err(_) => {}
         }
         let path = self.store.partial_path(&digest);
-        let Some(file) = self.lock_partial(index, &path, &digest).await? else {
+        let Some(partial) = self.lock_partial(index, &path, &digest).await? else {
             return Ok(()); // another pull stored it meanwhile
         };
+        let file = &partial.file;
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 0;
         let resumed_from = loop {
-            match self.download(index, &file, &path, desc, what).await {
+            match self.download(index, file, &path, desc, what).await {
                 Ok(resumed_from) => break resumed_from,
-                Err(e) if e.is_transient() && attempt < RETRIES => {
+                Err(e) if !e.is_transient() || attempt >= RETRIES => return Err(e),
+                Err(e) => {
                     attempt += 1;
                     self.event(
                         index,
@@ -589,13 +591,12 @@ impl Cx<'_> {
                     tokio::time::sleep(backoff).await;
                     backoff *= 2;
                 }
-                Err(e) => return Err(e),
             }
         };
         self.store
             .install_blob(&path, &digest)
             .map_err(store_err(format!("cannot store {what}")))?;
-        drop(file);
+        drop(partial);
         self.event(index, LayerState::Downloaded { resumed_from });
         Ok(())
     }
@@ -607,7 +608,7 @@ impl Cx<'_> {
         index: usize,
         path: &Path,
         digest: &Digest,
-    ) -> Result<Option<File>, PullError> {
+    ) -> Result<Option<Partial>, PullError> {
         let io_err = |op| {
             move |source| PullError::Io {
                 op,
@@ -649,7 +650,10 @@ impl Cx<'_> {
                 return Ok(None);
             }
             if same {
-                return Ok(Some(file));
+                return Ok(Some(Partial {
+                    path: path.to_path_buf(),
+                    file,
+                }));
             }
         }
     }
@@ -784,6 +788,26 @@ impl Cx<'_> {
             .into());
         }
         Ok(resumed_from)
+    }
+}
+
+/// A locked partial download. Dropped (the pull done, failed, or cancelled because another
+/// layer failed), it keeps the bytes it holds for the next pull to resume, but an empty one is
+/// removed rather than left as litter.
+struct Partial {
+    path: std::path::PathBuf,
+    file: File,
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        let (Ok(ours), Ok(current)) = (self.file.metadata(), std::fs::symlink_metadata(&self.path))
+        else {
+            return; // renamed into place, or removed
+        };
+        if ours.len() == 0 && ours.dev() == current.dev() && ours.ino() == current.ino() {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 

@@ -285,6 +285,7 @@ impl Client {
 
     /// The base URL, deciding the scheme on first use.
     async fn base(&self) -> Result<Url, RegistryError> {
+        // Held while deciding, so that parallel first requests decide once.
         let mut base = self.base.lock().await;
         if let Some(url) = &*base {
             return Ok(url.clone());
@@ -296,13 +297,19 @@ impl Client {
         let url = if self.insecure {
             parse("http")
         } else if is_loopback(&self.host) {
-            // Docker's rule for local registries: HTTPS if it answers, plain HTTP if not.
-            let https = parse("https");
-            let mut ping = https.clone();
-            ping.set_path("/v2/");
-            match self.http.get(ping).send().await {
-                Ok(_) => https,
-                Err(_) => parse("http"),
+            // Docker's rule for local registries: HTTPS if it answers, plain HTTP if not. A
+            // TLS server refusing plain HTTP (400) means the HTTPS failure is the one to report.
+            let ping = |scheme| {
+                let mut url = parse(scheme);
+                url.set_path("/v2/");
+                self.http.get(url).send()
+            };
+            match ping("https").await {
+                Ok(_) => parse("https"),
+                Err(https_error) => match ping("http").await {
+                    Ok(r) if r.status() != StatusCode::BAD_REQUEST => parse("http"),
+                    _ => return Err(self.transport("the API root", https_error)),
+                },
             }
         } else {
             parse("https")

@@ -29,8 +29,9 @@
 //!   import in progress has stored but not yet recorded, nor a temporary file still being
 //!   written.
 //!
-//! Not yet: prune knows nothing of running sandboxes, so a layer directory still mounted by a
-//! sandbox whose image record was removed can be deleted under it.
+//! - **Running sandboxes pin their layers** ([`Store::pin_layers`]): a shared `flock` on each
+//!   layer directory for the sandbox's lifetime. Prune leaves a pinned layer in place even when
+//!   no record names it any more, and removes it at a later prune.
 //!
 //! Rejected: a database (redb) for the records. A directory of files is enough for the few
 //! hundred images a node holds, is atomic per file with `rename`, and is readable with `cat`.
@@ -135,6 +136,8 @@ pub struct PruneReport {
     pub temp_removed: u64,
     /// Bytes of regular-file content freed (a hardlinked file counted once).
     pub bytes_freed: u64,
+    /// Unreferenced layer directories kept because a running sandbox uses them.
+    pub layers_in_use: u64,
 }
 
 /// A failed store operation.
@@ -243,6 +246,16 @@ struct StoreFile {
 #[derive(Debug)]
 pub struct Hold {
     _file: File,
+}
+
+/// The unpacked layer directories of one image, pinned for a sandbox's lifetime: each is
+/// `flock`ed shared until this is dropped, and [`Store::prune`] skips a layer that is locked.
+/// The locks are close-on-exec descriptors, so a sandbox never holds them itself.
+#[derive(Debug)]
+pub struct PinnedLayers {
+    /// The directories, bottom first.
+    pub dirs: Vec<PathBuf>,
+    _locks: Vec<File>,
 }
 
 /// Blobs and layer directories an operation added to the store, so that it can remove the ones
@@ -580,6 +593,26 @@ impl Store {
             .collect()
     }
 
+    /// [`Store::resolve_layers`], pinning the layers until the result is dropped. Pinning
+    /// happens while the store is held, so prune cannot remove a layer between the two.
+    pub fn pin_layers(&self, image: &ImageRecord) -> Result<PinnedLayers, StoreError> {
+        let _hold = self.hold()?;
+        let mut added = Added::default();
+        let mut dirs = Vec::with_capacity(image.layers.len());
+        let mut locks = Vec::with_capacity(image.layers.len());
+        for layer in &image.layers {
+            let dir = self.layer_dir_tracked(layer, &mut added)?;
+            let lock = File::open(&dir).map_err(io_err("open", &dir))?;
+            lock.lock_shared().map_err(io_err("lock", &dir))?;
+            dirs.push(dir);
+            locks.push(lock);
+        }
+        Ok(PinnedLayers {
+            dirs,
+            _locks: locks,
+        })
+    }
+
     fn record_path(&self, reference: &Reference) -> PathBuf {
         self.images
             .join(format!("{}{RECORD_SUFFIX}", reference.file_stem()))
@@ -701,6 +734,10 @@ impl Store {
                 if !remove {
                     continue;
                 }
+                if dir == &self.layers && !name.starts_with(TMP_PREFIX) && pinned(&path)? {
+                    report.layers_in_use += 1;
+                    continue;
+                }
                 report.bytes_freed += remove_tree(&path)?;
                 if name.starts_with(TMP_PREFIX) {
                     report.temp_removed += 1;
@@ -777,6 +814,21 @@ fn list(dir: &Path) -> Result<Vec<(String, PathBuf)>, StoreError> {
         }
     }
     Ok(out)
+}
+
+/// Whether a running sandbox pins the layer directory `path` ([`Store::pin_layers`]). The
+/// caller holds the store exclusively, so no new pin can appear meanwhile.
+fn pinned(path: &Path) -> Result<bool, StoreError> {
+    let dir = match File::open(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io_err("open", path)(e)),
+    };
+    match dir.try_lock() {
+        Ok(()) => Ok(false),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(true),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err("lock", path)(e)),
+    }
 }
 
 /// Removes a file or a directory tree (never following symlinks) and returns the bytes of

@@ -503,6 +503,7 @@ fn remove_and_prune_free_exactly_the_unreferenced() {
                 + app.config.bytes.len() as u64
                 + app.layers[1].bytes.len() as u64
                 + 2, // the unpacked layer's one file, "22"
+            layers_in_use: 0,
         }
     );
     assert!(!store.has_blob(&own_layer) && !store.has_blob(&app_record.config_digest));

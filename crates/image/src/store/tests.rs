@@ -308,6 +308,7 @@ fn prune_removes_exactly_what_no_record_names() {
             layers_removed: 0,
             temp_removed: 1,
             bytes_freed: 5 + 11,
+            layers_in_use: 0,
         }
     );
     assert!(!store.has_blob(&unreferenced));
@@ -323,6 +324,7 @@ fn prune_removes_exactly_what_no_record_names() {
             temp_removed: 0,
             // The layer's one file (hardlinked twice) counts once; the symlink not at all.
             bytes_freed: (blob_bytes + 10_000) as u64,
+            layers_in_use: 0,
         }
     );
     let mut expected = vec![
@@ -335,6 +337,45 @@ fn prune_removes_exactly_what_no_record_names() {
     assert_eq!(names(&store.layers), [shared.hex()]);
     assert_eq!(store.resolve_layers(&keep).unwrap(), keep_dirs);
     assert_eq!(store.prune().unwrap(), PruneReport::default());
+}
+
+#[test]
+fn prune_keeps_a_layer_a_sandbox_pins_until_it_is_unpinned() {
+    let dir = TempDir::new("prune-pinned");
+    let store = dir.store();
+    let tar = layer(&[("bin/sh", "shell")]);
+    let digest = store.put_blob(&tar[..], None).unwrap();
+    let image = record(&store, "pinned", &[digest]);
+    let pinned = store.pin_layers(&image).unwrap();
+    assert_eq!(pinned.dirs, [store.layers.join(digest.hex())]);
+    store.remove_image(&reference("pinned")).unwrap();
+
+    let report = store.prune().unwrap();
+    assert_eq!((report.layers_removed, report.layers_in_use), (0, 1));
+    assert!(
+        pinned.dirs[0].join("bin/sh").exists(),
+        "prune removed a pinned layer"
+    );
+
+    drop(pinned);
+    let report = store.prune().unwrap();
+    assert_eq!((report.layers_removed, report.layers_in_use), (1, 0));
+    assert!(!store.has_layer(&digest));
+}
+
+#[test]
+fn two_sandboxes_pin_the_same_layer() {
+    let dir = TempDir::new("pin-twice");
+    let store = dir.store();
+    let digest = store.put_blob(&layer(&[("a", "b")])[..], None).unwrap();
+    let image = record(&store, "twice", &[digest]);
+    let first = store.pin_layers(&image).unwrap();
+    let second = store.pin_layers(&image).unwrap();
+    store.remove_image(&reference("twice")).unwrap();
+    drop(first);
+    assert_eq!(store.prune().unwrap().layers_in_use, 1);
+    drop(second);
+    assert_eq!(store.prune().unwrap().layers_removed, 1);
 }
 
 #[test]
