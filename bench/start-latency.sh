@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Start latency of `cove run -- /bin/true`, side by side in one run with bubblewrap and crun on
-# the same busybox rootfs, and the breakdown of where Cove's start time goes.
+# the same busybox rootfs, and the breakdown of where Cove's start time goes. Cove runs it three
+# ways: the rootfs directory (`cove`), the host's own /usr (`cove-host`), and the rootfs imported
+# as a stored image (`cove-image`: what an image sandbox costs once its layers are cached).
 #
 #   sudo bench/start-latency.sh            # 5 rounds x 40 runs per tool, interleaved
 #   ROUNDS=10 RUNS=50 sudo bench/start-latency.sh
@@ -22,6 +24,33 @@ ROOTFS="$WORK/rootfs"
 rm -rf "$WORK"; mkdir -p "$ROOTFS"/{bin,proc,dev,tmp,etc} "$OUT"
 cp /bin/busybox "$ROOTFS/bin/busybox"
 for a in true sh; do ln -s busybox "$ROOTFS/bin/$a"; done
+
+# The same rootfs as a stored image (one layer), for `cove run --image REF`.
+export COVE_IMAGE_STORE="$WORK/images"
+python3 - "$ROOTFS" "$WORK/layout" <<'PY'
+import hashlib, json, os, subprocess, sys
+rootfs, layout = sys.argv[1], sys.argv[2]
+os.makedirs(f"{layout}/blobs/sha256")
+def put(data):
+    h = hashlib.sha256(data).hexdigest()
+    open(f"{layout}/blobs/sha256/{h}", "wb").write(data)
+    return {"digest": "sha256:" + h, "size": len(data)}
+tar = subprocess.run(["tar", "-C", rootfs, "--numeric-owner", "-cf", "-", "."],
+                     check=True, capture_output=True).stdout
+layer = dict(put(tar), mediaType="application/vnd.oci.image.layer.v1.tar")
+config = put(json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [layer["digest"]]}}).encode())
+manifest = put(json.dumps({"schemaVersion": 2,
+    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+    "config": dict(config, mediaType="application/vnd.oci.image.config.v1+json"),
+    "layers": [layer]}).encode())
+json.dump({"schemaVersion": 2, "manifests": [dict(manifest,
+    mediaType="application/vnd.oci.image.manifest.v1+json",
+    annotations={"org.opencontainers.image.ref.name": "cove-bench/busybox:v1"})]},
+    open(f"{layout}/index.json", "w"))
+open(f"{layout}/oci-layout", "w").write('{"imageLayoutVersion":"1.0.0"}')
+PY
+"$COVE" image import "$WORK/layout" >/dev/null
 
 # crun's default config (crun spec), on the same rootfs, without a terminal.
 BUNDLE="$WORK/crun-bundle"
@@ -51,6 +80,7 @@ chmod +x "$CRUN_WRAP"
 declare -A CMD=(
   [cove]="$COVE run --image $ROOTFS -- /bin/true"
   [cove-host]="$COVE run -- /bin/true"
+  [cove-image]="$COVE run --pull never --image cove-bench/busybox:v1 -- /bin/true"
   [bwrap]="bwrap --unshare-all --die-with-parent --ro-bind $ROOTFS / --proc /proc --dev /dev --tmpfs /tmp /bin/true"
   # Closer to what Cove does (still without cgroups or seccomp): a user namespace, no
   # capabilities, a new session.
@@ -58,7 +88,7 @@ declare -A CMD=(
   [crun]="crun run --bundle $BUNDLE cove-bench-crun"
   [fork-exec]="$ROOTFS/bin/true"
 )
-ORDER=(cove cove-host bwrap bwrap-userns-capdrop crun fork-exec)
+ORDER=(cove cove-host cove-image bwrap bwrap-userns-capdrop crun fork-exec)
 
 for r in $(seq 1 "$ROUNDS"); do
   for name in "${ORDER[@]}"; do
@@ -89,6 +119,8 @@ print()
 for n in names:
     if n != "bwrap":
         print(f"{n:21s} / bwrap = {med[n] / med['bwrap']:.2f}")
+print(f"\nstored image over --image host: {med['cove-image'] - med['cove-host']:+.2f} ms; "
+      f"over a rootfs directory: {med['cove-image'] - med['cove']:+.2f} ms")
 steps = {}
 for line in open(f"{out}/timing.txt"):
     for k, v in re.findall(r"(\w+)=(\d+)", line):
