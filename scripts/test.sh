@@ -9,6 +9,12 @@ scripts/deps.sh test
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# TLS is rustls with ring only: no aws-lc or OpenSSL build may creep in with a dependency.
+for c in aws-lc-sys openssl-sys; do
+  if cargo tree --workspace --locked -e normal -i "$c" >/dev/null 2>&1; then
+    echo "test.sh: $c is in the dependency graph (see cargo tree -i $c)" >&2; exit 1
+  fi
+done
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
 else
