@@ -205,6 +205,42 @@ fn pull_run_pull_again_and_pull_by_digest() {
 }
 
 #[test]
+fn a_terminal_gets_a_progress_bar_per_layer() {
+    require_root();
+    let registry = Registry::start(Setup::default());
+    let layers = push_app(&registry, "test/app:v1");
+    let store = Store::new();
+    let reference = format!("{}/test/app:v1", registry.host());
+    // `script` runs the pull on a pseudo-terminal and copies what it draws to stdout.
+    let line = format!("{} image pull {reference}", common::cove_bin().display());
+    let out = Out::from(
+        Command::new("script")
+            .args(["-qefc", &line, "/dev/null"])
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("TERM", "xterm")
+            .env("COVE_IMAGE_STORE", &store.dir.0)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(out.code, 0, "{}", out.stdout);
+    for hex in &layers {
+        assert!(
+            out.stdout.contains(&hex[..12]),
+            "no bar for {hex}: {}",
+            out.stdout
+        );
+    }
+    assert!(out.stdout.contains("done"), "{}", out.stdout);
+    assert!(
+        !out.stdout.contains("layer 1/3"),
+        "plain lines on a terminal: {}",
+        out.stdout
+    );
+}
+
+#[test]
 fn an_index_resolves_to_this_platform_or_says_what_it_has() {
     require_root();
     let registry = Registry::start(Setup::default());

@@ -676,6 +676,25 @@ mod tests {
     }
 
     #[test]
+    fn docker_hub_names_go_to_its_registry_host() {
+        let options = RegistryOptions {
+            credentials: Some("u:p".parse().unwrap()),
+            ..Default::default()
+        };
+        let c = Client::new(&"busybox".parse().unwrap(), &options).unwrap();
+        assert_eq!(
+            (c.host.as_str(), c.repository.as_str()),
+            ("registry-1.docker.io", "library/busybox")
+        );
+        assert_eq!(c.registry, "docker.io");
+        let c = Client::new(&"localhost:5000/team/app:v1".parse().unwrap(), &options).unwrap();
+        assert_eq!(
+            (c.host.as_str(), c.repository.as_str()),
+            ("localhost:5000", "team/app")
+        );
+    }
+
+    #[test]
     fn loopback_hosts() {
         for h in [
             "localhost",
