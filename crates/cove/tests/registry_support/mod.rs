@@ -220,21 +220,7 @@ fn tls_files(dir: &Scratch) -> (PathBuf, PathBuf, PathBuf) {
         dir.join("ext.cnf"),
     );
     let p = |p: &PathBuf| p.display().to_string();
-    run(Command::new("openssl").args([
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=cove test CA",
-        "-keyout",
-        &p(&ca_key),
-        "-out",
-        &p(&ca),
-    ]));
+    self_signed("/CN=cove test CA", &ca_key, &ca);
     run(Command::new("openssl").args([
         "req",
         "-newkey",
@@ -268,6 +254,19 @@ fn tls_files(dir: &Scratch) -> (PathBuf, PathBuf, PathBuf) {
     (ca, cert, key)
 }
 
+/// A fresh RSA key and a self-signed certificate for `subject`, valid for two days.
+fn self_signed(subject: &str, key: &Path, cert: &Path) {
+    run(Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+        ])
+        .arg(subject)
+        .arg("-keyout")
+        .arg(key)
+        .arg("-out")
+        .arg(cert));
+}
+
 /// A token service for the registry's `token` auth: checks basic credentials and answers a JWT
 /// (RS256, signed with openssl, its certificate in the `x5c` header) granting what was asked.
 struct TokenService {
@@ -280,24 +279,10 @@ impl TokenService {
     fn start(dir: &Scratch, user: &str, pass: &str) -> TokenService {
         let key = dir.join("token.key");
         let cert = dir.join("token.pem");
-        let p = |p: &PathBuf| p.display().to_string();
-        run(Command::new("openssl").args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=cove test token signer",
-            "-keyout",
-            &p(&key),
-            "-out",
-            &p(&cert),
-        ]));
+        self_signed("/CN=cove test token signer", &key, &cert);
         let der = Command::new("openssl")
-            .args(["x509", "-outform", "DER", "-in", &p(&cert)])
+            .args(["x509", "-outform", "DER", "-in"])
+            .arg(&cert)
             .output()
             .unwrap()
             .stdout;
