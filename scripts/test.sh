@@ -22,5 +22,5 @@ else
 fi
 # Nothing any test started may be left on the host (the namespace pool is Cove's own stock,
 # not a leak: empty it first).
-target/debug/cove gc --pool >/dev/null
+"${CARGO_TARGET_DIR:-target}/debug/cove" gc --pool >/dev/null
 scripts/leaks.sh
