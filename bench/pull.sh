@@ -90,8 +90,8 @@ declare -A CMD=(
   [skopeo+umoci]="skopeo --insecure-policy copy -q --src-tls-verify=false docker://$REF oci:$WORK/oci:v1 && umoci unpack --image $WORK/oci:v1 $WORK/bundle >/dev/null"
 )
 declare -A PREPARE=(
-  [cove]="rm -rf $WORK/cove-store"
-  [skopeo+umoci]="rm -rf $WORK/oci $WORK/bundle"
+  [cove]="rm -rf $WORK/cove-store; sync"
+  [skopeo+umoci]="rm -rf $WORK/oci $WORK/bundle; sync"
 )
 ORDER=(cove skopeo+umoci)
 for r in $(seq 1 "$ROUNDS"); do

@@ -1,0 +1,700 @@
+//! The embedded backend: one redb file.
+//!
+//! ```text
+//! kv          key -> create_rev u64 | mod_rev u64 | lease u64 (0: none) | value
+//! log         revision -> an encoded Event (the last LOG_KEEP changes)
+//! lease_keys  "<lease hex>/<key>" -> ()       (which keys a lease deletes)
+//! leases      lease -> ttl in ms
+//! meta        "revision", "next_lease" -> u64
+//! ```
+//!
+//! - Every write is one redb transaction, committed durably (fsync) before it is acknowledged
+//!   and before watchers hear of it. Writes are serialised by a mutex held from the start of
+//!   the transaction to the broadcast of its events, so watchers see revisions in order.
+//! - Watches replay the log after their start revision, then follow a broadcast channel; a
+//!   watcher that falls behind the channel replays the log again from where it was, so it
+//!   never skips a change.
+//! - Lease deadlines live in memory; on open, every stored lease gets its full TTL again (the
+//!   holder has that long to keep it alive after a restart). A task expires leases every
+//!   [`EXPIRY_TICK`]; the store must be opened inside a tokio runtime.
+//! - Disk work runs on tokio's blocking threads, never on the async ones.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use tokio::sync::broadcast;
+
+use crate::{
+    Entry, Event, Expect, Kv, LOG_KEEP, LeaseId, Page, Revision, StoreError, Watch, check_key,
+    check_value,
+};
+
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const LEASE_KEYS: TableDefinition<&str, ()> = TableDefinition::new("lease_keys");
+const LEASES: TableDefinition<u64, u64> = TableDefinition::new("leases");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// How often leases are checked for expiry.
+pub const EXPIRY_TICK: Duration = Duration::from_millis(100);
+/// Events a watcher may fall behind before it replays from the log.
+const CHANNEL: usize = 1024;
+
+/// The embedded store. Cheap to clone (one shared handle).
+#[derive(Clone)]
+pub struct Embedded {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    /// Held from the start of a write transaction to the broadcast of its events.
+    writer: Mutex<()>,
+    leases: Mutex<HashMap<LeaseId, (Duration, Instant)>>,
+    /// Each committed revision's events, together.
+    events: broadcast::Sender<Arc<[Event]>>,
+}
+
+fn backend(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Backend(e.into().to_string())
+}
+
+impl Embedded {
+    /// Opens (creating if needed) the store in the file `path`. Must be called inside a tokio
+    /// runtime: it starts the lease expiry task.
+    pub async fn open(path: &Path) -> Result<Embedded, StoreError> {
+        let path = path.to_path_buf();
+        let inner = tokio::task::spawn_blocking(move || Inner::open(&path))
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))??;
+        let inner = Arc::new(inner);
+        tokio::spawn(expire_leases(Arc::downgrade(&inner)));
+        Ok(Embedded { inner })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?
+    }
+}
+
+/// Expires leases until the store is dropped.
+async fn expire_leases(inner: Weak<Inner>) {
+    let mut tick = tokio::time::interval(EXPIRY_TICK);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let now = Instant::now();
+        let expired: Vec<LeaseId> = inner
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        if expired.is_empty() {
+            continue;
+        }
+        let _ = tokio::task::spawn_blocking(move || {
+            for lease in expired {
+                // A keep-alive may have come in meanwhile: check again under the lock.
+                let still_expired = inner
+                    .leases
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&lease)
+                    .is_some_and(|(_, d)| *d <= Instant::now());
+                if still_expired {
+                    let _ = inner.revoke(lease);
+                }
+            }
+        })
+        .await;
+    }
+}
+
+fn encode_entry(
+    create: Revision,
+    modified: Revision,
+    lease: Option<LeaseId>,
+    value: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24 + value.len());
+    out.extend_from_slice(&create.to_le_bytes());
+    out.extend_from_slice(&modified.to_le_bytes());
+    out.extend_from_slice(&lease.map_or(0, |l| l.0).to_le_bytes());
+    out.extend_from_slice(value);
+    out
+}
+
+fn decode_entry(key: &str, bytes: &[u8]) -> Result<Entry, StoreError> {
+    if bytes.len() < 24 {
+        return Err(StoreError::Backend(format!("entry {key} is damaged")));
+    }
+    let word = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    Ok(Entry {
+        key: key.to_string(),
+        create_revision: word(0),
+        mod_revision: word(1),
+        lease: Some(word(2)).filter(|&l| l != 0).map(LeaseId),
+        value: bytes[24..].to_vec(),
+    })
+}
+
+/// Log records: `P` + entry encoding + key, or `D` + revision + key.
+fn encode_event(event: &Event) -> Vec<u8> {
+    match event {
+        Event::Put(e) => {
+            let mut out = vec![b'P'];
+            out.extend_from_slice(&(e.key.len() as u32).to_le_bytes());
+            out.extend_from_slice(e.key.as_bytes());
+            out.extend(encode_entry(
+                e.create_revision,
+                e.mod_revision,
+                e.lease,
+                &e.value,
+            ));
+            out
+        }
+        Event::Delete { key, revision } => {
+            let mut out = vec![b'D'];
+            out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(&revision.to_le_bytes());
+            out
+        }
+    }
+}
+
+fn decode_event(bytes: &[u8]) -> Result<Event, StoreError> {
+    let damaged = || StoreError::Backend("a log record is damaged".into());
+    let (&kind, rest) = bytes.split_first().ok_or_else(damaged)?;
+    let len = u32::from_le_bytes(
+        rest.get(..4)
+            .ok_or_else(damaged)?
+            .try_into()
+            .expect("4 bytes"),
+    ) as usize;
+    let key =
+        std::str::from_utf8(rest.get(4..4 + len).ok_or_else(damaged)?).map_err(|_| damaged())?;
+    let tail = &rest[4 + len..];
+    match kind {
+        b'P' => Ok(Event::Put(decode_entry(key, tail)?)),
+        b'D' => Ok(Event::Delete {
+            key: key.to_string(),
+            revision: u64::from_le_bytes(
+                tail.get(..8)
+                    .ok_or_else(damaged)?
+                    .try_into()
+                    .expect("8 bytes"),
+            ),
+        }),
+        _ => Err(damaged()),
+    }
+}
+
+fn lease_key(lease: LeaseId, key: &str) -> String {
+    format!("{:016x}/{key}", lease.0)
+}
+
+impl Inner {
+    fn open(path: &Path) -> Result<Inner, StoreError> {
+        let db = Database::create(path).map_err(backend)?;
+        let txn = db.begin_write().map_err(backend)?;
+        let mut leases = HashMap::new();
+        {
+            // Create every table, so that readers never find one missing.
+            txn.open_table(KV).map_err(backend)?;
+            txn.open_table(LOG).map_err(backend)?;
+            txn.open_table(LEASE_KEYS).map_err(backend)?;
+            txn.open_table(META).map_err(backend)?;
+            let table = txn.open_table(LEASES).map_err(backend)?;
+            let now = Instant::now();
+            for row in table.iter().map_err(backend)? {
+                let (id, ttl) = row.map_err(backend)?;
+                let ttl = Duration::from_millis(ttl.value());
+                leases.insert(LeaseId(id.value()), (ttl, now + ttl));
+            }
+        }
+        txn.commit().map_err(backend)?;
+        let (events, _) = broadcast::channel(CHANNEL);
+        Ok(Inner {
+            db,
+            writer: Mutex::new(()),
+            leases: Mutex::new(leases),
+            events,
+        })
+    }
+
+    /// Runs `f` in a write transaction at the next revision; commits and broadcasts the events
+    /// it returns (none: nothing is committed and the revision does not move).
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&WriteTransaction, Revision) -> Result<(Vec<Event>, T), StoreError>,
+    ) -> Result<T, StoreError> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let txn = self.db.begin_write().map_err(backend)?;
+        let current = txn
+            .open_table(META)
+            .map_err(backend)?
+            .get("revision")
+            .map_err(backend)?
+            .map_or(0, |v| v.value());
+        let (events, out) = f(&txn, current + 1)?;
+        if events.is_empty() {
+            txn.abort().map_err(backend)?;
+            return Ok(out);
+        }
+        let revision = current + 1;
+        {
+            let mut log = txn.open_table(LOG).map_err(backend)?;
+            // One revision may hold several events (a lease taking many keys with it); the log
+            // is keyed by revision, so they are stored as consecutive sub-records.
+            let mut record = Vec::new();
+            for e in &events {
+                let encoded = encode_event(e);
+                record.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
+                record.extend(encoded);
+            }
+            log.insert(revision, record.as_slice()).map_err(backend)?;
+            if revision > LOG_KEEP {
+                log.remove(revision - LOG_KEEP).map_err(backend)?;
+            }
+            txn.open_table(META)
+                .map_err(backend)?
+                .insert("revision", revision)
+                .map_err(backend)?;
+        }
+        txn.commit().map_err(backend)?;
+        // No receivers is fine.
+        let _ = self.events.send(events.into());
+        Ok(out)
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let table = txn.open_table(KV).map_err(backend)?;
+        match table.get(key).map_err(backend)? {
+            Some(v) => Ok(Some(decode_entry(key, v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn revision(&self) -> Result<Revision, StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let meta = txn.open_table(META).map_err(backend)?;
+        Ok(meta
+            .get("revision")
+            .map_err(backend)?
+            .map_or(0, |v| v.value()))
+    }
+
+    fn list(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Page, StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let revision = txn
+            .open_table(META)
+            .map_err(backend)?
+            .get("revision")
+            .map_err(backend)?
+            .map_or(0, |v| v.value());
+        let table = txn.open_table(KV).map_err(backend)?;
+        let start = match after {
+            Some(a) if a >= prefix => a,
+            _ => prefix,
+        };
+        let mut entries = Vec::new();
+        let mut more = false;
+        for row in table.range(start..).map_err(backend)? {
+            let (k, v) = row.map_err(backend)?;
+            let key = k.value();
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if after == Some(key) {
+                continue;
+            }
+            if entries.len() == limit {
+                more = true;
+                break;
+            }
+            entries.push(decode_entry(key, v.value())?);
+        }
+        Ok(Page {
+            entries,
+            revision,
+            more,
+        })
+    }
+
+    fn current(txn: &WriteTransaction, key: &str) -> Result<Option<Entry>, StoreError> {
+        let table = txn.open_table(KV).map_err(backend)?;
+        let got = table.get(key).map_err(backend)?;
+        got.map(|v| decode_entry(key, v.value())).transpose()
+    }
+
+    fn check(key: &str, expect: Expect, current: &Option<Entry>) -> Result<(), StoreError> {
+        let ok = match expect {
+            Expect::Any => true,
+            Expect::Absent => current.is_none(),
+            Expect::Revision(r) => current.as_ref().is_some_and(|e| e.mod_revision == r),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict {
+                key: key.to_string(),
+                expected: expect,
+                current: current.as_ref().map(|e| e.mod_revision),
+            })
+        }
+    }
+
+    fn put(
+        &self,
+        key: &str,
+        value: &[u8],
+        expect: Expect,
+        lease: Option<LeaseId>,
+    ) -> Result<Revision, StoreError> {
+        if let Some(l) = lease
+            && !self
+                .leases
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&l)
+        {
+            return Err(StoreError::NoLease(l));
+        }
+        self.write(|txn, revision| {
+            let current = Self::current(txn, key)?;
+            Self::check(key, expect, &current)?;
+            let create = current.as_ref().map_or(revision, |e| e.create_revision);
+            let mut lease_keys = txn.open_table(LEASE_KEYS).map_err(backend)?;
+            if let Some(old) = current.as_ref().and_then(|e| e.lease) {
+                lease_keys
+                    .remove(lease_key(old, key).as_str())
+                    .map_err(backend)?;
+            }
+            if let Some(l) = lease {
+                lease_keys
+                    .insert(lease_key(l, key).as_str(), ())
+                    .map_err(backend)?;
+            }
+            txn.open_table(KV)
+                .map_err(backend)?
+                .insert(key, encode_entry(create, revision, lease, value).as_slice())
+                .map_err(backend)?;
+            let entry = Entry {
+                key: key.to_string(),
+                value: value.to_vec(),
+                create_revision: create,
+                mod_revision: revision,
+                lease,
+            };
+            Ok((vec![Event::Put(entry)], revision))
+        })
+    }
+
+    fn delete(&self, key: &str, expect: Expect) -> Result<Option<Revision>, StoreError> {
+        self.write(|txn, revision| {
+            let current = Self::current(txn, key)?;
+            Self::check(key, expect, &current)?;
+            let Some(current) = current else {
+                return Ok((Vec::new(), None));
+            };
+            Self::remove(txn, &current)?;
+            Ok((
+                vec![Event::Delete {
+                    key: key.to_string(),
+                    revision,
+                }],
+                Some(revision),
+            ))
+        })
+    }
+
+    fn remove(txn: &WriteTransaction, entry: &Entry) -> Result<(), StoreError> {
+        txn.open_table(KV)
+            .map_err(backend)?
+            .remove(entry.key.as_str())
+            .map_err(backend)?;
+        if let Some(l) = entry.lease {
+            txn.open_table(LEASE_KEYS)
+                .map_err(backend)?
+                .remove(lease_key(l, &entry.key).as_str())
+                .map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let txn = self.db.begin_write().map_err(backend)?;
+        let id = {
+            let mut meta = txn.open_table(META).map_err(backend)?;
+            let id = meta
+                .get("next_lease")
+                .map_err(backend)?
+                .map_or(1, |v| v.value());
+            meta.insert("next_lease", id + 1).map_err(backend)?;
+            let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+            txn.open_table(LEASES)
+                .map_err(backend)?
+                .insert(id, ms)
+                .map_err(backend)?;
+            LeaseId(id)
+        };
+        txn.commit().map_err(backend)?;
+        self.leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, (ttl, Instant::now() + ttl));
+        Ok(id)
+    }
+
+    fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+        let (ttl, deadline) = leases.get_mut(&lease).ok_or(StoreError::NoLease(lease))?;
+        *deadline = Instant::now() + *ttl;
+        Ok(())
+    }
+
+    fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        if self
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&lease)
+            .is_none()
+        {
+            return Err(StoreError::NoLease(lease));
+        }
+        self.write(|txn, revision| {
+            let prefix = format!("{:016x}/", lease.0);
+            let keys: Vec<String> = {
+                let table = txn.open_table(LEASE_KEYS).map_err(backend)?;
+                let mut keys = Vec::new();
+                for row in table.range(prefix.as_str()..).map_err(backend)? {
+                    let (k, _) = row.map_err(backend)?;
+                    match k.value().strip_prefix(&prefix) {
+                        Some(key) => keys.push(key.to_string()),
+                        None => break,
+                    }
+                }
+                keys
+            };
+            let mut events = Vec::new();
+            for key in keys {
+                if let Some(entry) = Self::current(txn, &key)? {
+                    Self::remove(txn, &entry)?;
+                    events.push(Event::Delete { key, revision });
+                }
+            }
+            txn.open_table(LEASES)
+                .map_err(backend)?
+                .remove(lease.0)
+                .map_err(backend)?;
+            // A lease without keys still has to be forgotten on disk: commit through a
+            // no-op event-free path.
+            if events.is_empty() {
+                return Ok((Vec::new(), true));
+            }
+            Ok((events, false))
+        })
+        .and_then(|no_keys| {
+            if no_keys {
+                self.forget_lease(lease)
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    /// Removes a lease with no keys from disk (no revision: nothing a watcher can see changed).
+    fn forget_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let txn = self.db.begin_write().map_err(backend)?;
+        txn.open_table(LEASES)
+            .map_err(backend)?
+            .remove(lease.0)
+            .map_err(backend)?;
+        txn.commit().map_err(backend)
+    }
+
+    /// The changes after `after` for `prefix`, from the log, and the revision they go up to;
+    /// `Compacted` if they are gone.
+    fn replay(&self, prefix: &str, after: Revision) -> Result<(Vec<Event>, Revision), StoreError> {
+        let txn = self.db.begin_read().map_err(backend)?;
+        let log = txn.open_table(LOG).map_err(backend)?;
+        let current = txn
+            .open_table(META)
+            .map_err(backend)?
+            .get("revision")
+            .map_err(backend)?
+            .map_or(0, |v| v.value());
+        if after >= current {
+            return Ok((Vec::new(), after));
+        }
+        let oldest = log
+            .first()
+            .map_err(backend)?
+            .map_or(current + 1, |(k, _)| k.value());
+        if after + 1 < oldest {
+            return Err(StoreError::Compacted {
+                requested: after,
+                oldest,
+            });
+        }
+        let mut out = Vec::new();
+        for row in log.range(after + 1..).map_err(backend)? {
+            let (_, v) = row.map_err(backend)?;
+            let mut record = v.value();
+            while !record.is_empty() {
+                let len = u32::from_le_bytes(
+                    record
+                        .get(..4)
+                        .ok_or_else(|| StoreError::Backend("a log record is damaged".into()))?
+                        .try_into()
+                        .expect("4 bytes"),
+                ) as usize;
+                let body = record
+                    .get(4..4 + len)
+                    .ok_or_else(|| StoreError::Backend("a log record is damaged".into()))?;
+                let event = decode_event(body)?;
+                if event.key().starts_with(prefix) {
+                    out.push(event);
+                }
+                record = &record[4 + len..];
+            }
+        }
+        Ok((out, current))
+    }
+}
+
+pub(crate) struct WatchInner {
+    store: Embedded,
+    prefix: String,
+    /// Every change up to this revision has been queued (or filtered out).
+    last: Revision,
+    rx: broadcast::Receiver<Arc<[Event]>>,
+    backlog: VecDeque<Event>,
+}
+
+impl WatchInner {
+    pub(crate) async fn next(&mut self) -> Result<Event, StoreError> {
+        loop {
+            if let Some(e) = self.backlog.pop_front() {
+                return Ok(e);
+            }
+            match self.rx.recv().await {
+                Ok(batch) => {
+                    let Some(revision) = batch.first().map(Event::revision) else {
+                        continue;
+                    };
+                    if revision <= self.last {
+                        continue; // replayed already
+                    }
+                    self.last = revision;
+                    let prefix = &self.prefix;
+                    self.backlog.extend(
+                        batch
+                            .iter()
+                            .filter(|e| e.key().starts_with(prefix))
+                            .cloned(),
+                    );
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    let (prefix, after) = (self.prefix.clone(), self.last);
+                    let (events, upto) = self
+                        .store
+                        .blocking(move |i| i.replay(&prefix, after))
+                        .await?;
+                    self.backlog.extend(events);
+                    self.last = upto;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Err(StoreError::Closed),
+            }
+        }
+    }
+}
+
+impl Kv for Embedded {
+    async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        check_key(key)?;
+        let key = key.to_string();
+        self.blocking(move |i| i.get(&key)).await
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        let (prefix, after) = (prefix.to_string(), after.map(str::to_string));
+        self.blocking(move |i| i.list(&prefix, after.as_deref(), limit))
+            .await
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expect: Expect,
+        lease: Option<LeaseId>,
+    ) -> Result<Revision, StoreError> {
+        check_key(key)?;
+        check_value(&value)?;
+        let key = key.to_string();
+        self.blocking(move |i| i.put(&key, &value, expect, lease))
+            .await
+    }
+
+    async fn delete(&self, key: &str, expect: Expect) -> Result<Option<Revision>, StoreError> {
+        check_key(key)?;
+        let key = key.to_string();
+        self.blocking(move |i| i.delete(&key, expect)).await
+    }
+
+    async fn watch(&self, prefix: &str, after: Revision) -> Result<Watch, StoreError> {
+        // Subscribe first, then replay: a change committed in between is in both, and the
+        // revision check drops the second copy.
+        let rx = self.inner.events.subscribe();
+        let p = prefix.to_string();
+        let (backlog, upto) = self.blocking(move |i| i.replay(&p, after)).await?;
+        Ok(Watch {
+            inner: WatchInner {
+                store: self.clone(),
+                prefix: prefix.to_string(),
+                last: upto,
+                rx,
+                backlog: backlog.into(),
+            },
+        })
+    }
+
+    async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        self.blocking(move |i| i.grant(ttl)).await
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.inner.keep_alive(lease)
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.blocking(move |i| i.revoke(lease)).await
+    }
+
+    async fn revision(&self) -> Result<Revision, StoreError> {
+        self.blocking(|i| i.revision()).await
+    }
+}
