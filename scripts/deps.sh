@@ -3,13 +3,14 @@
 #   scripts/deps.sh runtime   what `cove run` needs at run time (python3 for the first demo)
 #   scripts/deps.sh test      + what the test suite uses: busybox-static for images; a real
 #                             registry (docker-registry), skopeo to push to it, htpasswd,
-#                             openssl (certificates, token signing), zstd (zstd layers)
+#                             openssl (certificates, token signing), zstd (zstd layers),
+#                             curl (raw HTTP against `cove serve`)
 #   scripts/deps.sh bench     + the peers the benchmarks compare with (bubblewrap, crun,
 #                             hyperfine, umoci)
 # Installs only what is missing, so it costs nothing on a prepared machine.
 set -euo pipefail
 want=(iproute2 util-linux ca-certificates python3)
-test_packages=(busybox-static docker-registry skopeo apache2-utils openssl zstd)
+test_packages=(busybox-static docker-registry skopeo apache2-utils openssl zstd curl)
 case "${1:-runtime}" in
   runtime) ;;
   test) want+=("${test_packages[@]}") ;;

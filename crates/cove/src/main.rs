@@ -3,9 +3,11 @@
 
 #![forbid(unsafe_code)]
 
+mod client;
 mod image;
 mod pull;
 mod run;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -27,12 +29,23 @@ pub const EXIT_COVE_FAILED: u8 = 125;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    conn: client::Conn,
 }
 
 #[derive(Subcommand)]
 enum Command {
     #[command(flatten_help = false)]
     Run(Box<run::RunArgs>),
+    Serve(serve::ServeArgs),
+    #[command(flatten)]
+    Client(client::ClientCommand),
+    /// Supervise one sandbox of `cove serve` (started by its node agent, not by hand).
+    #[command(hide = true)]
+    Supervise {
+        /// The sandbox's directory.
+        dir: std::path::PathBuf,
+    },
     /// Manage stored images (pull, import, ls, inspect, rm, prune).
     #[command(
         subcommand,
@@ -56,6 +69,9 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(*args),
         Command::Gc { json, pool } => run::gc(json, pool),
         Command::Image(cmd) => image::image(cmd),
+        Command::Serve(args) => serve::serve(args),
+        Command::Supervise { dir } => serve::supervise(dir),
+        Command::Client(cmd) => client::client(&cli.conn, cmd),
     };
     match result {
         Ok(code) => code,

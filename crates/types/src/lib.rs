@@ -26,11 +26,13 @@ macro_rules! serde_via_str {
 
 mod id;
 mod reason;
+pub mod sandbox;
 mod spec;
 mod units;
 
 pub use id::{IdError, SandboxId};
 pub use reason::{Reason, RunReport};
+pub use sandbox::{Desired, EndReason, SandboxRecord, SandboxState};
 pub use spec::{
     BindMount, DEFAULT_CPUS_MILLIS, DEFAULT_DISK, DEFAULT_MEMORY, DEFAULT_PIDS, EnvVar, Image,
     Limits, MAX_INNER_ID, NetMode, Spec, SpecError, User, parse_cpus,

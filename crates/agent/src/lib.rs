@@ -1,0 +1,414 @@
+//! The node agent: makes the sandboxes on this node what their records say, and records what
+//! happened to them.
+//!
+//! Level-triggered: on start, on every change to a record (a store watch), and every
+//! [`POLL`], each record is compared with what exists on the host, and the difference repaired.
+//!
+//! - A record wanted `running` and still `pending` is started: its directory
+//!   (`<data>/sandboxes/<id>/`) gets `spec.json`, and a **supervisor** is started for it — the
+//!   `cove` binary itself (`cove supervise DIR`), a fresh single-threaded process (forking from
+//!   this multi-threaded one would be unsafe). The supervisor runs the sandbox with the jail,
+//!   its stdout and stderr going to `stdout.log` and `stderr.log`, holds `lock` (flock) for its
+//!   whole life, and writes `report.json` before it exits. It is its own process group and
+//!   nothing ties it to the agent: a restart of `cove serve`, even `kill -9`, leaves it and its
+//!   sandbox running.
+//! - A sandbox with `report.json` has ended: the record gets the reason, exit code and report.
+//!   One whose supervisor is gone without a report (`lock` free) is recorded `lost`.
+//! - A record wanted `stopped` gets its supervisor signalled (SIGTERM: the jail gives the
+//!   sandbox 10 s, then kills it) and ends with reason `killed`; one marked `remove` is deleted
+//!   with its directory once it has ended.
+//!
+//! Every record update is a compare-and-swap on the record's revision: the API and the agent
+//! can both write a record, and neither overwrites the other's change.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cove_store::{Embedded, Event, Expect, Kv, StoreError};
+use cove_types::{
+    Desired, EndReason, RunReport, SandboxId, SandboxRecord, SandboxState, sandbox::now_ms,
+};
+
+/// How often running sandboxes are checked without a record change.
+pub const POLL: Duration = Duration::from_millis(200);
+
+use cove_types::sandbox::{RECORDS_PREFIX as PREFIX, record_key as key};
+
+/// A failed agent operation.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A record could not be parsed.
+    #[error("record {key} is corrupt: {source}")]
+    Record {
+        /// Its key.
+        key: String,
+        /// The parse error.
+        source: serde_json::Error,
+    },
+    /// A host operation failed.
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        /// What.
+        op: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> AgentError + 'a {
+    move |source| AgentError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Parses a stored record.
+fn parse(key: &str, value: &[u8]) -> Result<SandboxRecord, AgentError> {
+    serde_json::from_slice(value).map_err(|source| AgentError::Record {
+        key: key.to_string(),
+        source,
+    })
+}
+
+/// The node agent.
+pub struct Agent {
+    store: Embedded,
+    /// `<data>/sandboxes`.
+    root: PathBuf,
+    /// The `cove` binary supervisors run.
+    cove: PathBuf,
+    /// Supervisors this process started (reaped by tokio when they exit).
+    children: HashMap<SandboxId, tokio::process::Child>,
+    /// Sandboxes already sent SIGTERM.
+    signalled: HashSet<SandboxId>,
+}
+
+impl Agent {
+    /// An agent keeping sandbox directories under `root`, starting supervisors with `cove`.
+    pub fn new(store: Embedded, root: PathBuf, cove: PathBuf) -> Result<Agent, AgentError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)
+            .map_err(io_err("create", &root))?;
+        Ok(Agent {
+            store,
+            root,
+            cove,
+            children: HashMap::new(),
+            signalled: HashSet::new(),
+        })
+    }
+
+    /// The directory of sandbox `id`.
+    pub fn dir(&self, id: &SandboxId) -> PathBuf {
+        self.root.join(id.as_str())
+    }
+
+    /// Converges forever (until the store fails).
+    pub async fn run(mut self) -> Result<(), AgentError> {
+        let revision = self.sweep().await?;
+        let mut watch = self.store.watch(PREFIX, revision).await?;
+        let mut tick = tokio::time::interval(POLL);
+        loop {
+            tokio::select! {
+                event = watch.next() => {
+                    match event {
+                        Ok(Event::Put(entry)) => {
+                            let record = parse(&entry.key, &entry.value)?;
+                            self.converge(record, entry.mod_revision).await?;
+                        }
+                        Ok(Event::Delete { .. }) => {}
+                        // Fell out of the log's window: list everything again.
+                        Err(StoreError::Compacted { .. }) => {
+                            let revision = self.sweep().await?;
+                            watch = self.store.watch(PREFIX, revision).await?;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                _ = tick.tick() => {
+                    self.sweep().await?;
+                }
+            }
+        }
+    }
+
+    /// Converges every record; returns the revision the listing was read at.
+    pub async fn sweep(&mut self) -> Result<u64, AgentError> {
+        let mut after: Option<String> = None;
+        let mut revision = 0;
+        loop {
+            let page = self.store.list(PREFIX, after.as_deref(), 500).await?;
+            revision = revision.max(page.revision);
+            for entry in &page.entries {
+                let record = parse(&entry.key, &entry.value)?;
+                self.converge(record, entry.mod_revision).await?;
+            }
+            if !page.more {
+                return Ok(revision);
+            }
+            after = page.entries.last().map(|e| e.key.clone());
+        }
+    }
+
+    /// Makes one sandbox what its record says.
+    async fn converge(&mut self, record: SandboxRecord, rev: u64) -> Result<(), AgentError> {
+        let id = record.id;
+        match (record.desired, record.state) {
+            (Desired::Running, SandboxState::Pending) => self.start(record, rev).await,
+            (Desired::Stopped, SandboxState::Pending) => {
+                self.end(rev, record, EndReason::Killed, None, None, None)
+                    .await
+            }
+            (_, SandboxState::Starting | SandboxState::Running) => {
+                if record.desired == Desired::Stopped && !self.signalled.contains(&id) {
+                    self.signal(&id);
+                }
+                self.check(record, rev).await
+            }
+            (_, SandboxState::Exited) => {
+                self.children.remove(&id);
+                self.signalled.remove(&id);
+                if record.remove {
+                    self.remove(&record, rev).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Starts the supervisor of a pending sandbox.
+    async fn start(&mut self, mut record: SandboxRecord, rev: u64) -> Result<(), AgentError> {
+        let id = record.id;
+        // Claim the start first: if the record changed meanwhile, someone else decides.
+        record.state = SandboxState::Starting;
+        let Some(rev) = self.update(&record, rev).await? else {
+            return Ok(());
+        };
+        match self.spawn(&record) {
+            Ok(child) => {
+                self.children.insert(id, child);
+                record.state = SandboxState::Running;
+                record.started_at_ms = Some(now_ms());
+                self.update(&record, rev).await?;
+                Ok(())
+            }
+            Err(e) => {
+                let message = format!("cannot start its supervisor: {e}");
+                self.end(
+                    rev,
+                    record,
+                    EndReason::StartFailure,
+                    Some(message),
+                    None,
+                    None,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Writes the sandbox's directory and starts `cove supervise DIR`.
+    fn spawn(&self, record: &SandboxRecord) -> Result<tokio::process::Child, AgentError> {
+        let dir = self.dir(&record.id);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .or_else(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(io_err("create", &dir))?;
+        let spec = serde_json::to_vec_pretty(&record.spec).expect("a spec serialises");
+        let spec_path = dir.join("spec.json");
+        fs::write(&spec_path, spec).map_err(io_err("write", &spec_path))?;
+        let log = |name: &str| -> Result<File, AgentError> {
+            let path = dir.join(name);
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(io_err("create", &path))
+        };
+        let mut cmd = tokio::process::Command::new(&self.cove);
+        cmd.arg("supervise")
+            .arg(&dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(log("stdout.log")?)
+            .stderr(log("stderr.log")?)
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            // Its own process group: a Ctrl-C meant for `cove serve` is not meant for it.
+            .process_group(0)
+            .kill_on_drop(false);
+        if let Some(store) = std::env::var_os("COVE_IMAGE_STORE") {
+            cmd.env("COVE_IMAGE_STORE", store);
+        }
+        let child = cmd.spawn().map_err(io_err("start", &self.cove))?;
+        if let Some(pid) = child.id() {
+            let path = dir.join("pid");
+            fs::write(&path, pid.to_string()).map_err(io_err("write", &path))?;
+        }
+        Ok(child)
+    }
+
+    /// SIGTERM to the supervisor of `id`, once.
+    fn signal(&mut self, id: &SandboxId) {
+        if let Some(pid) = self.supervisor_pid(id)
+            && let Some(pid) = rustix::process::Pid::from_raw(pid as i32)
+        {
+            // Gone meanwhile is fine: the next check records how it ended.
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        self.signalled.insert(*id);
+    }
+
+    /// The pid of the supervisor of `id`, if it still runs.
+    fn supervisor_pid(&self, id: &SandboxId) -> Option<u32> {
+        let dir = self.dir(id);
+        let pid: u32 = fs::read_to_string(dir.join("pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        // Pids are reused: it must still be our supervisor, holding the sandbox's lock.
+        supervisor_alive(&dir).then_some(pid)
+    }
+
+    /// Records the end of a running sandbox if it has ended.
+    async fn check(&mut self, record: SandboxRecord, rev: u64) -> Result<(), AgentError> {
+        let id = record.id;
+        let dir = self.dir(&id);
+        let report_path = dir.join("report.json");
+        if let Ok(bytes) = fs::read(&report_path) {
+            let report: Option<RunReport> = serde_json::from_slice(&bytes).ok();
+            return match report {
+                Some(r) => {
+                    let reason = EndReason::from(r.reason);
+                    let (code, message) = (r.exit_code, r.message.clone());
+                    self.end(rev, record, reason, message, Some(code), Some(r))
+                        .await
+                }
+                None => {
+                    self.end(
+                        rev,
+                        record,
+                        EndReason::Lost,
+                        Some("its report is unreadable".into()),
+                        None,
+                        None,
+                    )
+                    .await
+                }
+            };
+        }
+        // Our own child tells exactly when it is gone; an adopted one (after a restart) by its
+        // lock.
+        let (gone, adopted) = match self.children.get_mut(&id) {
+            Some(child) => (matches!(child.try_wait(), Ok(Some(_))), false),
+            None => (!supervisor_alive(&dir), true),
+        };
+        if gone && !report_path.exists() {
+            let message = "its supervisor ended without a report".to_string();
+            return self
+                .end(rev, record, EndReason::Lost, Some(message), None, None)
+                .await;
+        }
+        // Started by an agent that died before recording it: it runs, so say so.
+        if !gone && adopted && record.state == SandboxState::Starting {
+            let mut record = record;
+            record.state = SandboxState::Running;
+            record.started_at_ms.get_or_insert_with(now_ms);
+            self.update(&record, rev).await?;
+        }
+        Ok(())
+    }
+
+    /// Records that a sandbox ended.
+    async fn end(
+        &mut self,
+        rev: u64,
+        mut record: SandboxRecord,
+        reason: EndReason,
+        message: Option<String>,
+        exit_code: Option<i32>,
+        report: Option<RunReport>,
+    ) -> Result<(), AgentError> {
+        // Stopped on request: the jail reports `killed` too; keep what it said otherwise.
+        record.state = SandboxState::Exited;
+        record.reason = Some(reason);
+        record.message = message;
+        record.exit_code = exit_code;
+        record.report = report;
+        record.ended_at_ms = Some(now_ms());
+        self.children.remove(&record.id);
+        self.signalled.remove(&record.id);
+        if let Some(new_rev) = self.update(&record, rev).await?
+            && record.remove
+        {
+            self.remove(&record, new_rev).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes an ended sandbox's record and directory.
+    async fn remove(&mut self, record: &SandboxRecord, rev: u64) -> Result<(), AgentError> {
+        match self
+            .store
+            .delete(&key(&record.id), Expect::Revision(rev))
+            .await
+        {
+            Ok(_) => {
+                let dir = self.dir(&record.id);
+                let _ = fs::remove_dir_all(&dir);
+                Ok(())
+            }
+            Err(StoreError::Conflict { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes `record` if its stored revision is still `rev`; `None` if it changed meanwhile
+    /// (the watch brings the new version, which is converged then).
+    async fn update(&self, record: &SandboxRecord, rev: u64) -> Result<Option<u64>, AgentError> {
+        let value = serde_json::to_vec(record).expect("a record serialises");
+        match self
+            .store
+            .put(&key(&record.id), value, Expect::Revision(rev), None)
+            .await
+        {
+            Ok(r) => Ok(Some(r)),
+            Err(StoreError::Conflict { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Whether a supervisor holds the sandbox directory's lock.
+pub fn supervisor_alive(dir: &Path) -> bool {
+    let Ok(file) = File::open(dir.join("lock")) else {
+        return false;
+    };
+    matches!(
+        file.try_lock_shared(),
+        Err(std::fs::TryLockError::WouldBlock)
+    )
+}

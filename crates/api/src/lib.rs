@@ -1,0 +1,719 @@
+//! The REST API of `cove serve` (`/v1`, JSON): authentication, tenants, sandboxes.
+//!
+//! - **Auth**: `Authorization: Bearer <token>`. Tokens are stored only as their sha256
+//!   (`/cove/tokens/<hex>` → tenant), so the store never holds a usable token. The admin token
+//!   (created by `cove serve` on first start) may create tenants; every other request acts as
+//!   the token's tenant, and **another tenant's sandbox does not exist** for it (404, never 403).
+//! - **Writes** are compare-and-swap on the record's revision; the node agent does the work
+//!   and records the result (see `cove-agent`).
+//! - **Errors** are `{"error": {"code", "message"}}` with the matching status. Input is parsed by
+//!   us, not by the framework, so every bad request (malformed or oversize JSON, unknown
+//!   fields, bad ids, absurd limits) is a 4xx in that shape, and no message carries a host
+//!   path, an errno or a node name.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cove_store::{Embedded, Event, Expect, Kv, StoreError};
+use cove_types::{
+    Desired, EnvVar, Image, Limits, SandboxId, SandboxRecord, SandboxState, Spec,
+    sandbox::{RECORD_SCHEMA, RECORDS_PREFIX as PREFIX, now_ms, record_key as key},
+};
+use serde::{Deserialize, Serialize};
+use sha2::Digest as _;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 1 << 20;
+/// Where token hashes live.
+const TOKENS: &str = "/cove/tokens/";
+/// Most labels or metadata entries on one sandbox, and their sizes.
+const MAX_MAP_ENTRIES: usize = 64;
+const MAX_MAP_KEY: usize = 128;
+const MAX_MAP_VALUE: usize = 1024;
+/// Default and largest page of a listing.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+/// Longest a `wait` may block.
+const MAX_WAIT: Duration = Duration::from_secs(600);
+
+/// What a token grants.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRecord {
+    /// The tenant the token acts as.
+    pub tenant: String,
+    /// Whether it may manage tenants.
+    pub admin: bool,
+}
+
+/// The store key of a token.
+pub fn token_key(token: &str) -> String {
+    format!("{TOKENS}{}", hex(&sha2::Sha256::digest(token.as_bytes())))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A new random token (32 bytes from the kernel, hex).
+pub fn new_token() -> std::io::Result<String> {
+    let mut b = [0u8; 32];
+    getrandom(&mut b)?;
+    Ok(format!("cove_{}", hex(&b)))
+}
+
+/// A new random sandbox id.
+pub fn new_id() -> std::io::Result<SandboxId> {
+    let mut b = [0u8; 6];
+    getrandom(&mut b)?;
+    Ok(SandboxId::from_random(b))
+}
+
+fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+}
+
+/// Registers `token` for `tenant` (the admin token at first start, tenants' tokens later).
+pub async fn register_token(
+    store: &Embedded,
+    token: &str,
+    record: &TokenRecord,
+) -> Result<(), StoreError> {
+    let value = serde_json::to_vec(record).expect("a token record serialises");
+    store
+        .put(&token_key(token), value, Expect::Any, None)
+        .await
+        .map(drop)
+}
+
+fn parse(_key: &str, value: &[u8]) -> Result<SandboxRecord, serde_json::Error> {
+    serde_json::from_slice(value)
+}
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct Api {
+    /// The state store.
+    pub store: Embedded,
+}
+
+/// The router: `/healthz`, `/readyz` and `/v1`.
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/tenants", post(create_tenant))
+        .route("/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
+        .route(
+            "/v1/sandboxes/{id}",
+            get(get_sandbox).delete(delete_sandbox),
+        )
+        .route("/v1/sandboxes/{id}/stop", post(stop_sandbox))
+        .route("/v1/sandboxes/{id}/wait", get(wait_sandbox))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this endpoint",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(api)
+}
+
+/// An error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn not_found(id: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no sandbox {id}"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::Conflict { .. } => ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                "the sandbox changed meanwhile; try again",
+            ),
+            // The detail goes to the server's log, not to the tenant.
+            other => {
+                eprintln!("cove: api: state store: {other}");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "the state store failed; try again",
+                )
+            }
+        }
+    }
+}
+
+/// Who is calling.
+struct Caller {
+    tenant: String,
+    admin: bool,
+}
+
+async fn caller(store: &Embedded, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized("missing Authorization: Bearer <token>"))?
+        .to_str()
+        .map_err(|_| unauthorized("malformed Authorization header"))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && t.len() <= 256)
+        .ok_or_else(|| unauthorized("malformed Authorization header: expected Bearer <token>"))?;
+    let entry = store
+        .get(&token_key(token))
+        .await?
+        .ok_or_else(|| unauthorized("unknown token"))?;
+    let record: TokenRecord = serde_json::from_slice(&entry.value).map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "token store damaged",
+        )
+    })?;
+    Ok(Caller {
+        tenant: record.tenant,
+        admin: record.admin,
+    })
+}
+
+/// Parses a JSON body ourselves, so that every failure is a 4xx in our shape.
+fn body<T: serde::de::DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let bytes = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the body is larger than {MAX_BODY} bytes"),
+            )
+        } else {
+            ApiError::bad("cannot read the request body")
+        }
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))
+}
+
+async fn readyz(State(api): State<Api>) -> Response {
+    match api.store.revision().await {
+        Ok(_) => (StatusCode::OK, "ready\n").into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "state store unavailable\n").into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantRequest {
+    name: String,
+}
+
+async fn create_tenant(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let who = caller(&api.store, &headers).await?;
+    if !who.admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only the admin token may create tenants",
+        ));
+    }
+    let req: TenantRequest = body(raw)?;
+    let ok = !req.name.is_empty()
+        && req.name.len() <= 64
+        && req
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !ok || req.name == "admin" {
+        return Err(ApiError::bad(
+            "tenant names are 1-64 letters, digits, '-' and '_' (not \"admin\")",
+        ));
+    }
+    let token = new_token().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "no randomness",
+        )
+    })?;
+    register_token(
+        &api.store,
+        &token,
+        &TokenRecord {
+            tenant: req.name.clone(),
+            admin: false,
+        },
+    )
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({"tenant": req.name, "token": token})),
+    )
+        .into_response())
+}
+
+/// `POST /v1/sandboxes`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    /// `host` (default), or an image reference (pulled on first use).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// The command; optional for an image with an Entrypoint or Cmd.
+    #[serde(default)]
+    pub cmd: Vec<String>,
+    /// Environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// Resource limits (the same fields and units as `cove run`'s flags).
+    #[serde(default)]
+    pub limits: Option<Limits>,
+    /// Labels (`user_id`, …).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Free-form metadata.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+type Labels = BTreeMap<String, String>;
+
+fn check_map(what: &str, map: &Labels) -> Result<(), ApiError> {
+    if map.len() > MAX_MAP_ENTRIES {
+        return Err(ApiError::bad(format!("at most {MAX_MAP_ENTRIES} {what}")));
+    }
+    for (k, v) in map {
+        let key_ok = !k.is_empty()
+            && k.len() <= MAX_MAP_KEY
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+        if !key_ok {
+            return Err(ApiError::bad(format!(
+                "{what} key {k:?}: use 1-{MAX_MAP_KEY} letters, digits, '-', '_', '.', '/'"
+            )));
+        }
+        if v.len() > MAX_MAP_VALUE {
+            return Err(ApiError::bad(format!(
+                "{what} {k:?}: values are at most {MAX_MAP_VALUE} bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl CreateRequest {
+    /// The spec, labels and metadata, all checked.
+    fn spec(self) -> Result<(Spec, Labels, Labels), ApiError> {
+        let mut spec = Spec::new(self.cmd);
+        spec.image = match self.image.as_deref() {
+            None | Some("host") => Image::Host,
+            Some(r) if r.starts_with('/') || r.starts_with('.') => {
+                return Err(ApiError::bad(
+                    "image must be \"host\" or an image reference, not a host path",
+                ));
+            }
+            Some(r) => Image::Ref(
+                r.parse::<cove_image_ref::Checked>()
+                    .map_err(|e| ApiError::bad(format!("image: {e}")))?
+                    .0,
+            ),
+        };
+        spec.env = self
+            .env
+            .into_iter()
+            .map(|(key, value)| EnvVar { key, value })
+            .collect();
+        spec.workdir = self.workdir.map(Into::into);
+        if let Some(limits) = self.limits {
+            spec.limits = limits;
+        }
+        // An image may supply the command; everything else must hold now.
+        if matches!(spec.image, Image::Ref(_)) && spec.cmd.is_empty() {
+            let mut probe = spec.clone();
+            probe.cmd = vec!["image-default".into()];
+            probe.validate().map_err(|e| ApiError::bad(e.to_string()))?;
+        } else {
+            spec.validate().map_err(|e| ApiError::bad(e.to_string()))?;
+        }
+        check_map("labels", &self.labels)?;
+        check_map("metadata", &self.metadata)?;
+        Ok((spec, self.labels, self.metadata))
+    }
+}
+
+/// Image references are checked by shape here (the API does not depend on the image crate):
+/// what the agent cannot resolve ends the sandbox with `start_failure` and says why.
+mod cove_image_ref {
+    pub struct Checked(pub String);
+
+    impl std::str::FromStr for Checked {
+        type Err = String;
+        fn from_str(s: &str) -> Result<Checked, String> {
+            let ok = !s.is_empty()
+                && s.len() <= 512
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./:@".contains(&b))
+                && !s.starts_with(['-', ':', '@']);
+            if ok {
+                Ok(Checked(s.to_string()))
+            } else {
+                Err(format!("{s:?} is not an image reference"))
+            }
+        }
+    }
+}
+
+fn view(record: &SandboxRecord) -> serde_json::Value {
+    let mut v = serde_json::to_value(record).expect("a record serialises");
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("schema");
+        obj.remove("tenant");
+        obj.remove("remove");
+    }
+    v
+}
+
+async fn create_sandbox(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let who = caller(&api.store, &headers).await?;
+    let req: CreateRequest = body(raw)?;
+    let (spec, labels, metadata) = req.spec()?;
+    let id = new_id().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "no randomness",
+        )
+    })?;
+    let record = SandboxRecord {
+        schema: RECORD_SCHEMA,
+        id,
+        tenant: who.tenant,
+        spec,
+        labels,
+        metadata,
+        desired: Desired::Running,
+        remove: false,
+        state: SandboxState::Pending,
+        reason: None,
+        message: None,
+        exit_code: None,
+        created_at_ms: now_ms(),
+        started_at_ms: None,
+        ended_at_ms: None,
+        report: None,
+    };
+    let value = serde_json::to_vec(&record).expect("a record serialises");
+    api.store
+        .put(&key(&id), value, Expect::Absent, None)
+        .await?;
+    Ok((StatusCode::CREATED, Json(view(&record))).into_response())
+}
+
+/// A sandbox of the caller's tenant, with its revision; 404 for any other.
+async fn load(api: &Api, who: &Caller, id: &str) -> Result<(SandboxRecord, u64), ApiError> {
+    let sid: SandboxId = id.parse().map_err(|_| {
+        ApiError::bad(format!(
+            "{id:?} is not a sandbox id (12 lowercase hex characters)"
+        ))
+    })?;
+    let entry = api
+        .store
+        .get(&key(&sid))
+        .await?
+        .ok_or_else(|| ApiError::not_found(id))?;
+    let record = parse(&entry.key, &entry.value).map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the record is damaged",
+        )
+    })?;
+    if record.tenant != who.tenant {
+        return Err(ApiError::not_found(id));
+    }
+    Ok((record, entry.mod_revision))
+}
+
+async fn get_sandbox(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = caller(&api.store, &headers).await?;
+    let (record, _) = load(&api, &who, &id).await?;
+    Ok(Json(view(&record)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    /// `key=value`; several separated by commas, all must match.
+    label: Option<String>,
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+async fn list_sandboxes(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let who = caller(&api.store, &headers).await?;
+    let Query(q) = query.map_err(|e| ApiError::bad(format!("bad query: {}", e.body_text())))?;
+    let state: Option<SandboxState> = q
+        .state
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(ApiError::bad)?;
+    let mut labels = Vec::new();
+    for pair in q
+        .label
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| ApiError::bad(format!("label filter {pair:?}: use key=value")))?;
+        labels.push((k.to_string(), v.to_string()));
+    }
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::bad(format!("limit must be 1 to {MAX_PAGE}")));
+    }
+    let mut after = match q.after.as_deref() {
+        Some(a) => Some(key(&a
+            .parse::<SandboxId>()
+            .map_err(|_| ApiError::bad("after: not a sandbox id"))?)),
+        None => None,
+    };
+    // Filters apply after reading; keep reading pages until this one is full.
+    let mut out = Vec::new();
+    let mut next = None;
+    loop {
+        let page = api.store.list(PREFIX, after.as_deref(), MAX_PAGE).await?;
+        for entry in &page.entries {
+            let Ok(r) = parse(&entry.key, &entry.value) else {
+                continue;
+            };
+            let matches = r.tenant == who.tenant
+                && state.is_none_or(|s| r.state == s)
+                && labels.iter().all(|(k, v)| r.labels.get(k) == Some(v));
+            if matches {
+                if out.len() == limit {
+                    next = out.last().map(|r: &SandboxRecord| r.id.to_string());
+                    break;
+                }
+                out.push(r);
+            }
+        }
+        if next.is_some() || !page.more {
+            break;
+        }
+        after = page.entries.last().map(|e| e.key.clone());
+    }
+    let sandboxes: Vec<serde_json::Value> = out.iter().map(view).collect();
+    Ok(Json(serde_json::json!({"sandboxes": sandboxes, "next": next})).into_response())
+}
+
+/// Sets `desired: stopped` (and `remove`, for delete) on the caller's sandbox.
+async fn request_stop(
+    api: &Api,
+    who: &Caller,
+    id: &str,
+    remove: bool,
+) -> Result<SandboxRecord, ApiError> {
+    for _ in 0..10 {
+        let (mut record, rev) = load(api, who, id).await?;
+        if record.desired == Desired::Stopped && record.remove == remove {
+            return Ok(record);
+        }
+        record.desired = Desired::Stopped;
+        record.remove |= remove;
+        let value = serde_json::to_vec(&record).expect("a record serialises");
+        match api
+            .store
+            .put(&key(&record.id), value, Expect::Revision(rev), None)
+            .await
+        {
+            Ok(_) => return Ok(record),
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(StoreError::Conflict {
+        key: id.to_string(),
+        expected: Expect::Any,
+        current: None,
+    }
+    .into())
+}
+
+async fn stop_sandbox(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = caller(&api.store, &headers).await?;
+    let record = request_stop(&api, &who, &id, false).await?;
+    Ok((StatusCode::ACCEPTED, Json(view(&record))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteQuery {
+    /// Stop it first if it runs (otherwise deleting a running sandbox is a conflict).
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete_sandbox(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    query: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let who = caller(&api.store, &headers).await?;
+    let Query(q) = query.map_err(|e| ApiError::bad(format!("bad query: {}", e.body_text())))?;
+    let (record, _) = load(&api, &who, &id).await?;
+    if !record.state.is_final() && !q.force {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "running",
+            format!(
+                "sandbox {id} is {}; stop it first or delete with force=true",
+                record.state.as_str()
+            ),
+        ));
+    }
+    let sid = record.id;
+    let watch_from = api.store.revision().await?;
+    let mut watch = api.store.watch(&key(&sid), watch_from).await?;
+    request_stop(&api, &who, &id, true).await?;
+    // Wait (bounded) until the agent has removed it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if api.store.get(&key(&sid)).await?.is_none() {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+        match tokio::time::timeout_at(deadline, watch.next()).await {
+            Ok(Ok(Event::Delete { .. })) => return Ok(StatusCode::NO_CONTENT.into_response()),
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Ok(StatusCode::ACCEPTED.into_response()),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    /// Longest to wait (`30s`, `5m`; at most 10m; default 60s).
+    timeout: Option<cove_types::Duration>,
+}
+
+async fn wait_sandbox(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let who = caller(&api.store, &headers).await?;
+    let Query(q) = query.map_err(|e| ApiError::bad(format!("bad query: {}", e.body_text())))?;
+    let limit = q.timeout.map_or(Duration::from_secs(60), |d| d.as_std());
+    if limit > MAX_WAIT {
+        return Err(ApiError::bad("timeout is at most 10m"));
+    }
+    let (record, rev) = load(&api, &who, &id).await?;
+    if record.state.is_final() {
+        return Ok(Json(view(&record)).into_response());
+    }
+    let mut watch = api.store.watch(&key(&record.id), rev).await?;
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, watch.next()).await {
+            Ok(Ok(Event::Put(entry))) => {
+                if let Ok(r) = parse(&entry.key, &entry.value)
+                    && r.state.is_final()
+                {
+                    return Ok(Json(view(&r)).into_response());
+                }
+            }
+            Ok(Ok(Event::Delete { .. })) => return Err(ApiError::not_found(&id)),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "wait_timeout",
+                    format!(
+                        "sandbox {id} is still {} after {}",
+                        record.state.as_str(),
+                        cove_types::Duration::from_millis(limit.as_millis() as u64)
+                    ),
+                ));
+            }
+        }
+    }
+}

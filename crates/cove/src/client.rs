@@ -1,0 +1,348 @@
+//! The client commands (`cove create`, `ls`, `inspect`, `stop`, `rm`, `wait`): the REST API
+//! at `$COVE_URL` with `$COVE_TOKEN`, Docker's habits on the command line.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use cove_types::{Duration, Limits, Size};
+
+/// How to reach the server.
+#[derive(Args, Clone, Debug)]
+pub struct Conn {
+    /// The server's URL.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "COVE_URL",
+        default_value = "http://127.0.0.1:7070",
+        global = true
+    )]
+    url: String,
+    /// The API token (on the server's own machine, root may leave it out: the admin token in
+    /// /var/lib/cove/admin-token is used).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "COVE_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    token: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum ClientCommand {
+    /// Create a sandbox on the server and print its id (it starts right away).
+    #[command(after_help = "Examples:\n  cove create -- sleep 300\n  \
+        cove create --image localhost:5000/app:v1 --label user_id=42 --timeout 10m\n  \
+        cove create --memory 1G --cpus 2 -e MODE=test -- python3 -m http.server")]
+    Create(CreateArgs),
+    /// List sandboxes (yours, newest last).
+    Ls {
+        /// Only sandboxes with this label (key=value; repeatable, all must match).
+        #[arg(long, value_name = "KEY=VALUE")]
+        label: Vec<String>,
+        /// Only sandboxes in this state (pending, starting, running, exited).
+        #[arg(long)]
+        state: Option<String>,
+        /// One JSON object per sandbox, one per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a sandbox's record as JSON.
+    Inspect {
+        /// The sandbox id.
+        id: String,
+    },
+    /// Stop sandboxes (SIGTERM, then SIGKILL after 10 s); their records stay.
+    Stop {
+        /// Sandbox ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Remove sandboxes and their records.
+    Rm {
+        /// Stop running ones first (otherwise removing a running sandbox is refused).
+        #[arg(short, long)]
+        force: bool,
+        /// Sandbox ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Wait until a sandbox ends; print its exit code and exit with it.
+    Wait {
+        /// The sandbox id.
+        id: String,
+        /// Give up after this long (at most 10m).
+        #[arg(long, value_name = "DUR", default_value = "10m")]
+        timeout: Duration,
+    },
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    /// `host` (the host's /usr, read-only) or an image reference (pulled on first use).
+    #[arg(long, default_value = "host")]
+    image: String,
+    /// Memory limit, swap included.
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<Size>,
+    /// CPU quota in CPUs.
+    #[arg(long, value_name = "N")]
+    cpus: Option<String>,
+    /// Maximum processes and threads.
+    #[arg(long, value_name = "N")]
+    pids: Option<u64>,
+    /// Size of the private writable layer.
+    #[arg(long, value_name = "SIZE")]
+    disk: Option<Size>,
+    /// Wall-clock limit.
+    #[arg(long, value_name = "DUR")]
+    timeout: Option<Duration>,
+    /// Environment variable KEY=VALUE.
+    #[arg(short = 'e', long = "env", value_name = "KEY=VAL")]
+    env: Vec<String>,
+    /// Working directory inside the sandbox.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    workdir: Option<String>,
+    /// Label KEY=VALUE (e.g. user_id=42); filterable with `cove ls --label`.
+    #[arg(long, value_name = "KEY=VALUE")]
+    label: Vec<String>,
+    /// Metadata KEY=VALUE, kept with the sandbox.
+    #[arg(long, value_name = "KEY=VALUE")]
+    meta: Vec<String>,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, value_name = "CMD")]
+    cmd: Vec<String>,
+}
+
+fn pairs(what: &str, items: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    items
+        .iter()
+        .map(|s| match s.split_once('=') {
+            Some((k, v)) => Ok((k.to_string(), v.to_string())),
+            None => bail!("{what} {s:?}: use KEY=VALUE"),
+        })
+        .collect()
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Client {
+    fn new(conn: &Conn) -> anyhow::Result<Client> {
+        let token = match &conn.token {
+            Some(t) => t.clone(),
+            None => std::fs::read_to_string(
+                std::path::Path::new(crate::serve::DATA_DIR).join(crate::serve::ADMIN_TOKEN_FILE),
+            )
+            .map(|t| t.trim().to_string())
+            .map_err(|_| anyhow::anyhow!("no token: set COVE_TOKEN (or pass --token)"))?,
+        };
+        cove_image::tls::install_default_provider();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("start the client's runtime")?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .build()
+            .context("set up the HTTP client")?;
+        Ok(Client {
+            http,
+            base: conn.url.trim_end_matches('/').to_string(),
+            token,
+            runtime,
+        })
+    }
+
+    /// Sends a request; returns the status and the parsed JSON body (`null` when empty). API
+    /// errors become this command's error, with the server's message.
+    fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        let url = format!("{}{path}", self.base);
+        self.runtime.block_on(async {
+            let mut req = self
+                .http
+                .request(method, &url)
+                .header("authorization", format!("Bearer {}", self.token));
+            if let Some(b) = body {
+                req = req
+                    .header("content-type", "application/json")
+                    .body(serde_json::to_vec(&b)?);
+            }
+            let resp = req
+                .send()
+                .await
+                .with_context(|| format!("cannot reach the Cove server at {}", self.base))?;
+            let status = resp.status().as_u16();
+            let bytes = resp.bytes().await.context("read the server's answer")?;
+            let json: serde_json::Value = if bytes.is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap_or_else(
+                    |_| serde_json::json!({"error": {"message": String::from_utf8_lossy(&bytes)}}),
+                )
+            };
+            if status >= 400 {
+                let msg = json["error"]["message"]
+                    .as_str()
+                    .unwrap_or("request failed");
+                bail!("{msg} (HTTP {status})");
+            }
+            Ok((status, json))
+        })
+    }
+}
+
+/// Runs a client command.
+pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
+    let c = Client::new(conn)?;
+    match cmd {
+        ClientCommand::Create(a) => {
+            let mut limits = Limits::default();
+            if let Some(m) = a.memory {
+                limits.memory = m;
+            }
+            if let Some(cpus) = &a.cpus {
+                limits.cpus_millis = cove_types::parse_cpus(cpus)?;
+            }
+            if let Some(p) = a.pids {
+                limits.pids = p;
+            }
+            if let Some(d) = a.disk {
+                limits.disk = d;
+            }
+            limits.timeout = a.timeout;
+            let body = serde_json::json!({
+                "image": a.image,
+                "cmd": a.cmd,
+                "env": pairs("-e", &a.env)?,
+                "workdir": a.workdir,
+                "limits": limits,
+                "labels": pairs("--label", &a.label)?,
+                "metadata": pairs("--meta", &a.meta)?,
+            });
+            let (_, v) = c.call(reqwest::Method::POST, "/v1/sandboxes", Some(body))?;
+            println!("{}", v["id"].as_str().unwrap_or(""));
+        }
+        ClientCommand::Ls { label, state, json } => {
+            let mut query = vec!["limit=1000".to_string()];
+            if !label.is_empty() {
+                query.push(format!("label={}", label.join(",")));
+            }
+            if let Some(s) = state {
+                query.push(format!("state={s}"));
+            }
+            let mut rows = Vec::new();
+            let mut next: Option<String> = None;
+            loop {
+                let mut q = query.clone();
+                if let Some(n) = &next {
+                    q.push(format!("after={n}"));
+                }
+                let (_, v) = c.call(
+                    reqwest::Method::GET,
+                    &format!("/v1/sandboxes?{}", q.join("&")),
+                    None,
+                )?;
+                rows.extend(v["sandboxes"].as_array().cloned().unwrap_or_default());
+                next = v["next"].as_str().map(str::to_string);
+                if next.is_none() {
+                    break;
+                }
+            }
+            if json {
+                for r in &rows {
+                    println!("{r}");
+                }
+            } else {
+                println!(
+                    "{:<13} {:<9} {:<24} {:<30} END",
+                    "ID", "STATE", "IMAGE", "COMMAND"
+                );
+                for r in &rows {
+                    let image = match &r["spec"]["image"] {
+                        serde_json::Value::String(s) => s.clone(),
+                        serde_json::Value::Object(o) => o
+                            .values()
+                            .next()
+                            .and_then(|v| v.as_str())
+                            .unwrap_or("")
+                            .to_string(),
+                        _ => String::new(),
+                    };
+                    let cmd: Vec<&str> = r["spec"]["cmd"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|x| x.as_str()).collect())
+                        .unwrap_or_default();
+                    let mut cmd = cmd.join(" ");
+                    if cmd.len() > 30 {
+                        cmd.truncate(27);
+                        cmd.push_str("...");
+                    }
+                    let end = match (r["reason"].as_str(), r["exit_code"].as_i64()) {
+                        (Some(reason), Some(code)) => format!("{reason} ({code})"),
+                        (Some(reason), None) => reason.to_string(),
+                        _ => String::new(),
+                    };
+                    println!(
+                        "{:<13} {:<9} {:<24} {:<30} {}",
+                        r["id"].as_str().unwrap_or(""),
+                        r["state"].as_str().unwrap_or(""),
+                        image,
+                        cmd,
+                        end
+                    );
+                }
+            }
+        }
+        ClientCommand::Inspect { id } => {
+            let (_, v) = c.call(reqwest::Method::GET, &format!("/v1/sandboxes/{id}"), None)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        ClientCommand::Stop { ids } => {
+            for id in ids {
+                c.call(
+                    reqwest::Method::POST,
+                    &format!("/v1/sandboxes/{id}/stop"),
+                    None,
+                )?;
+                println!("{id}");
+            }
+        }
+        ClientCommand::Rm { force, ids } => {
+            for id in ids {
+                c.call(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/sandboxes/{id}?force={force}"),
+                    None,
+                )?;
+                println!("{id}");
+            }
+        }
+        ClientCommand::Wait { id, timeout } => {
+            let (_, v) = c.call(
+                reqwest::Method::GET,
+                &format!("/v1/sandboxes/{id}/wait?timeout={timeout}"),
+                None,
+            )?;
+            let code = v["exit_code"]
+                .as_i64()
+                .unwrap_or(i64::from(crate::EXIT_COVE_FAILED));
+            println!("{code}");
+            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

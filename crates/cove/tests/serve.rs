@@ -1,0 +1,560 @@
+//! `cove serve` end to end: a real server on loopback with its own data directory, driven by
+//! the `cove` client commands and by curl for raw HTTP; real sandboxes behind it.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Out, require_root};
+
+/// A running `cove serve`, stopped (SIGKILL) and its data removed on drop. Sandboxes the test
+/// left running are force-removed first.
+struct Server {
+    child: Option<Child>,
+    url: String,
+    data: PathBuf,
+    token: String,
+}
+
+impl Server {
+    fn start() -> Server {
+        common::become_subreaper();
+        let data = std::env::temp_dir().join(format!("cove-serve-{}", common::new_id()));
+        Server::start_in(data)
+    }
+
+    fn start_in(data: PathBuf) -> Server {
+        let mut child = Command::new(common::cove_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut url = None;
+        let mut seen = String::new();
+        for _ in 0..10 {
+            let mut line = String::new();
+            if stderr.read_line(&mut line).unwrap() == 0 {
+                break;
+            }
+            seen.push_str(&line);
+            if let Some(u) = line.trim().strip_prefix("cove: listening on ") {
+                url = Some(u.to_string());
+                break;
+            }
+        }
+        let url = url.unwrap_or_else(|| panic!("the server did not start: {seen}"));
+        // Keep draining its stderr so that it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while stderr.read_line(&mut sink).is_ok_and(|n| n > 0) {
+                sink.clear();
+            }
+        });
+        let token = std::fs::read_to_string(data.join("admin-token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        Server {
+            child: Some(child),
+            url,
+            data,
+            token,
+        }
+    }
+
+    /// `cove ARGS` against this server with `token`.
+    fn cove_as(&self, token: &str, args: &[&str]) -> Out {
+        Out::from(
+            Command::new(common::cove_bin())
+                .args(args)
+                .env("COVE_URL", &self.url)
+                .env("COVE_TOKEN", token)
+                .output()
+                .unwrap(),
+        )
+    }
+
+    fn cove(&self, args: &[&str]) -> Out {
+        self.cove_as(&self.token, args)
+    }
+
+    /// curl: (status, body).
+    fn curl(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+            .arg(format!("{}{path}", self.url));
+        if let Some(t) = token {
+            cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        if body.is_some() {
+            cmd.args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                "@-",
+            ]);
+            cmd.stdin(Stdio::piped());
+        }
+        cmd.stdout(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        if let Some(b) = body {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(b.as_bytes()).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        let json =
+            serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.to_string()));
+        (code.parse().unwrap(), json)
+    }
+
+    fn inspect(&self, id: &str) -> serde_json::Value {
+        let out = self.cove(&["inspect", id]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        serde_json::from_str(&out.stdout).unwrap()
+    }
+
+    fn wait_for_state(&self, id: &str, state: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.inspect(id);
+            if v["state"] == state {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{id} never became {state}: {v}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn create(&self, args: &[&str]) -> String {
+        let mut all = vec!["create"];
+        all.extend_from_slice(args);
+        let out = self.cove(&all);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let id = out.stdout.trim().to_string();
+        assert_eq!(id.len(), 12, "{}", out.stdout);
+        id
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // A server killed by the test hands its data directory to the one restarted on it.
+        let owned = self.child.is_some();
+        if owned {
+            let out = self.cove(&["ls", "--json"]);
+            for line in out.stdout.lines() {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
+                    && let Some(id) = v["id"].as_str()
+                {
+                    self.cove(&["rm", "-f", id]);
+                }
+            }
+        }
+        self.kill9();
+        if owned {
+            let _ = std::fs::remove_dir_all(&self.data);
+        }
+    }
+}
+
+#[test]
+fn create_wait_inspect_list_and_remove() {
+    require_root();
+    let server = Server::start();
+    let id = server.create(&[
+        "--label",
+        "user_id=42",
+        "--",
+        "sh",
+        "-c",
+        "echo hi; echo oops >&2; exit 3",
+    ]);
+    let other = server.create(&["--label", "user_id=43", "--", "true"]);
+
+    let out = server.cove(&["wait", &id]);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (3, "3\n"),
+        "{}",
+        out.stderr
+    );
+    let v = server.inspect(&id);
+    assert_eq!(v["state"], "exited");
+    assert_eq!(v["reason"], "exited");
+    assert_eq!(v["exit_code"], 3);
+    assert_eq!(v["labels"]["user_id"], "42");
+    assert!(v["report"]["wall_time_ms"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(
+        v.get("tenant").is_none(),
+        "internal fields are not shown: {v}"
+    );
+    let dir = server.data.join("sandboxes").join(&id);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("stdout.log")).unwrap(),
+        "hi\n"
+    );
+    assert!(
+        std::fs::read_to_string(dir.join("stderr.log"))
+            .unwrap()
+            .contains("oops")
+    );
+
+    assert_eq!(server.cove(&["wait", &other]).code, 0);
+    let ls = server.cove(&["ls"]);
+    assert!(
+        ls.stdout.contains(&id) && ls.stdout.contains(&other),
+        "{}",
+        ls.stdout
+    );
+    assert!(ls.stdout.contains("exited (3)"), "{}", ls.stdout);
+    let ls = server.cove(&["ls", "--label", "user_id=42", "--json"]);
+    assert_eq!(ls.stdout.lines().count(), 1, "{}", ls.stdout);
+    assert!(ls.stdout.contains(&id));
+
+    let out = server.cove(&["rm", &id]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = server.cove(&["inspect", &id]);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains(&format!("no sandbox {id}")),
+        "{}",
+        out.stderr
+    );
+    assert!(!dir.exists(), "the sandbox's files outlived it");
+    common::assert_no_leaks(&id);
+}
+
+#[test]
+fn stop_and_force_remove_running_sandboxes() {
+    require_root();
+    let server = Server::start();
+    let id = server.create(&["--", "sleep", "300"]);
+    server.wait_for_state(&id, "running");
+    let out = server.cove(&["rm", &id]);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains("is running; stop it first"),
+        "{}",
+        out.stderr
+    );
+
+    let out = server.cove(&["stop", &id]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let out = server.cove(&["wait", &id]);
+    assert_eq!(out.stdout, "143\n", "{}", out.stderr);
+    let v = server.inspect(&id);
+    assert_eq!(v["reason"], "killed", "{v}");
+    common::reap_orphans(&id);
+    common::assert_no_leaks(&id);
+
+    let id2 = server.create(&["--", "sleep", "300"]);
+    server.wait_for_state(&id2, "running");
+    let out = server.cove(&["rm", "-f", &id2]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_ne!(server.cove(&["inspect", &id2]).code, 0);
+    common::reap_orphans(&id2);
+    common::assert_no_leaks(&id2);
+}
+
+#[test]
+fn a_tenant_never_sees_another_tenants_sandboxes() {
+    require_root();
+    let server = Server::start();
+    let (code, a) = server.curl(
+        Some(&server.token),
+        "POST",
+        "/v1/tenants",
+        Some(r#"{"name":"alice"}"#),
+    );
+    assert_eq!(code, 201, "{a}");
+    let (_, b) = server.curl(
+        Some(&server.token),
+        "POST",
+        "/v1/tenants",
+        Some(r#"{"name":"bob"}"#),
+    );
+    let (alice, bob) = (a["token"].as_str().unwrap(), b["token"].as_str().unwrap());
+
+    let out = server.cove_as(alice, &["create", "--", "sleep", "300"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let id = out.stdout.trim().to_string();
+    for args in [
+        vec!["inspect", &id],
+        vec!["stop", &id],
+        vec!["rm", "-f", &id],
+        vec!["wait", &id],
+    ] {
+        let out = server.cove_as(bob, &args);
+        assert_ne!(out.code, 0, "{args:?}");
+        assert!(
+            out.stderr.contains(&format!("no sandbox {id}")),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+    assert_eq!(server.cove_as(bob, &["ls", "--json"]).stdout, "");
+    assert!(server.cove_as(alice, &["ls"]).stdout.contains(&id));
+    // The admin is a tenant of its own, too.
+    assert!(!server.cove(&["ls"]).stdout.contains(&id));
+    let (code, v) = server.curl(
+        Some(bob),
+        "POST",
+        "/v1/tenants",
+        Some(r#"{"name":"mallory"}"#),
+    );
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (403, Some("forbidden")),
+        "{v}"
+    );
+    assert_eq!(server.cove_as(alice, &["rm", "-f", &id]).code, 0);
+    common::reap_orphans(&id);
+}
+
+#[test]
+fn bad_requests_get_a_clear_4xx_never_a_5xx() {
+    require_root();
+    let server = Server::start();
+    let t = Some(server.token.as_str());
+    // (token, method, path, body, expected status, expected error code)
+    type Case<'a> = (
+        Option<&'a str>,
+        &'a str,
+        String,
+        Option<String>,
+        u16,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            None,
+            "GET",
+            "/v1/sandboxes".into(),
+            None,
+            401,
+            "unauthorized",
+        ),
+        (
+            Some("nope"),
+            "GET",
+            "/v1/sandboxes".into(),
+            None,
+            401,
+            "unauthorized",
+        ),
+        (
+            t,
+            "POST",
+            "/v1/sandboxes".into(),
+            Some("{not json".into()),
+            400,
+            "bad_request",
+        ),
+        (
+            t,
+            "POST",
+            "/v1/sandboxes".into(),
+            Some(r#"{"cmd":["true"],"bogus":1}"#.into()),
+            400,
+            "bad_request",
+        ),
+        (
+            t,
+            "POST",
+            "/v1/sandboxes".into(),
+            Some(r#"{"cmd":[]}"#.into()),
+            400,
+            "bad_request",
+        ),
+        (
+            t,
+            "POST",
+            "/v1/sandboxes".into(),
+            Some(r#"{"cmd":["true"],"limits":{"memory":"1"}}"#.into()),
+            400,
+            "bad_request",
+        ),
+        (
+            t,
+            "POST",
+            "/v1/sandboxes".into(),
+            Some(r#"{"cmd":["true"],"limits":{"cpus_millis":99999999}}"#.into()),
+            400,
+            "bad_request",
+        ),
+        (
+            t,
+            "POST",
+            "/v1/sandboxes".into(),
+            Some(r#"{"cmd":["true"],"image":"/etc"}"#.into()),
+            400,
+            "bad_request",
+        ),
+        (
+            t,
+            "POST",
+            "/v1/sandboxes".into(),
+            Some(r#"{"cmd":["true"],"labels":{"bad key":"x"}}"#.into()),
+            400,
+            "bad_request",
+        ),
+        (
+            t,
+            "POST",
+            "/v1/sandboxes".into(),
+            Some(format!(r#"{{"cmd":["{}"]}}"#, "x".repeat(2 << 20))),
+            413,
+            "payload_too_large",
+        ),
+        (
+            t,
+            "GET",
+            "/v1/sandboxes/NOT-AN-ID".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            t,
+            "GET",
+            "/v1/sandboxes/0123456789ab".into(),
+            None,
+            404,
+            "not_found",
+        ),
+        (
+            t,
+            "GET",
+            "/v1/sandboxes?state=dancing".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            t,
+            "GET",
+            "/v1/sandboxes?label=novalue".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            t,
+            "GET",
+            "/v1/sandboxes?limit=0".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            t,
+            "GET",
+            "/v1/sandboxes?colour=red".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        (
+            t,
+            "GET",
+            "/v1/sandboxes/0123456789ab/wait?timeout=1h".into(),
+            None,
+            400,
+            "bad_request",
+        ),
+        (t, "GET", "/v1/nothing".into(), None, 404, "not_found"),
+        (
+            t,
+            "PUT",
+            "/v1/sandboxes".into(),
+            None,
+            405,
+            "method_not_allowed",
+        ),
+        (
+            t,
+            "POST",
+            "/v1/tenants".into(),
+            Some(r#"{"name":"../x"}"#.into()),
+            400,
+            "bad_request",
+        ),
+    ];
+    for (token, method, path, body, status, code) in cases {
+        let (got, v) = server.curl(token, method, &path, body.as_deref());
+        let shown: String = path.chars().take(60).collect();
+        assert_eq!(got, status, "{method} {shown}: {v}");
+        assert_eq!(v["error"]["code"], code, "{method} {shown}: {v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(
+            !message.is_empty()
+                && !message.contains("/var/lib")
+                && !message.contains(server.data.to_str().unwrap()),
+            "{message}"
+        );
+    }
+    let (code, _) = server.curl(None, "GET", "/healthz", None);
+    assert_eq!(code, 200);
+    let (code, _) = server.curl(None, "GET", "/readyz", None);
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn sandboxes_outlive_a_killed_server_and_are_adopted() {
+    require_root();
+    let mut server = Server::start();
+    let long = server.create(&["--", "sleep", "300"]);
+    let short = server.create(&["--", "sh", "-c", "sleep 2; exit 7"]);
+    server.wait_for_state(&long, "running");
+    server.wait_for_state(&short, "running");
+    let data = server.data.clone();
+
+    server.kill9();
+    // The short one ends while no server runs.
+    std::thread::sleep(Duration::from_secs(3));
+    let comm: String = format!("cove-{long}").chars().take(15).collect();
+    let alive = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == comm));
+    assert!(alive, "the sandbox died with the server");
+
+    let restarted = Server::start_in(data);
+    let v = restarted.wait_for_state(&short, "exited");
+    assert_eq!(
+        (v["reason"].as_str(), v["exit_code"].as_i64()),
+        (Some("exited"), Some(7)),
+        "{v}"
+    );
+    assert_eq!(restarted.inspect(&long)["state"], "running");
+    // Still under control: it can be stopped and removed.
+    let out = restarted.cove(&["rm", "-f", &long]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    common::reap_orphans(&long);
+    common::reap_orphans(&short);
+    common::assert_no_leaks(&long);
+    common::assert_no_leaks(&short);
+    drop(server);
+}

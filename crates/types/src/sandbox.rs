@@ -1,0 +1,158 @@
+//! The sandbox record: what the control plane stores for each sandbox (desired state, spec,
+//! recorded status), and the shapes of the API around it.
+
+use std::collections::BTreeMap;
+
+use crate::{Reason, RunReport, SandboxId, Spec};
+
+/// Version of the stored record layout; a record of another version is refused, not guessed.
+pub const RECORD_SCHEMA: u32 = 1;
+
+/// What the owner wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Desired {
+    /// Running until its command ends (or a limit ends it).
+    Running,
+    /// Stopped: end it if it runs.
+    Stopped,
+}
+
+/// Where a sandbox is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    /// Recorded, not started yet.
+    Pending,
+    /// Being started on its node.
+    Starting,
+    /// Its command runs.
+    Running,
+    /// It ended; `reason` says why.
+    Exited,
+}
+
+impl SandboxState {
+    /// The snake_case name (as in JSON and filters).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Pending => "pending",
+            SandboxState::Starting => "starting",
+            SandboxState::Running => "running",
+            SandboxState::Exited => "exited",
+        }
+    }
+
+    /// Whether the sandbox has ended for good.
+    pub fn is_final(self) -> bool {
+        self == SandboxState::Exited
+    }
+}
+
+impl std::str::FromStr for SandboxState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<SandboxState, String> {
+        Ok(match s {
+            "pending" => SandboxState::Pending,
+            "starting" => SandboxState::Starting,
+            "running" => SandboxState::Running,
+            "exited" => SandboxState::Exited,
+            _ => {
+                return Err(format!(
+                    "unknown state {s:?}: use pending, starting, running or exited"
+                ));
+            }
+        })
+    }
+}
+
+/// Why a sandbox ended, as the control plane records it: the jail's reasons plus those only
+/// the control plane knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// The command ended on its own (see `exit_code`).
+    Exited,
+    /// Its timeout ran out.
+    Timeout,
+    /// The memory limit was exceeded.
+    MemoryLimit,
+    /// The pids limit was hit.
+    PidsLimit,
+    /// The CPU-time budget ran out.
+    CpuTimeLimit,
+    /// Stopped or deleted by its owner.
+    Killed,
+    /// It could not be started (see `message`).
+    StartFailure,
+    /// Its supervisor vanished without a report (host crash, `kill -9`).
+    Lost,
+}
+
+impl From<Reason> for EndReason {
+    fn from(r: Reason) -> EndReason {
+        match r {
+            Reason::Exited => EndReason::Exited,
+            Reason::Timeout => EndReason::Timeout,
+            Reason::MemoryLimit => EndReason::MemoryLimit,
+            Reason::PidsLimit => EndReason::PidsLimit,
+            Reason::CpuTimeLimit => EndReason::CpuTimeLimit,
+            Reason::Killed => EndReason::Killed,
+            Reason::Error => EndReason::StartFailure,
+        }
+    }
+}
+
+/// One sandbox, as stored under `/cove/sandboxes/<id>`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxRecord {
+    /// [`RECORD_SCHEMA`].
+    pub schema: u32,
+    /// The sandbox id.
+    pub id: SandboxId,
+    /// The tenant that owns it.
+    pub tenant: String,
+    /// What to run.
+    pub spec: Spec,
+    /// Labels (`user_id`, …): filterable, shown everywhere.
+    pub labels: BTreeMap<String, String>,
+    /// Free-form metadata of the owner.
+    pub metadata: BTreeMap<String, String>,
+    /// What the owner wants.
+    pub desired: Desired,
+    /// Delete the record (and the sandbox's files) once it has ended.
+    #[serde(default)]
+    pub remove: bool,
+    /// Where it is.
+    pub state: SandboxState,
+    /// Why it ended, once it has.
+    pub reason: Option<EndReason>,
+    /// A sentence about the end (the limit hit, the start error), when there is one.
+    pub message: Option<String>,
+    /// The command's exit code (128+N after signal N), once it has ended.
+    pub exit_code: Option<i32>,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    /// When its command started.
+    pub started_at_ms: Option<u64>,
+    /// When it ended.
+    pub ended_at_ms: Option<u64>,
+    /// The jail's report (times, peak memory), once it has ended.
+    pub report: Option<RunReport>,
+}
+
+/// Where sandbox records live in the state store.
+pub const RECORDS_PREFIX: &str = "/cove/sandboxes/";
+
+/// The state-store key of a sandbox's record.
+pub fn record_key(id: &SandboxId) -> String {
+    format!("{RECORDS_PREFIX}{id}")
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
