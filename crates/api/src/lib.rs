@@ -98,11 +98,70 @@ fn parse(_key: &str, value: &[u8]) -> Result<SandboxRecord, serde_json::Error> {
     serde_json::from_slice(value)
 }
 
+/// `POST /v1/sandboxes/{id}/exec`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// The command and its arguments.
+    pub cmd: Vec<String>,
+    /// Environment on top of the sandbox's.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default: the sandbox's).
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// Longest the command may run (default 60s, at most 1h); it is killed then.
+    #[serde(default)]
+    pub timeout: Option<cove_types::Duration>,
+}
+
+/// What an exec produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExecOutput {
+    /// The command's exit code (128+N after signal N; 127 not found, 126 not executable).
+    pub exit_code: i32,
+    /// Its standard output (lossy UTF-8), at most [`MAX_EXEC_OUTPUT`] bytes.
+    pub stdout: String,
+    /// Its standard error, likewise.
+    pub stderr: String,
+    /// Whether output beyond the limit was dropped.
+    pub truncated: bool,
+    /// Whether the timeout killed it.
+    pub timed_out: bool,
+}
+
+/// Most output kept per stream of an exec.
+pub const MAX_EXEC_OUTPUT: usize = 10 << 20;
+/// Longest an exec may run.
+pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Why an exec could not run.
+#[derive(Debug)]
+pub enum ExecError {
+    /// The sandbox is not running (any more).
+    NotRunning,
+    /// Something on the host failed (logged by the server, not shown to the tenant).
+    Internal(String),
+}
+
+/// Runs commands in sandboxes. The binary provides it (a helper process per exec); the API
+/// only knows the shape.
+pub trait Executor: Send + Sync + 'static {
+    /// Runs `req` in the running sandbox `id`.
+    fn exec(
+        &self,
+        id: SandboxId,
+        req: ExecRequest,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<ExecOutput, ExecError>> + Send>>;
+}
+
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct Api {
     /// The state store.
     pub store: Embedded,
+    /// Runs execs.
+    pub executor: std::sync::Arc<dyn Executor>,
 }
 
 /// The router: `/healthz`, `/readyz` and `/v1`.
@@ -118,6 +177,7 @@ pub fn router(api: Api) -> Router {
         )
         .route("/v1/sandboxes/{id}/stop", post(stop_sandbox))
         .route("/v1/sandboxes/{id}/wait", get(wait_sandbox))
+        .route("/v1/sandboxes/{id}/exec", post(exec_sandbox))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -714,6 +774,64 @@ async fn wait_sandbox(
                     ),
                 ));
             }
+        }
+    }
+}
+
+async fn exec_sandbox(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let who = caller(&api.store, &headers).await?;
+    let req: ExecRequest = body(raw)?;
+    let (record, _) = load(&api, &who, &id).await?;
+    if req.cmd.is_empty() || req.cmd[0].is_empty() {
+        return Err(ApiError::bad("cmd must name a command"));
+    }
+    if req.cmd.iter().any(|a| a.contains('\0')) {
+        return Err(ApiError::bad("cmd contains a NUL byte"));
+    }
+    for (k, v) in &req.env {
+        if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+            return Err(ApiError::bad(format!(
+                "env {k:?}: names are non-empty, without '=' or NUL"
+            )));
+        }
+    }
+    if let Some(w) = &req.workdir
+        && !w.starts_with('/')
+    {
+        return Err(ApiError::bad("workdir must be an absolute path"));
+    }
+    if req.timeout.is_some_and(|t| t.as_std() > MAX_EXEC_TIMEOUT) {
+        return Err(ApiError::bad("timeout is at most 1h"));
+    }
+    let not_running = || {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "not_running",
+            format!("sandbox {id} is {}, not running", record.state.as_str()),
+        )
+    };
+    if record.state != SandboxState::Running {
+        return Err(not_running());
+    }
+    match api.executor.exec(record.id, req).await {
+        Ok(out) => Ok(Json(out).into_response()),
+        Err(ExecError::NotRunning) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_running",
+            format!("sandbox {id} is not running"),
+        )),
+        Err(ExecError::Internal(detail)) => {
+            eprintln!("cove: exec in {id}: {detail}");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the command could not be started",
+            ))
         }
     }
 }

@@ -71,6 +71,27 @@ pub enum ClientCommand {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Run a command in a running sandbox; print its output and exit with its exit code.
+    #[command(
+        after_help = "Examples:\n  cove exec 3f9a0c1b2d4e -- python3 -c 'print(1)'\n  \
+        cove exec -e MODE=test -w /tmp 3f9a0c1b2d4e -- sh -c 'ls; env'"
+    )]
+    Exec {
+        /// Environment variable KEY=VALUE (on top of the sandbox's).
+        #[arg(short = 'e', long = "env", value_name = "KEY=VAL")]
+        env: Vec<String>,
+        /// Working directory inside the sandbox.
+        #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+        workdir: Option<String>,
+        /// Kill the command after this long (at most 1h).
+        #[arg(long, value_name = "DUR", default_value = "60s")]
+        timeout: Duration,
+        /// The sandbox id.
+        id: String,
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
+        cmd: Vec<String>,
+    },
     /// Wait until a sandbox ends; print its exit code and exit with it.
     Wait {
         /// The sandbox id.
@@ -330,6 +351,38 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
                 )?;
                 println!("{id}");
             }
+        }
+        ClientCommand::Exec {
+            env,
+            workdir,
+            timeout,
+            id,
+            cmd,
+        } => {
+            let body = serde_json::json!({
+                "cmd": cmd,
+                "env": pairs("-e", &env)?,
+                "workdir": workdir,
+                "timeout": timeout,
+            });
+            let (_, v) = c.call(
+                reqwest::Method::POST,
+                &format!("/v1/sandboxes/{id}/exec"),
+                Some(body),
+            )?;
+            use std::io::Write;
+            std::io::stdout().write_all(v["stdout"].as_str().unwrap_or("").as_bytes())?;
+            std::io::stderr().write_all(v["stderr"].as_str().unwrap_or("").as_bytes())?;
+            if v["truncated"] == true {
+                eprintln!("cove: output beyond 10 MiB per stream was dropped");
+            }
+            if v["timed_out"] == true {
+                eprintln!("cove: killed after {timeout}");
+            }
+            let code = v["exit_code"]
+                .as_i64()
+                .unwrap_or(i64::from(crate::EXIT_COVE_FAILED));
+            return Ok(ExitCode::from(code.clamp(0, 255) as u8));
         }
         ClientCommand::Wait { id, timeout } => {
             let (_, v) = c.call(

@@ -558,3 +558,112 @@ fn sandboxes_outlive_a_killed_server_and_are_adopted() {
     common::assert_no_leaks(&short);
     drop(server);
 }
+
+#[test]
+fn exec_runs_contained_commands_in_a_running_sandbox() {
+    require_root();
+    let server = Server::start();
+    let id = server.create(&[
+        "--memory",
+        "64M",
+        "-e",
+        "FROM_SANDBOX=yes",
+        "--",
+        "sleep",
+        "300",
+    ]);
+    server.wait_for_state(&id, "running");
+
+    let out = server.cove(&[
+        "exec",
+        "-e",
+        "X=1",
+        "-w",
+        "/tmp",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "echo $FROM_SANDBOX $X; pwd; echo err >&2; exit 3",
+    ]);
+    assert_eq!(
+        (out.code, out.stdout.as_str(), out.stderr.as_str()),
+        (3, "yes 1\n/tmp\n", "err\n")
+    );
+    // Contained like the main command: root inside, no capabilities, no_new_privs, seccomp,
+    // its pid namespace, its cgroup (the root of its cgroup namespace).
+    let out = server.cove(&["exec", &id, "--", "sh", "-c", "id -u; grep -E '^(Cap(Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp):' /proc/self/status; cat /proc/1/comm; cut -d: -f3 /proc/self/cgroup | sort -u"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let expected = format!(
+        "0\nCapPrm:\t0000000000000000\nCapEff:\t0000000000000000\nCapBnd:\t0000000000000000\nCapAmb:\t0000000000000000\nNoNewPrivs:\t1\nSeccomp:\t2\ncove-{}\n/\n",
+        &id[..10]
+    );
+    assert_eq!(out.stdout, expected);
+    let out = server.cove(&["exec", &id, "--", "no-such-command"]);
+    assert_eq!(out.code, 127);
+    assert!(out.stderr.contains("not found"), "{}", out.stderr);
+
+    // A timeout kills the command and everything it started.
+    let out = server.cove(&[
+        "exec",
+        "--timeout",
+        "1s",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "sleep 100 & sleep 101",
+    ]);
+    assert_eq!(out.code, 137, "{}", out.stderr);
+    assert!(out.stderr.contains("killed after 1s"), "{}", out.stderr);
+    let out = server.cove(&["exec", &id, "--", "ps", "-o", "comm="]);
+    assert_eq!(
+        out.stdout,
+        format!("cove-{}\nsleep\nps\n", &id[..10]),
+        "{}",
+        out.stderr
+    );
+
+    // Not in a sandbox that has ended, nor in another tenant's.
+    let (_, bob) = server.curl(
+        Some(&server.token),
+        "POST",
+        "/v1/tenants",
+        Some(r#"{"name":"bob"}"#),
+    );
+    let out = server.cove_as(bob["token"].as_str().unwrap(), &["exec", &id, "--", "true"]);
+    assert!(
+        out.stderr.contains(&format!("no sandbox {id}")),
+        "{}",
+        out.stderr
+    );
+    // The sandbox's memory limit holds for it: going over ends the sandbox, as for `cove run`.
+    let out = server.cove(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "x=$(head -c 150000000 /dev/zero | tr '\\0' a); echo survived",
+    ]);
+    assert_ne!(
+        out.stdout, "survived\n",
+        "the memory limit did not apply: {}",
+        out.stderr
+    );
+    server.cove(&["wait", &id]);
+    assert_eq!(server.inspect(&id)["reason"], "memory_limit");
+    let (code, v) = server.curl(
+        Some(&server.token),
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(r#"{"cmd":["true"]}"#),
+    );
+    assert_eq!(
+        (code, v["error"]["code"].as_str()),
+        (409, Some("not_running")),
+        "{v}"
+    );
+    common::reap_orphans(&id);
+    common::assert_no_leaks(&id);
+}

@@ -256,7 +256,7 @@ fn init(
 /// Before forking the command, init shrinks the bounding set to CAP_KILL: the command
 /// inherits that, and init keeps its effective capabilities until the command has taken its own
 /// last steps (ids, secure bits).
-fn lock_down_init(plan: &ChildPlan) -> std::io::Result<()> {
+pub(crate) fn lock_down_init(plan: &ChildPlan) -> std::io::Result<()> {
     sys::drop_bounding_set(plan.cap_last, 1u64 << CAP_KILL)
 }
 
@@ -271,7 +271,7 @@ fn drop_effective_caps() -> std::io::Result<()> {
 }
 
 /// The command's side, after init forked it: the last containment steps, then execve.
-fn exec_command(plan: &ChildPlan, tty: Option<&OwnedFd>, exec_w: OwnedFd) -> ! {
+pub(crate) fn exec_command(plan: &ChildPlan, tty: Option<&OwnedFd>, exec_w: OwnedFd) -> ! {
     let err = match prepare_command(plan, tty) {
         Ok(path) => {
             let e = sys::execve(&path, &plan.argv, &plan.envp);
@@ -312,6 +312,9 @@ fn prepare_command(plan: &ChildPlan, tty: Option<&OwnedFd>) -> Result<CString, F
     sys::lock_securebits().step("lock the secure bits")?;
     sys::setgroups(&[plan.gid]).step("set supplementary groups")?;
     sys::set_ids(plan.uid, plan.gid).step("switch to the sandbox user")?;
+    // The id change cleared any parent-death signal: an exec'd command dies with the process
+    // that started it (init outlives the main command anyway).
+    sys::set_parent_death_signal(libc::SIGKILL).step("tie the command to its parent")?;
     sys::capset(0).step("drop all capabilities")?;
     sys::clear_ambient().step("clear ambient capabilities")?;
     sys::close_range(3, true).step("close inherited descriptors")?;

@@ -172,7 +172,7 @@ fn check_host_paths(spec: &Spec, opts: &RunOptions) -> Result<(), RunError> {
     Ok(())
 }
 
-fn plan(
+pub(crate) fn plan(
     spec: &Spec,
     id: &SandboxId,
     staging: PathBuf,
