@@ -162,6 +162,8 @@ pub struct Api {
     pub store: Embedded,
     /// Runs execs.
     pub executor: std::sync::Arc<dyn Executor>,
+    /// Where each sandbox's directory (with `stdout.log` and `stderr.log`) is.
+    pub sandboxes_dir: std::path::PathBuf,
 }
 
 /// The router: `/healthz`, `/readyz` and `/v1`.
@@ -178,6 +180,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/sandboxes/{id}/stop", post(stop_sandbox))
         .route("/v1/sandboxes/{id}/wait", get(wait_sandbox))
         .route("/v1/sandboxes/{id}/exec", post(exec_sandbox))
+        .route("/v1/sandboxes/{id}/logs", get(logs_sandbox))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -834,4 +837,128 @@ async fn exec_sandbox(
             ))
         }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    /// `stdout`, `stderr`, or `all` (the default: both, in the order they are read).
+    stream: Option<String>,
+    /// Only the last N lines of each stream.
+    tail: Option<usize>,
+    /// Keep the response open and send new output until the sandbox ends.
+    #[serde(default)]
+    follow: bool,
+}
+
+/// How often a followed log is checked for new output.
+const FOLLOW_POLL: Duration = Duration::from_millis(100);
+
+/// The last `n` lines of `bytes`.
+fn tail_lines(bytes: &[u8], n: usize) -> &[u8] {
+    let mut end = bytes.len();
+    if bytes.last() == Some(&b'\n') {
+        end -= 1;
+    }
+    let mut count = 0;
+    for i in (0..end).rev() {
+        if bytes[i] == b'\n' {
+            count += 1;
+            if count == n {
+                return &bytes[i + 1..];
+            }
+        }
+    }
+    bytes
+}
+
+async fn logs_sandbox(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let who = caller(&api.store, &headers).await?;
+    let Query(q) = query.map_err(|e| ApiError::bad(format!("bad query: {}", e.body_text())))?;
+    let names: &[&str] = match q.stream.as_deref().unwrap_or("all") {
+        "all" => &["stdout.log", "stderr.log"],
+        "stdout" => &["stdout.log"],
+        "stderr" => &["stderr.log"],
+        other => {
+            return Err(ApiError::bad(format!(
+                "stream {other:?}: use stdout, stderr or all"
+            )));
+        }
+    };
+    let (record, _) = load(&api, &who, &id).await?;
+    let dir = api.sandboxes_dir.join(record.id.as_str());
+    let paths: Vec<std::path::PathBuf> = names.iter().map(|n| dir.join(n)).collect();
+    // What is there now (tailed), and where each stream stands.
+    let mut first = Vec::new();
+    let mut offsets = Vec::new();
+    for p in &paths {
+        let bytes = tokio::fs::read(p).await.unwrap_or_default();
+        let shown = match q.tail {
+            Some(n) => tail_lines(&bytes, n),
+            None => &bytes[..],
+        };
+        first.extend_from_slice(shown);
+        offsets.push(bytes.len() as u64);
+    }
+    let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    if !q.follow || record.state.is_final() {
+        return Ok((text_plain, first).into_response());
+    }
+    let key = key(&record.id);
+    let store = api.store.clone();
+    struct Follow {
+        paths: Vec<std::path::PathBuf>,
+        offsets: Vec<u64>,
+        first: Option<Vec<u8>>,
+        ended: bool,
+    }
+    let state = Follow {
+        paths,
+        offsets,
+        first: Some(first),
+        ended: false,
+    };
+    let stream = futures_util::stream::unfold(state, move |mut s| {
+        let store = store.clone();
+        let key = key.clone();
+        async move {
+            if let Some(first) = s.first.take() {
+                return Some((Ok::<_, std::io::Error>(Bytes::from(first)), s));
+            }
+            loop {
+                if s.ended {
+                    return None;
+                }
+                let mut chunk = Vec::new();
+                for (p, off) in s.paths.iter().zip(s.offsets.iter_mut()) {
+                    if let Ok(bytes) = tokio::fs::read(p).await
+                        && bytes.len() as u64 > *off
+                    {
+                        chunk.extend_from_slice(&bytes[*off as usize..]);
+                        *off = bytes.len() as u64;
+                    }
+                }
+                // After the sandbox has ended, one last read picks up what it wrote last.
+                let ended = match store.get(&key).await {
+                    Ok(Some(e)) => parse(&e.key, &e.value).map_or(true, |r| r.state.is_final()),
+                    _ => true,
+                };
+                if ended {
+                    s.ended = true;
+                }
+                if !chunk.is_empty() {
+                    return Some((Ok(Bytes::from(chunk)), s));
+                }
+                if !s.ended {
+                    tokio::time::sleep(FOLLOW_POLL).await;
+                }
+            }
+        }
+    });
+    Ok((text_plain, axum::body::Body::from_stream(stream)).into_response())
 }

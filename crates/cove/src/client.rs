@@ -92,6 +92,20 @@ pub enum ClientCommand {
         #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
         cmd: Vec<String>,
     },
+    /// Print a sandbox's output (its main command's stdout and stderr).
+    Logs {
+        /// Keep printing new output until the sandbox ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines of each stream.
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
+        /// `stdout`, `stderr` or `all`.
+        #[arg(long, default_value = "all")]
+        stream: String,
+        /// The sandbox id.
+        id: String,
+    },
     /// Wait until a sandbox ends; print its exit code and exit with it.
     Wait {
         /// The sandbox id.
@@ -222,6 +236,36 @@ impl Client {
                 bail!("{msg} (HTTP {status})");
             }
             Ok((status, json))
+        })
+    }
+}
+
+impl Client {
+    /// GETs `path` and copies the body to stdout as it arrives.
+    fn stream(&self, path: &str) -> anyhow::Result<()> {
+        use std::io::Write;
+        let url = format!("{}{path}", self.base);
+        self.runtime.block_on(async {
+            let mut resp = self
+                .http
+                .get(&url)
+                .header("authorization", format!("Bearer {}", self.token))
+                .send()
+                .await
+                .with_context(|| format!("cannot reach the Cove server at {}", self.base))?;
+            let status = resp.status().as_u16();
+            if status >= 400 {
+                let bytes = resp.bytes().await.unwrap_or_default();
+                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                let msg = v["error"]["message"].as_str().unwrap_or("request failed");
+                bail!("{msg} (HTTP {status})");
+            }
+            let mut out = std::io::stdout().lock();
+            while let Some(chunk) = resp.chunk().await.context("read the server's answer")? {
+                out.write_all(&chunk)?;
+                out.flush()?;
+            }
+            Ok(())
         })
     }
 }
@@ -383,6 +427,18 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
                 .as_i64()
                 .unwrap_or(i64::from(crate::EXIT_COVE_FAILED));
             return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+        }
+        ClientCommand::Logs {
+            follow,
+            tail,
+            stream,
+            id,
+        } => {
+            let mut path = format!("/v1/sandboxes/{id}/logs?stream={stream}&follow={follow}");
+            if let Some(n) = tail {
+                path.push_str(&format!("&tail={n}"));
+            }
+            c.stream(&path)?;
         }
         ClientCommand::Wait { id, timeout } => {
             let (_, v) = c.call(

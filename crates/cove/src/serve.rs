@@ -97,8 +97,12 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<ExitCode> {
         root: data.join("sandboxes"),
         cove: std::env::current_exe().context("find the cove binary")?,
     });
-    let server =
-        axum::serve(listener, router(Api { store, executor })).with_graceful_shutdown(shutdown);
+    let api = Api {
+        store,
+        executor,
+        sandboxes_dir: data.join("sandboxes"),
+    };
+    let server = axum::serve(listener, router(api)).with_graceful_shutdown(shutdown);
     tokio::select! {
         served = server => served.context("serve the API")?,
         ended = agent.run() => {

@@ -667,3 +667,60 @@ fn exec_runs_contained_commands_in_a_running_sandbox() {
     common::reap_orphans(&id);
     common::assert_no_leaks(&id);
 }
+
+#[test]
+fn logs_are_kept_tailed_and_followed() {
+    require_root();
+    let server = Server::start();
+    let id = server.create(&[
+        "--",
+        "sh",
+        "-c",
+        "for i in 1 2 3 4 5; do echo out$i; done; echo err >&2",
+    ]);
+    server.cove(&["wait", &id]);
+    let out = server.cove(&["logs", &id]);
+    assert_eq!(
+        out.stdout, "out1\nout2\nout3\nout4\nout5\nerr\n",
+        "{}",
+        out.stderr
+    );
+    let out = server.cove(&["logs", "--tail", "2", "--stream", "stdout", &id]);
+    assert_eq!(out.stdout, "out4\nout5\n");
+    let out = server.cove(&["logs", "--stream", "stderr", &id]);
+    assert_eq!(out.stdout, "err\n");
+    let out = server.cove(&["logs", "--stream", "bogus", &id]);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains("use stdout, stderr or all"),
+        "{}",
+        out.stderr
+    );
+
+    // Following: output arrives while the sandbox runs, and the stream ends with it.
+    let id = server.create(&[
+        "--",
+        "sh",
+        "-c",
+        "echo first; sleep 1; echo second; sleep 1; echo third",
+    ]);
+    server.wait_for_state(&id, "running");
+    let started = Instant::now();
+    let mut follow = Command::new(common::cove_bin())
+        .args(["logs", "-f", &id])
+        .env("COVE_URL", &server.url)
+        .env("COVE_TOKEN", &server.token)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "first");
+    assert_eq!(lines.next().unwrap().unwrap(), "second");
+    assert!(
+        started.elapsed() < Duration::from_millis(1900),
+        "not streamed as it came"
+    );
+    assert_eq!(lines.next().unwrap().unwrap(), "third");
+    assert!(lines.next().is_none());
+    assert!(follow.wait().unwrap().success());
+}
