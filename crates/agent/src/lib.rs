@@ -91,6 +91,9 @@ pub struct Agent {
     children: HashMap<SandboxId, tokio::process::Child>,
     /// Sandboxes already sent SIGTERM.
     signalled: HashSet<SandboxId>,
+    /// Supervisors report here when their sandbox's command runs.
+    started_tx: tokio::sync::mpsc::UnboundedSender<SandboxId>,
+    started_rx: Option<tokio::sync::mpsc::UnboundedReceiver<SandboxId>>,
 }
 
 impl Agent {
@@ -101,12 +104,15 @@ impl Agent {
             .mode(0o700)
             .create(&root)
             .map_err(io_err("create", &root))?;
+        let (started_tx, started_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Agent {
             store,
             root,
             cove,
             children: HashMap::new(),
             signalled: HashSet::new(),
+            started_tx,
+            started_rx: Some(started_rx),
         })
     }
 
@@ -120,8 +126,10 @@ impl Agent {
         let revision = self.sweep().await?;
         let mut watch = self.store.watch(PREFIX, revision).await?;
         let mut tick = tokio::time::interval(POLL);
+        let mut started = self.started_rx.take().expect("run is called once");
         loop {
             tokio::select! {
+                Some(id) = started.recv() => self.mark_running(id).await?,
                 event = watch.next() => {
                     match event {
                         Ok(Event::Put(entry)) => {
@@ -198,10 +206,8 @@ impl Agent {
         };
         match self.spawn(&record) {
             Ok(child) => {
+                // `Running` once the supervisor says the command runs (see `mark_running`).
                 self.children.insert(id, child);
-                record.state = SandboxState::Running;
-                record.started_at_ms = Some(now_ms());
-                self.update(&record, rev).await?;
                 Ok(())
             }
             Err(e) => {
@@ -249,7 +255,8 @@ impl Agent {
         cmd.arg("supervise")
             .arg(&dir)
             .stdin(std::process::Stdio::null())
-            .stdout(log("stdout.log")?)
+            // A pipe on which it says `started`; it puts `stdout.log` in its place itself.
+            .stdout(std::process::Stdio::piped())
             .stderr(log("stderr.log")?)
             .env_clear()
             .env(
@@ -262,12 +269,42 @@ impl Agent {
         if let Some(store) = std::env::var_os("COVE_IMAGE_STORE") {
             cmd.env("COVE_IMAGE_STORE", store);
         }
-        let child = cmd.spawn().map_err(io_err("start", &self.cove))?;
+        let mut child = cmd.spawn().map_err(io_err("start", &self.cove))?;
+        if let Some(out) = child.stdout.take() {
+            let (tx, id) = (self.started_tx.clone(), record.id);
+            tokio::spawn(async move {
+                use tokio::io::AsyncBufReadExt;
+                let mut line = String::new();
+                let mut reader = tokio::io::BufReader::new(out);
+                if reader.read_line(&mut line).await.is_ok() && line == "started\n" {
+                    let _ = tx.send(id);
+                }
+            });
+        }
         if let Some(pid) = child.id() {
             let path = dir.join("pid");
             fs::write(&path, pid.to_string()).map_err(io_err("write", &path))?;
         }
         Ok(child)
+    }
+
+    /// Records that the command of `id` runs (unless its record moved on meanwhile).
+    async fn mark_running(&mut self, id: SandboxId) -> Result<(), AgentError> {
+        for _ in 0..10 {
+            let Some(entry) = self.store.get(&key(&id)).await? else {
+                return Ok(());
+            };
+            let mut record = parse(&entry.key, &entry.value)?;
+            if record.state != SandboxState::Starting {
+                return Ok(());
+            }
+            record.state = SandboxState::Running;
+            record.started_at_ms = Some(now_ms());
+            if self.update(&record, entry.mod_revision).await?.is_some() {
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 
     /// SIGTERM to the supervisor of `id`, once.

@@ -491,12 +491,25 @@ fn view(record: &SandboxRecord) -> serde_json::Value {
     v
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateQuery {
+    /// Answer once the sandbox runs (or has failed to start): the default. `false` answers
+    /// as soon as the sandbox is recorded.
+    wait: Option<bool>,
+}
+
+/// Longest `create` waits for the sandbox to run before answering with it still starting.
+const CREATE_WAIT: Duration = Duration::from_secs(60);
+
 async fn create_sandbox(
     State(api): State<Api>,
     headers: HeaderMap,
+    query: Result<Query<CreateQuery>, axum::extract::rejection::QueryRejection>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let who = caller(&api.store, &headers).await?;
+    let Query(q) = query.map_err(|e| ApiError::bad(format!("bad query: {}", e.body_text())))?;
     let req: CreateRequest = body(raw)?;
     let (spec, labels, metadata) = req.spec()?;
     let id = new_id().map_err(|_| {
@@ -525,10 +538,28 @@ async fn create_sandbox(
         report: None,
     };
     let value = serde_json::to_vec(&record).expect("a record serialises");
-    api.store
+    let rev = api
+        .store
         .put(&key(&id), value, Expect::Absent, None)
         .await?;
-    Ok((StatusCode::CREATED, Json(view(&record))).into_response())
+    if q.wait == Some(false) {
+        return Ok((StatusCode::CREATED, Json(view(&record))).into_response());
+    }
+    let mut watch = api.store.watch(&key(&id), rev).await?;
+    let deadline = tokio::time::Instant::now() + CREATE_WAIT;
+    let mut latest = record;
+    while !matches!(latest.state, SandboxState::Running | SandboxState::Exited) {
+        match tokio::time::timeout_at(deadline, watch.next()).await {
+            Ok(Ok(Event::Put(entry))) => {
+                if let Ok(r) = parse(&entry.key, &entry.value) {
+                    latest = r;
+                }
+            }
+            Ok(Ok(Event::Delete { .. })) | Err(_) => break,
+            Ok(Err(e)) => return Err(e.into()),
+        }
+    }
+    Ok((StatusCode::CREATED, Json(view(&latest))).into_response())
 }
 
 /// A sandbox of the caller's tenant, with its revision; 404 for any other.

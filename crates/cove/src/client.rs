@@ -299,7 +299,14 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
                 "metadata": pairs("--meta", &a.meta)?,
             });
             let (_, v) = c.call(reqwest::Method::POST, "/v1/sandboxes", Some(body))?;
-            println!("{}", v["id"].as_str().unwrap_or(""));
+            let id = v["id"].as_str().unwrap_or("");
+            if v["reason"] == "start_failure" {
+                bail!(
+                    "sandbox {id} failed to start: {}",
+                    v["message"].as_str().unwrap_or("no reason given")
+                );
+            }
+            println!("{id}");
         }
         ClientCommand::Ls { label, state, json } => {
             let mut query = vec!["limit=1000".to_string()];

@@ -198,6 +198,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         no_dev_template: args.dev_tmpfs,
         layers: pinned.as_ref().map(|p| p.dirs.clone()),
         state_root: None,
+        on_start: None,
     };
     let report = run_sandbox(&spec, &opts)?;
     drop(pinned);

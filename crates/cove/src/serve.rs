@@ -176,7 +176,24 @@ pub fn supervise(dir: PathBuf) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The supervisor's stdout is a pipe to the agent, told `started` when the command runs; the
+/// sandbox's stdout is `stdout.log`, put in its place here.
+fn take_notify_pipe(dir: &Path) -> anyhow::Result<std::sync::Arc<fs::File>> {
+    let notify = rustix::io::fcntl_dupfd_cloexec(std::io::stdout(), 3)
+        .context("keep the notification pipe")?;
+    let log_path = dir.join("stdout.log");
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&log_path)
+        .with_context(|| format!("open {}", log_path.display()))?;
+    rustix::stdio::dup2_stdout(&log).context("send stdout to the log")?;
+    Ok(std::sync::Arc::new(fs::File::from(notify)))
+}
+
 fn supervised_run(dir: &Path, id: SandboxId) -> anyhow::Result<RunReport> {
+    let notify = take_notify_pipe(dir)?;
     let spec_path = dir.join("spec.json");
     let bytes = fs::read(&spec_path).with_context(|| format!("read {}", spec_path.display()))?;
     let mut spec: Spec = serde_json::from_slice(&bytes).context("the sandbox spec is invalid")?;
@@ -209,6 +226,7 @@ fn supervised_run(dir: &Path, id: SandboxId) -> anyhow::Result<RunReport> {
         no_dev_template: false,
         layers: pinned.as_ref().map(|p| p.dirs.clone()),
         state_root: None,
+        on_start: Some(notify),
     };
     let report = run_sandbox(&spec, &opts)?;
     drop(pinned);

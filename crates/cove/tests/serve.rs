@@ -724,3 +724,34 @@ fn logs_are_kept_tailed_and_followed() {
     assert!(lines.next().is_none());
     assert!(follow.wait().unwrap().success());
 }
+
+#[test]
+fn create_answers_once_the_sandbox_runs_or_says_why_it_could_not() {
+    require_root();
+    let server = Server::start();
+    let id = server.create(&["--", "sleep", "300"]);
+    let v = server.inspect(&id);
+    assert_eq!(v["state"], "running", "{v}");
+    assert!(v["started_at_ms"].as_u64().unwrap() >= v["created_at_ms"].as_u64().unwrap());
+
+    // An image no registry has: the start fails, and create says so.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let image = format!("127.0.0.1:{port}/nothing:v1");
+    let out = server.cove(&["create", "--image", &image, "--", "true"]);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains("failed to start") && out.stderr.contains("Connection refused"),
+        "{}",
+        out.stderr
+    );
+    let ls = server.cove(&["ls", "--json", "--state", "exited"]);
+    let failed: serde_json::Value =
+        serde_json::from_str(ls.stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(failed["reason"], "start_failure", "{failed}");
+    assert_eq!(server.cove(&["rm", "-f", &id]).code, 0);
+    common::reap_orphans(&id);
+}

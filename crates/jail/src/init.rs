@@ -233,6 +233,7 @@ fn init(
         send(format!("X {code}\t{text}\n"));
         sys::exit(0);
     }
+    send("R\n".to_string());
     loop {
         let (sig, sender, _) = all.wait().step("wait for signals")?;
         if sig == libc::SIGCHLD {

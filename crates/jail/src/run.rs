@@ -8,7 +8,7 @@
 
 use std::ffi::CString;
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader};
+use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -78,6 +78,9 @@ pub struct RunOptions {
     pub id: Option<SandboxId>,
     /// Where state lives (default [`state::STATE_ROOT`]).
     pub state_root: Option<PathBuf>,
+    /// Told `started` (one line) once the command has been executed, then closed: how a
+    /// control plane learns that the sandbox runs.
+    pub on_start: Option<std::sync::Arc<File>>,
 }
 
 /// A fresh random sandbox id.
@@ -367,6 +370,7 @@ fn supervise(
         stop_requested: None,
         message: None,
         final_stats: None,
+        on_start: opts.on_start.clone(),
     };
     let result = sup.wait(status_r, sigfd, &go_w);
     let _ = old_mask.set_mask();
@@ -413,6 +417,8 @@ struct Supervisor<'a> {
     /// The cgroup's counters, read as soon as init reports the command's end (while init and
     /// its namespaces are still being torn down).
     final_stats: Option<cgroup::Stats>,
+    /// See [`RunOptions::on_start`].
+    on_start: Option<std::sync::Arc<File>>,
 }
 
 impl Supervisor<'_> {
@@ -442,6 +448,11 @@ impl Supervisor<'_> {
                     Ok(_) => {
                         if let Some(fd) = line.strip_prefix("P ") {
                             relay = Some(self.take_terminal(fd.trim(), go)?);
+                        } else if line == "R\n" {
+                            if let Some(f) = self.on_start.take() {
+                                // Nobody listening any more is fine.
+                                let _ = (&*f).write_all(b"started\n");
+                            }
                         } else {
                             parse_status_line(line.trim_end(), &mut report);
                             if report.wait_status.is_some() && self.final_stats.is_none() {
