@@ -129,7 +129,10 @@ impl Agent {
         let mut started = self.started_rx.take().expect("run is called once");
         loop {
             tokio::select! {
-                Some(id) = started.recv() => self.mark_running(id).await?,
+                // Off the loop: the write waits for a group commit, other sandboxes need not.
+                Some(id) = started.recv() => {
+                    tokio::spawn(mark_running(self.store.clone(), id));
+                }
                 event = watch.next() => {
                     match event {
                         Ok(Event::Put(entry)) => {
@@ -173,18 +176,14 @@ impl Agent {
     /// Makes one sandbox what its record says.
     async fn converge(&mut self, record: SandboxRecord, rev: u64) -> Result<(), AgentError> {
         let id = record.id;
+        let dir = self.dir(&id);
+        // Nothing started it yet: no supervisor of ours, none alive from before a restart, and
+        // no report of one that already ended.
+        let untouched = record.state == SandboxState::Pending
+            && !self.children.contains_key(&id)
+            && !supervisor_alive(&dir)
+            && !dir.join("report.json").exists();
         match (record.desired, record.state) {
-            (Desired::Running, SandboxState::Pending) => self.start(record, rev).await,
-            (Desired::Stopped, SandboxState::Pending) => {
-                self.end(rev, record, EndReason::Killed, None, None, None)
-                    .await
-            }
-            (_, SandboxState::Starting | SandboxState::Running) => {
-                if record.desired == Desired::Stopped && !self.signalled.contains(&id) {
-                    self.signal(&id);
-                }
-                self.check(record, rev).await
-            }
             (_, SandboxState::Exited) => {
                 self.children.remove(&id);
                 self.signalled.remove(&id);
@@ -193,17 +192,26 @@ impl Agent {
                 }
                 Ok(())
             }
+            (Desired::Running, SandboxState::Pending) if untouched => self.start(record, rev).await,
+            (Desired::Stopped, SandboxState::Pending) if untouched => {
+                self.end(rev, record, EndReason::Killed, None, None, None)
+                    .await
+            }
+            _ => {
+                if record.desired == Desired::Stopped && !self.signalled.contains(&id) {
+                    self.signal(&id);
+                }
+                self.check(record, rev).await
+            }
         }
     }
 
-    /// Starts the supervisor of a pending sandbox.
-    async fn start(&mut self, mut record: SandboxRecord, rev: u64) -> Result<(), AgentError> {
+    /// Starts the supervisor of a pending sandbox. No store write here: the record stays
+    /// `pending` until the supervisor reports the command running (one write per start, not
+    /// two); until then the supervisor itself (ours, or alive behind its lock after a restart)
+    /// is what says the sandbox is being started.
+    async fn start(&mut self, record: SandboxRecord, rev: u64) -> Result<(), AgentError> {
         let id = record.id;
-        // Claim the start first: if the record changed meanwhile, someone else decides.
-        record.state = SandboxState::Starting;
-        let Some(rev) = self.update(&record, rev).await? else {
-            return Ok(());
-        };
         match self.spawn(&record) {
             Ok(child) => {
                 // `Running` once the supervisor says the command runs (see `mark_running`).
@@ -288,25 +296,6 @@ impl Agent {
         Ok(child)
     }
 
-    /// Records that the command of `id` runs (unless its record moved on meanwhile).
-    async fn mark_running(&mut self, id: SandboxId) -> Result<(), AgentError> {
-        for _ in 0..10 {
-            let Some(entry) = self.store.get(&key(&id)).await? else {
-                return Ok(());
-            };
-            let mut record = parse(&entry.key, &entry.value)?;
-            if record.state != SandboxState::Starting {
-                return Ok(());
-            }
-            record.state = SandboxState::Running;
-            record.started_at_ms = Some(now_ms());
-            if self.update(&record, entry.mod_revision).await?.is_some() {
-                return Ok(());
-            }
-        }
-        Ok(())
-    }
-
     /// SIGTERM to the supervisor of `id`, once.
     fn signal(&mut self, id: &SandboxId) {
         if let Some(pid) = self.supervisor_pid(id)
@@ -370,7 +359,7 @@ impl Agent {
                 .await;
         }
         // Started by an agent that died before recording it: it runs, so say so.
-        if !gone && adopted && record.state == SandboxState::Starting {
+        if !gone && adopted && record.state != SandboxState::Running {
             let mut record = record;
             record.state = SandboxState::Running;
             record.started_at_ms.get_or_insert_with(now_ms);
@@ -448,4 +437,29 @@ pub fn supervisor_alive(dir: &Path) -> bool {
         file.try_lock_shared(),
         Err(std::fs::TryLockError::WouldBlock)
     )
+}
+
+/// Records that the command of `id` runs (unless its record moved on meanwhile).
+async fn mark_running(store: Embedded, id: SandboxId) {
+    for _ in 0..10 {
+        let Ok(Some(entry)) = store.get(&key(&id)).await else {
+            return;
+        };
+        let Ok(mut record) = parse(&entry.key, &entry.value) else {
+            return;
+        };
+        if !matches!(record.state, SandboxState::Pending | SandboxState::Starting) {
+            return;
+        }
+        record.state = SandboxState::Running;
+        record.started_at_ms = Some(now_ms());
+        let value = serde_json::to_vec(&record).expect("a record serialises");
+        match store
+            .put(&key(&id), value, Expect::Revision(entry.mod_revision), None)
+            .await
+        {
+            Err(StoreError::Conflict { .. }) => continue,
+            _ => return,
+        }
+    }
 }

@@ -19,6 +19,7 @@
 //!   [`EXPIRY_TICK`]; the store must be opened inside a tokio runtime.
 //! - Disk work runs on tokio's blocking threads, never on the async ones.
 
+use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
@@ -43,6 +44,13 @@ pub const EXPIRY_TICK: Duration = Duration::from_millis(100);
 /// Events a watcher may fall behind before it replays from the log.
 const CHANNEL: usize = 1024;
 
+/// One write of a group commit, and where its result goes.
+type Op = Box<
+    dyn FnOnce(&WriteTransaction, Revision) -> Result<(Vec<Event>, Box<dyn Any + Send>), StoreError>
+        + Send,
+>;
+type Slot = Arc<Mutex<Option<Result<Box<dyn Any + Send>, StoreError>>>>;
+
 /// The embedded store. Cheap to clone (one shared handle).
 #[derive(Clone)]
 pub struct Embedded {
@@ -53,6 +61,8 @@ struct Inner {
     db: Database,
     /// Held from the start of a write transaction to the broadcast of its events.
     writer: Mutex<()>,
+    /// Writes waiting for the next group commit.
+    pending: Mutex<Vec<(Op, Slot)>>,
     leases: Mutex<HashMap<LeaseId, (Duration, Instant)>>,
     /// Each committed revision's events, together.
     events: broadcast::Sender<Arc<[Event]>>,
@@ -230,54 +240,135 @@ impl Inner {
         Ok(Inner {
             db,
             writer: Mutex::new(()),
+            pending: Mutex::new(Vec::new()),
             leases: Mutex::new(leases),
             events,
         })
     }
 
     /// Runs `f` in a write transaction at the next revision; commits and broadcasts the events
-    /// it returns (none: nothing is committed and the revision does not move).
-    fn write<T>(
+    /// it returns (none: nothing is written and the revision does not move).
+    ///
+    /// **Group commit**: writes that arrive while another commit is in progress wait for the
+    /// writer lock together, and the first to get it applies all of them in one transaction,
+    /// each at its own revision, with one `fsync` for the lot. A write that fails its own check
+    /// (a conflict) changes nothing and fails alone; a failure of the disk fails the batch.
+    fn write<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&WriteTransaction, Revision) -> Result<(Vec<Event>, T), StoreError>,
+        f: impl FnOnce(&WriteTransaction, Revision) -> Result<(Vec<Event>, T), StoreError>
+        + Send
+        + 'static,
     ) -> Result<T, StoreError> {
+        let slot: Slot = Arc::new(Mutex::new(None));
+        let op: Op = Box::new(move |txn, rev| {
+            f(txn, rev).map(|(events, out)| (events, Box::new(out) as Box<dyn Any + Send>))
+        });
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((op, slot.clone()));
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let txn = self.db.begin_write().map_err(backend)?;
-        let current = txn
-            .open_table(META)
-            .map_err(backend)?
-            .get("revision")
-            .map_err(backend)?
-            .map_or(0, |v| v.value());
-        let (events, out) = f(&txn, current + 1)?;
-        if events.is_empty() {
-            txn.abort().map_err(backend)?;
-            return Ok(out);
+        if slot.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+            let batch =
+                std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+            self.commit_batch(batch);
         }
-        let revision = current + 1;
-        {
-            let mut log = txn.open_table(LOG).map_err(backend)?;
-            // One revision may hold several events (a lease taking many keys with it); the log
-            // is keyed by revision, so they are stored as consecutive sub-records.
-            let mut record = Vec::new();
-            for e in &events {
-                let encoded = encode_event(e);
-                record.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
-                record.extend(encoded);
+        let result = slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .expect("the batch that held this write answered it");
+        result.map(|out| *out.downcast::<T>().expect("the write's own type"))
+    }
+
+    /// Applies `batch` in one transaction; the caller holds the writer lock.
+    fn commit_batch(&self, batch: Vec<(Op, Slot)>) {
+        let answer = |slot: &Slot, r: Result<Box<dyn Any + Send>, StoreError>| {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        };
+        let fail_all = |batch: &[Slot], e: &StoreError| {
+            for slot in batch {
+                answer(slot, Err(StoreError::Backend(e.to_string())));
             }
-            log.insert(revision, record.as_slice()).map_err(backend)?;
-            if revision > LOG_KEEP {
-                log.remove(revision - LOG_KEEP).map_err(backend)?;
+        };
+        let slots: Vec<Slot> = batch.iter().map(|(_, s)| s.clone()).collect();
+        let txn = match self.db.begin_write() {
+            Ok(t) => t,
+            Err(e) => return fail_all(&slots, &backend(e)),
+        };
+        let current = match txn.open_table(META).map_err(backend).and_then(|m| {
+            m.get("revision")
+                .map_err(backend)
+                .map(|v| v.map_or(0, |v| v.value()))
+        }) {
+            Ok(c) => c,
+            Err(e) => return fail_all(&slots, &e),
+        };
+        let mut revision = current;
+        let mut results = Vec::with_capacity(batch.len());
+        let mut committed: Vec<Vec<Event>> = Vec::new();
+        for (op, _) in batch {
+            match op(&txn, revision + 1) {
+                Ok((events, out)) => {
+                    if !events.is_empty() {
+                        revision += 1;
+                        if let Err(e) = self.log(&txn, revision, &events) {
+                            return fail_all(&slots, &e);
+                        }
+                        committed.push(events);
+                    }
+                    results.push(Ok(out));
+                }
+                // Checks fail before anything is written: only this write fails.
+                Err(
+                    e @ (StoreError::Conflict { .. }
+                    | StoreError::NoLease(_)
+                    | StoreError::Invalid { .. }),
+                ) => results.push(Err(e)),
+                Err(e) => return fail_all(&slots, &e),
             }
+        }
+        let finished = if revision == current {
+            txn.abort().map_err(backend)
+        } else {
             txn.open_table(META)
-                .map_err(backend)?
-                .insert("revision", revision)
-                .map_err(backend)?;
+                .map_err(backend)
+                .and_then(|mut m| m.insert("revision", revision).map_err(backend).map(drop))
+                .and_then(|()| txn.commit().map_err(backend))
+        };
+        if let Err(e) = finished {
+            return fail_all(&slots, &e);
         }
-        txn.commit().map_err(backend)?;
-        // No receivers is fine.
-        let _ = self.events.send(events.into());
-        Ok(out)
+        for events in committed {
+            // No receivers is fine.
+            let _ = self.events.send(events.into());
+        }
+        for (slot, r) in slots.iter().zip(results) {
+            answer(slot, r);
+        }
+    }
+
+    /// Records one revision's events in the log (and forgets the oldest beyond `LOG_KEEP`).
+    fn log(
+        &self,
+        txn: &WriteTransaction,
+        revision: Revision,
+        events: &[Event],
+    ) -> Result<(), StoreError> {
+        let mut log = txn.open_table(LOG).map_err(backend)?;
+        // One revision may hold several events (a lease taking many keys with it); the log is
+        // keyed by revision, so they are stored as consecutive sub-records.
+        let mut record = Vec::new();
+        for e in events {
+            let encoded = encode_event(e);
+            record.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
+            record.extend(encoded);
+        }
+        log.insert(revision, record.as_slice()).map_err(backend)?;
+        if revision > LOG_KEEP {
+            log.remove(revision - LOG_KEEP).map_err(backend)?;
+        }
+        Ok(())
     }
 
     fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
@@ -374,7 +465,9 @@ impl Inner {
         {
             return Err(StoreError::NoLease(l));
         }
-        self.write(|txn, revision| {
+        let (key, value) = (key.to_string(), value.to_vec());
+        self.write(move |txn, revision| {
+            let key = key.as_str();
             let current = Self::current(txn, key)?;
             Self::check(key, expect, &current)?;
             let create = current.as_ref().map_or(revision, |e| e.create_revision);
@@ -391,11 +484,14 @@ impl Inner {
             }
             txn.open_table(KV)
                 .map_err(backend)?
-                .insert(key, encode_entry(create, revision, lease, value).as_slice())
+                .insert(
+                    key,
+                    encode_entry(create, revision, lease, &value).as_slice(),
+                )
                 .map_err(backend)?;
             let entry = Entry {
                 key: key.to_string(),
-                value: value.to_vec(),
+                value,
                 create_revision: create,
                 mod_revision: revision,
                 lease,
@@ -405,7 +501,9 @@ impl Inner {
     }
 
     fn delete(&self, key: &str, expect: Expect) -> Result<Option<Revision>, StoreError> {
-        self.write(|txn, revision| {
+        let key = key.to_string();
+        self.write(move |txn, revision| {
+            let key = key.as_str();
             let current = Self::current(txn, key)?;
             Self::check(key, expect, &current)?;
             let Some(current) = current else {
@@ -478,7 +576,7 @@ impl Inner {
         {
             return Err(StoreError::NoLease(lease));
         }
-        self.write(|txn, revision| {
+        self.write(move |txn, revision| {
             let prefix = format!("{:016x}/", lease.0);
             let keys: Vec<String> = {
                 let table = txn.open_table(LEASE_KEYS).map_err(backend)?;

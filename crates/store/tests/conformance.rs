@@ -259,6 +259,36 @@ async fn racing_writers_lose_no_update<K: Kv + 'static>(kv: Arc<K>) {
     assert_eq!(e.value, b"80");
 }
 
+async fn concurrent_writes_get_distinct_revisions_in_order<K: Kv + 'static>(kv: Arc<K>) {
+    let mut w = kv.watch("/many/", 0).await.unwrap();
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let kv = kv.clone();
+            tokio::spawn(async move {
+                kv.put(&format!("/many/{i}"), vec![i as u8], Expect::Absent, None)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut revisions = Vec::new();
+    for t in tasks {
+        revisions.push(t.await.unwrap());
+    }
+    revisions.sort();
+    assert_eq!(revisions, (1..=64).collect::<Vec<u64>>());
+    for expected in 1..=64 {
+        let e = next(&mut w).await;
+        assert_eq!(e.revision(), expected);
+        let Event::Put(entry) = e else { panic!() };
+        assert_eq!(entry.key, format!("/many/{}", entry.value[0]));
+    }
+    assert_eq!(
+        kv.list("/many/", None, 100).await.unwrap().entries.len(),
+        64
+    );
+}
+
 async fn leases_keep_keys_alive_and_take_them_away<K: Kv>(kv: &K) {
     let err = kv
         .put("/node/x", b"".to_vec(), Expect::Any, Some(LeaseId(999_999)))
@@ -355,6 +385,13 @@ mod embedded {
         leases_keep_keys_alive_and_take_them_away,
         bad_keys_and_values_are_refused,
     );
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_get_distinct_revisions_in_order() {
+        let dir = Dir::new("concurrent");
+        super::concurrent_writes_get_distinct_revisions_in_order(Arc::new(embedded(&dir).await))
+            .await;
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn racing_writers_lose_no_update() {

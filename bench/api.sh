@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The control plane's latency: `cove serve` on loopback, sandboxes of the `host` image created
+# through the REST API and answered once they run (POST /v1/sandboxes waits for `running`).
+#
+#   sudo bench/api.sh                 # 100 sequential creates, 200 at 50 concurrent, 100 execs
+#   SEQ=200 CONC=50 TOTAL=400 EXECS=200 sudo bench/api.sh
+#
+# Prints create-to-running p50/p99 (sequential and concurrent), sandboxes created per second
+# at that concurrency, and the exec round trip (POST .../exec of `true`), all measured by the
+# client. Every sandbox is removed at the end. Needs root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "api.sh: run as root" >&2; exit 1; }
+SEQ="${SEQ:-100}"
+CONC="${CONC:-50}"
+TOTAL="${TOTAL:-200}"
+EXECS="${EXECS:-100}"
+WORK="${BENCH_WORK:-/var/tmp/cove-bench-api}"
+scripts/deps.sh bench
+COVE=$(scripts/build-release.sh 2>/dev/null)
+
+rm -rf "$WORK"; mkdir -p "$WORK"
+SERVER_PID=
+cleanup() { [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$WORK"; }
+trap cleanup EXIT
+"$COVE" serve --listen 127.0.0.1:0 --data-dir "$WORK/data" 2>"$WORK/serve.log" &
+SERVER_PID=$!
+for _ in $(seq 100); do grep -q "listening on" "$WORK/serve.log" 2>/dev/null && break; sleep 0.05; done
+URL=$(sed -n 's/^cove: listening on //p' "$WORK/serve.log")
+TOKEN=$(cat "$WORK/data/admin-token")
+
+python3 - "$URL" "$TOKEN" "$SEQ" "$CONC" "$TOTAL" "$EXECS" <<'PY'
+import http.client, json, statistics, sys, threading, time, urllib.parse
+url, token, seq, conc, total, execs = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+u = urllib.parse.urlparse(url)
+H = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+def call(conn, method, path, body=None):
+    conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=H)
+    r = conn.getresponse()
+    data = r.read()
+    return r.status, (json.loads(data) if data else None)
+
+def create(conn):
+    t = time.perf_counter()
+    status, v = call(conn, "POST", "/v1/sandboxes", {"cmd": ["sleep", "3600"]})
+    dt = time.perf_counter() - t
+    assert status == 201 and v["state"] == "running", (status, v)
+    return dt, v["id"]
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+ids = []
+conn = http.client.HTTPConnection(u.hostname, u.port)
+lat = []
+for _ in range(seq):
+    dt, i = create(conn); lat.append(dt); ids.append(i)
+print(f"create-to-running, sequential:  p50 {pct(lat,50)*1000:6.1f} ms  p99 {pct(lat,99)*1000:6.1f} ms  ({seq} sandboxes)")
+
+lat_c, lock = [], threading.Lock()
+per = total // conc
+def worker():
+    c = http.client.HTTPConnection(u.hostname, u.port)
+    for _ in range(per):
+        dt, i = create(c)
+        with lock:
+            lat_c.append(dt); ids.append(i)
+threads = [threading.Thread(target=worker) for _ in range(conc)]
+t0 = time.perf_counter()
+for t in threads: t.start()
+for t in threads: t.join()
+elapsed = time.perf_counter() - t0
+n = per * conc
+print(f"create-to-running, {conc} concurrent: p50 {pct(lat_c,50)*1000:6.1f} ms  p99 {pct(lat_c,99)*1000:6.1f} ms  ({n} sandboxes)")
+print(f"sandboxes created per second at {conc} concurrent: {n / elapsed:.0f}")
+
+ex = []
+target = ids[0]
+for _ in range(execs):
+    t = time.perf_counter()
+    status, v = call(conn, "POST", f"/v1/sandboxes/{target}/exec", {"cmd": ["true"]})
+    ex.append(time.perf_counter() - t)
+    assert status == 200 and v["exit_code"] == 0, (status, v)
+print(f"exec round trip (true):         p50 {pct(ex,50)*1000:6.1f} ms  p99 {pct(ex,99)*1000:6.1f} ms  ({execs} execs)")
+
+for i in ids:
+    call(conn, "DELETE", f"/v1/sandboxes/{i}?force=true")
+PY
