@@ -199,6 +199,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         layers: pinned.as_ref().map(|p| p.dirs.clone()),
         state_root: None,
         on_start: None,
+        quiet: false,
     };
     let report = run_sandbox(&spec, &opts)?;
     drop(pinned);

@@ -63,9 +63,13 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .mode(0o711)
         .create(data)
         .with_context(|| format!("create {}", data.display()))?;
-    let store = Embedded::open(&data.join("state.redb"))
+    let db = data.join("state.redb");
+    let store = Embedded::open(&db)
         .await
         .with_context(|| format!("open the state store in {}", data.display()))?;
+    // Specs hold environment values, which may be secrets: root only.
+    fs::set_permissions(&db, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .with_context(|| format!("restrict {}", db.display()))?;
     let token_path = data.join(ADMIN_TOKEN_FILE);
     let token = admin_token(&token_path)?;
     register_token(
@@ -227,6 +231,7 @@ fn supervised_run(dir: &Path, id: SandboxId) -> anyhow::Result<RunReport> {
         layers: pinned.as_ref().map(|p| p.dirs.clone()),
         state_root: None,
         on_start: Some(notify),
+        quiet: true,
     };
     let report = run_sandbox(&spec, &opts)?;
     drop(pinned);

@@ -200,6 +200,15 @@ fn create_wait_inspect_list_and_remove() {
         "{}",
         out.stderr
     );
+    // What holds tokens and specs (environment values may be secrets) is root's alone.
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["admin-token", "state.redb", "sandboxes"] {
+        let mode = std::fs::metadata(server.data.join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{f} is open to others: {mode:o}");
+    }
     let v = server.inspect(&id);
     assert_eq!(v["state"], "exited");
     assert_eq!(v["reason"], "exited");

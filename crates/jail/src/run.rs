@@ -78,6 +78,9 @@ pub struct RunOptions {
     pub id: Option<SandboxId>,
     /// Where state lives (default [`state::STATE_ROOT`]).
     pub state_root: Option<PathBuf>,
+    /// Print nothing of its own on stderr (under `cove serve`, stderr is the sandbox's log, which
+    /// its tenant reads: it must not learn of other sandboxes).
+    pub quiet: bool,
     /// Told `started` (one line) once the command has been executed, then closed: how a
     /// control plane learns that the sandbox runs.
     pub on_start: Option<std::sync::Arc<File>>,
@@ -355,8 +358,10 @@ fn supervise(
 
     // Opportunistic reaping of sandboxes whose supervisor was killed, while ours starts.
     let reaped = state::gc(state_root, hierarchy, state::Scope::Abandoned);
-    for line in &reaped.removed {
-        eprintln!("cove: reaped stale {line}");
+    if !opts.quiet {
+        for line in &reaped.removed {
+            eprintln!("cove: reaped stale {line}");
+        }
     }
 
     let mut sup = Supervisor {
