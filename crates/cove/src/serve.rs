@@ -117,6 +117,15 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The sandbox id a sandbox directory is named by.
+fn dir_id(dir: &Path) -> anyhow::Result<SandboxId> {
+    dir.file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("")
+        .parse()
+        .context("the directory is not named by a sandbox id")
+}
+
 /// The admin token, created (root-only) on first start.
 fn admin_token(path: &Path) -> anyhow::Result<String> {
     match fs::read_to_string(path) {
@@ -153,12 +162,7 @@ pub fn supervise(dir: PathBuf) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("open {}", lock_path.display()))?;
     lock.try_lock()
         .map_err(|_| anyhow!("another supervisor runs {}", dir.display()))?;
-    let id: SandboxId = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("")
-        .parse()
-        .context("the directory is not named by a sandbox id")?;
+    let id = dir_id(&dir)?;
     let report = match supervised_run(&dir, id) {
         Ok(r) => r,
         Err(e) => RunReport {
@@ -404,12 +408,7 @@ fn exec_in_sandbox(
     workdir: Option<PathBuf>,
     cmd: Vec<String>,
 ) -> anyhow::Result<ExitCode> {
-    let id: SandboxId = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("")
-        .parse()
-        .context("the directory is not named by a sandbox id")?;
+    let id = dir_id(dir)?;
     let path = dir.join("resolved.json");
     let bytes = fs::read(&path).map_err(|_| anyhow!("sandbox {id} is not running"))?;
     let spec: Spec = serde_json::from_slice(&bytes).context("the sandbox spec is invalid")?;
