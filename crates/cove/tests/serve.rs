@@ -764,3 +764,95 @@ fn create_answers_once_the_sandbox_runs_or_says_why_it_could_not() {
     assert_eq!(server.cove(&["rm", "-f", &id]).code, 0);
     common::reap_orphans(&id);
 }
+
+/// The restart drill: 50 sandboxes running, the server killed (-9) while 50 more are
+/// being created, a restart; then every sandbox the API ever acknowledged or recorded is either
+/// running and tracked or ended with a reason, and removing them all leaves nothing behind.
+#[test]
+fn a_server_killed_mid_burst_loses_nothing_and_leaks_nothing() {
+    require_root();
+    let mut server = Server::start();
+    let mut acked: Vec<String> = (0..50)
+        .map(|_| server.create(&["--", "sleep", "600"]))
+        .collect();
+    // 50 more from 10 clients at once; the server dies while they are in flight.
+    let (url, token) = (server.url.clone(), server.token.clone());
+    let clients: Vec<_> = (0..10)
+        .map(|_| {
+            let (url, token) = (url.clone(), token.clone());
+            std::thread::spawn(move || {
+                let mut ids = Vec::new();
+                for _ in 0..5 {
+                    let out = Command::new(common::cove_bin())
+                        .args(["create", "--", "sleep", "600"])
+                        .env("COVE_URL", &url)
+                        .env("COVE_TOKEN", &token)
+                        .output()
+                        .unwrap();
+                    if out.status.success() {
+                        ids.push(String::from_utf8(out.stdout).unwrap().trim().to_string());
+                    }
+                }
+                ids
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    server.kill9();
+    for c in clients {
+        acked.extend(c.join().unwrap());
+    }
+    let data = server.data.clone();
+    let restarted = Server::start_in(data);
+
+    // Every acknowledged sandbox is known, and everything known settles.
+    let ls = restarted.cove(&["ls", "--json"]);
+    let known: Vec<serde_json::Value> = ls
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let known_ids: Vec<&str> = known.iter().map(|v| v["id"].as_str().unwrap()).collect();
+    for id in &acked {
+        assert!(
+            known_ids.contains(&id.as_str()),
+            "acknowledged sandbox {id} is lost"
+        );
+    }
+    assert!(known.len() >= 50, "{}", known.len());
+    for id in &known_ids {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = restarted.inspect(id);
+            match v["state"].as_str().unwrap() {
+                "running" => {
+                    let comm: String = format!("cove-{id}").chars().take(15).collect();
+                    let alive = std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+                        std::fs::read_to_string(e.path().join("comm"))
+                            .is_ok_and(|c| c.trim() == comm)
+                    });
+                    assert!(alive, "{id} is recorded running but is not: {v}");
+                    break;
+                }
+                "exited" => {
+                    assert!(v["reason"].is_string(), "{id} ended without a reason: {v}");
+                    break;
+                }
+                _ => {
+                    assert!(Instant::now() < deadline, "{id} never settled: {v}");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+    for id in &known_ids {
+        let out = restarted.cove(&["rm", "-f", id]);
+        assert_eq!(out.code, 0, "{id}: {}", out.stderr);
+    }
+    assert_eq!(restarted.cove(&["ls", "--json"]).stdout, "");
+    for id in &known_ids {
+        common::reap_orphans(id);
+        common::assert_no_leaks(id);
+    }
+    drop(server);
+}
