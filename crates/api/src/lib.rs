@@ -164,6 +164,94 @@ pub struct Api {
     pub executor: std::sync::Arc<dyn Executor>,
     /// Where each sandbox's directory (with `stdout.log` and `stderr.log`) is.
     pub sandboxes_dir: std::path::PathBuf,
+    /// Quotas of tenants created without their own.
+    pub default_quotas: Quotas,
+    /// Serialises quota checks per tenant (count, then record), so that concurrent creates
+    /// cannot together pass a quota each of them alone respects.
+    pub quota_locks: QuotaLocks,
+}
+
+/// One lock per tenant, made on first use.
+pub type QuotaLocks =
+    std::sync::Arc<tokio::sync::Mutex<BTreeMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>>;
+
+impl Api {
+    /// Checks that `spec` fits in `tenant`'s quotas next to its sandboxes that have not
+    /// ended; the admin tenant has none.
+    async fn check_quota(&self, tenant: &str, spec: &Spec) -> Result<(), ApiError> {
+        let Some(entry) = self.store.get(&format!("{TENANTS}{tenant}")).await? else {
+            return Ok(());
+        };
+        let quotas = serde_json::from_slice::<TenantRecord>(&entry.value)
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "tenant record damaged",
+                )
+            })?
+            .quotas;
+        let (mut count, mut memory, mut cpus) = (0u32, 0u64, 0u64);
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.list(PREFIX, after.as_deref(), MAX_PAGE).await?;
+            for e in &page.entries {
+                if let Ok(r) = parse(&e.key, &e.value)
+                    && r.tenant == tenant
+                    && !r.state.is_final()
+                {
+                    count += 1;
+                    memory += r.spec.limits.memory.as_bytes();
+                    cpus += u64::from(r.spec.limits.cpus_millis);
+                }
+            }
+            if !page.more {
+                break;
+            }
+            after = page.entries.last().map(|e| e.key.clone());
+        }
+        let over = |what: String| {
+            Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "quota_exceeded",
+                format!("tenant {tenant}: {what}"),
+            ))
+        };
+        if count + 1 > quotas.sandboxes {
+            return over(format!(
+                "{count} sandboxes already, quota {}",
+                quotas.sandboxes
+            ));
+        }
+        let want_mem = memory + spec.limits.memory.as_bytes();
+        if want_mem > quotas.memory.as_bytes() {
+            return over(format!(
+                "{} more memory would make {}, quota {}",
+                spec.limits.memory,
+                cove_types::Size::bytes(want_mem),
+                quotas.memory
+            ));
+        }
+        let want_cpus = cpus + u64::from(spec.limits.cpus_millis);
+        if want_cpus > quotas.cpus_millis {
+            return over(format!(
+                "{} more CPUs would make {}, quota {}",
+                f64::from(spec.limits.cpus_millis) / 1000.0,
+                want_cpus as f64 / 1000.0,
+                quotas.cpus_millis as f64 / 1000.0
+            ));
+        }
+        Ok(())
+    }
+
+    async fn quota_lock(&self, tenant: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+        self.quota_locks
+            .lock()
+            .await
+            .entry(tenant.to_string())
+            .or_default()
+            .clone()
+    }
 }
 
 /// The router: `/healthz`, `/readyz` and `/v1`.
@@ -317,7 +405,34 @@ async fn readyz(State(api): State<Api>) -> Response {
 #[serde(deny_unknown_fields)]
 struct TenantRequest {
     name: String,
+    /// Limits for this tenant (default: the server's).
+    #[serde(default)]
+    quotas: Option<Quotas>,
 }
+
+/// What one tenant may hold at once. Sandboxes that have ended count for nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quotas {
+    /// Sandboxes not yet ended.
+    pub sandboxes: u32,
+    /// Sum of their memory limits.
+    pub memory: cove_types::Size,
+    /// Sum of their CPU quotas, in thousandths of a CPU.
+    pub cpus_millis: u64,
+}
+
+/// A tenant, as stored under `/cove/tenants/<name>`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantRecord {
+    /// The tenant's name.
+    pub name: String,
+    /// Its quotas.
+    pub quotas: Quotas,
+}
+
+const TENANTS: &str = "/cove/tenants/";
 
 async fn create_tenant(
     State(api): State<Api>,
@@ -351,6 +466,31 @@ async fn create_tenant(
             "no randomness",
         )
     })?;
+    let tenant = TenantRecord {
+        name: req.name.clone(),
+        quotas: req.quotas.unwrap_or(api.default_quotas),
+    };
+    let value = serde_json::to_vec(&tenant).expect("a tenant serialises");
+    match api
+        .store
+        .put(
+            &format!("{TENANTS}{}", req.name),
+            value,
+            Expect::Absent,
+            None,
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(StoreError::Conflict { .. }) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("tenant {} exists", req.name),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    }
     register_token(
         &api.store,
         &token,
@@ -362,7 +502,7 @@ async fn create_tenant(
     .await?;
     Ok((
         StatusCode::CREATED,
-        Json(serde_json::json!({"tenant": req.name, "token": token})),
+        Json(serde_json::json!({"tenant": req.name, "token": token, "quotas": tenant.quotas})),
     )
         .into_response())
 }
@@ -538,10 +678,14 @@ async fn create_sandbox(
         report: None,
     };
     let value = serde_json::to_vec(&record).expect("a record serialises");
-    let rev = api
-        .store
-        .put(&key(&id), value, Expect::Absent, None)
-        .await?;
+    let lock = api.quota_lock(&record.tenant).await;
+    let rev = {
+        let _held = lock.lock().await;
+        api.check_quota(&record.tenant, &record.spec).await?;
+        api.store
+            .put(&key(&id), value, Expect::Absent, None)
+            .await?
+    };
     if q.wait == Some(false) {
         return Ok((StatusCode::CREATED, Json(view(&record))).into_response());
     }

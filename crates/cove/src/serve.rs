@@ -43,6 +43,30 @@ pub struct ServeArgs {
     /// Where Cove keeps its state: the store, the sandboxes' directories, the admin token.
     #[arg(long, value_name = "DIR", default_value = DATA_DIR, env = "COVE_DATA_DIR")]
     data_dir: PathBuf,
+    /// Default quota of a tenant: sandboxes not yet ended.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 100,
+        help_heading = "Tenant quotas"
+    )]
+    quota_sandboxes: u32,
+    /// Default quota of a tenant: sum of its sandboxes' memory limits.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        default_value = "64G",
+        help_heading = "Tenant quotas"
+    )]
+    quota_memory: cove_types::Size,
+    /// Default quota of a tenant: sum of its sandboxes' CPUs.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value = "32",
+        help_heading = "Tenant quotas"
+    )]
+    quota_cpus: String,
 }
 
 /// `cove serve`.
@@ -105,6 +129,12 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<ExitCode> {
         store,
         executor,
         sandboxes_dir: data.join("sandboxes"),
+        default_quotas: cove_api::Quotas {
+            sandboxes: args.quota_sandboxes,
+            memory: args.quota_memory,
+            cpus_millis: u64::from(cove_types::parse_cpus(&args.quota_cpus)?),
+        },
+        quota_locks: Default::default(),
     };
     let server = axum::serve(listener, router(api)).with_graceful_shutdown(shutdown);
     tokio::select! {

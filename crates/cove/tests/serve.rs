@@ -856,3 +856,65 @@ fn a_server_killed_mid_burst_loses_nothing_and_leaks_nothing() {
     }
     drop(server);
 }
+
+#[test]
+fn tenants_are_held_to_their_quotas() {
+    require_root();
+    let server = Server::start();
+    let (code, v) = server.curl(
+        Some(&server.token),
+        "POST",
+        "/v1/tenants",
+        Some(r#"{"name":"small","quotas":{"sandboxes":2,"memory":"1G","cpus_millis":1500}}"#),
+    );
+    assert_eq!(code, 201, "{v}");
+    let small = v["token"].as_str().unwrap().to_string();
+    let create = |args: &[&str]| {
+        let mut all = vec!["create"];
+        all.extend_from_slice(args);
+        server.cove_as(&small, &all)
+    };
+    let a = create(&["--memory", "256M", "--cpus", "0.5", "--", "sleep", "300"]);
+    assert_eq!(a.code, 0, "{}", a.stderr);
+    // Over the memory quota: 256M + 1G > 1G.
+    let out = create(&["--memory", "1G", "--cpus", "0.5", "--", "sleep", "300"]);
+    assert!(
+        out.stderr.contains("quota 1G") && out.stderr.contains("HTTP 429"),
+        "{}",
+        out.stderr
+    );
+    // Over the CPU quota: 0.5 + 1.5 > 1.5.
+    let out = create(&["--memory", "256M", "--cpus", "1.5", "--", "sleep", "300"]);
+    assert!(
+        out.stderr.contains("quota 1.5") && out.stderr.contains("HTTP 429"),
+        "{}",
+        out.stderr
+    );
+    let b = create(&["--memory", "256M", "--cpus", "0.5", "--", "sleep", "300"]);
+    assert_eq!(b.code, 0, "{}", b.stderr);
+    // Over the sandbox count.
+    let out = create(&["--memory", "64M", "--cpus", "0.1", "--", "sleep", "300"]);
+    assert!(
+        out.stderr.contains("2 sandboxes already, quota 2"),
+        "{}",
+        out.stderr
+    );
+    // An ended sandbox counts for nothing.
+    let a = a.stdout.trim().to_string();
+    assert_eq!(server.cove_as(&small, &["stop", &a]).code, 0);
+    server.cove_as(&small, &["wait", &a]);
+    let c = create(&["--memory", "64M", "--cpus", "0.1", "--", "sleep", "300"]);
+    assert_eq!(c.code, 0, "{}", c.stderr);
+    // The same name twice is a conflict, not a second tenant.
+    let (code, _) = server.curl(
+        Some(&server.token),
+        "POST",
+        "/v1/tenants",
+        Some(r#"{"name":"small"}"#),
+    );
+    assert_eq!(code, 409);
+    for id in [a, b.stdout.trim().to_string(), c.stdout.trim().to_string()] {
+        server.cove_as(&small, &["rm", "-f", &id]);
+        common::reap_orphans(&id);
+    }
+}
