@@ -289,22 +289,20 @@ impl Agent {
                 }
             });
         }
-        if let Some(pid) = child.id() {
-            let path = dir.join("pid");
-            fs::write(&path, pid.to_string()).map_err(io_err("write", &path))?;
-        }
         Ok(child)
     }
 
     /// SIGTERM to the supervisor of `id`, once.
     fn signal(&mut self, id: &SandboxId) {
+        // Not signalled yet if its pid is not known yet (a supervisor writes it right after
+        // taking its lock): the next pass tries again.
         if let Some(pid) = self.supervisor_pid(id)
             && let Some(pid) = rustix::process::Pid::from_raw(pid as i32)
         {
             // Gone meanwhile is fine: the next check records how it ended.
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            self.signalled.insert(*id);
         }
-        self.signalled.insert(*id);
     }
 
     /// The pid of the supervisor of `id`, if it still runs.

@@ -395,11 +395,14 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
         }
         ClientCommand::Rm { force, ids } => {
             for id in ids {
-                c.call(
+                let (status, _) = c.call(
                     reqwest::Method::DELETE,
                     &format!("/v1/sandboxes/{id}?force={force}"),
                     None,
                 )?;
+                if status == 202 {
+                    eprintln!("cove: {id} is still stopping; it is removed when it ends");
+                }
                 println!("{id}");
             }
         }

@@ -192,6 +192,11 @@ pub fn supervise(dir: PathBuf) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("open {}", lock_path.display()))?;
     lock.try_lock()
         .map_err(|_| anyhow!("another supervisor runs {}", dir.display()))?;
+    // Whoever holds the lock says who it is (the agent signals it by this pid, after checking
+    // the lock is still held, so a recycled pid is never signalled).
+    let pid_path = dir.join("pid");
+    fs::write(&pid_path, std::process::id().to_string())
+        .with_context(|| format!("write {}", pid_path.display()))?;
     let id = dir_id(&dir)?;
     let report = match supervised_run(&dir, id) {
         Ok(r) => r,
