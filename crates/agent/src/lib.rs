@@ -198,12 +198,53 @@ impl Agent {
                     .await
             }
             _ => {
+                // Pause and resume: the cgroup freezer, then the state that says so (the watch
+                // brings the new record back here).
+                let frozen = match (record.desired, record.state) {
+                    (Desired::Paused, SandboxState::Running) => Some(true),
+                    (Desired::Running | Desired::Stopped, SandboxState::Paused) => Some(false),
+                    _ => None,
+                };
+                if let Some(freeze) = frozen {
+                    return self.set_frozen(record, rev, freeze).await;
+                }
                 if record.desired == Desired::Stopped && !self.signalled.contains(&id) {
                     self.signal(&id);
                 }
                 self.check(record, rev).await
             }
         }
+    }
+
+    /// Freezes or thaws a sandbox's cgroup and records it. A stop thaws first: frozen
+    /// processes cannot act on a signal, not even die of SIGKILL.
+    async fn set_frozen(
+        &mut self,
+        mut record: SandboxRecord,
+        rev: u64,
+        freeze: bool,
+    ) -> Result<(), AgentError> {
+        let cgroup = cove_jail::state::cgroup_name(&record.id);
+        let done = cove_jail::cgroup::Hierarchy::detect().and_then(|h| {
+            let cg = h.open(&cgroup);
+            if freeze { cg.freeze() } else { cg.thaw() }
+        });
+        if let Err(e) = done {
+            // Gone already (it ended): the next check records how.
+            eprintln!(
+                "cove: agent: cannot {} {}: {e}",
+                if freeze { "pause" } else { "resume" },
+                record.id
+            );
+            return self.check(record, rev).await;
+        }
+        record.state = if freeze {
+            SandboxState::Paused
+        } else {
+            SandboxState::Running
+        };
+        self.update(&record, rev).await?;
+        Ok(())
     }
 
     /// Starts the supervisor of a pending sandbox. No store write here: the record stays

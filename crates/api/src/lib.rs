@@ -266,6 +266,8 @@ pub fn router(api: Api) -> Router {
             get(get_sandbox).delete(delete_sandbox),
         )
         .route("/v1/sandboxes/{id}/stop", post(stop_sandbox))
+        .route("/v1/sandboxes/{id}/pause", post(pause_sandbox))
+        .route("/v1/sandboxes/{id}/resume", post(resume_sandbox))
         .route("/v1/sandboxes/{id}/wait", get(wait_sandbox))
         .route("/v1/sandboxes/{id}/exec", post(exec_sandbox))
         .route("/v1/sandboxes/{id}/logs", get(logs_sandbox))
@@ -847,6 +849,88 @@ async fn request_stop(
         current: None,
     }
     .into())
+}
+
+/// `pause` and `resume`: the wanted state, set if the sandbox is in a state it applies to;
+/// answers once the agent has done it (or after 10 s, with the record as it is then).
+async fn pause_or_resume(
+    api: &Api,
+    who: &Caller,
+    id: &str,
+    pause: bool,
+) -> Result<Response, ApiError> {
+    let (want, from, to) = if pause {
+        (Desired::Paused, SandboxState::Running, SandboxState::Paused)
+    } else {
+        (
+            Desired::Running,
+            SandboxState::Paused,
+            SandboxState::Running,
+        )
+    };
+    let mut attempts = 0;
+    let rev = loop {
+        let (mut record, rev) = load(api, who, id).await?;
+        if record.state == to {
+            return Ok(Json(view(&record)).into_response());
+        }
+        if record.state != from || record.desired == Desired::Stopped {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                if pause { "not_running" } else { "not_paused" },
+                format!("sandbox {id} is {}", record.state.as_str()),
+            ));
+        }
+        record.desired = want;
+        let value = serde_json::to_vec(&record).expect("a record serialises");
+        match api
+            .store
+            .put(&key(&record.id), value, Expect::Revision(rev), None)
+            .await
+        {
+            Ok(r) => break r,
+            Err(StoreError::Conflict { .. }) if attempts < 10 => attempts += 1,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let sid: SandboxId = id.parse().expect("load checked the id");
+    let mut watch = api.store.watch(&key(&sid), rev).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, watch.next()).await {
+            Ok(Ok(Event::Put(entry))) => {
+                if let Ok(r) = parse(&entry.key, &entry.value)
+                    && (r.state == to || r.state.is_final())
+                {
+                    return Ok(Json(view(&r)).into_response());
+                }
+            }
+            Ok(Ok(Event::Delete { .. })) => return Err(ApiError::not_found(id)),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                let (r, _) = load(api, who, id).await?;
+                return Ok((StatusCode::ACCEPTED, Json(view(&r))).into_response());
+            }
+        }
+    }
+}
+
+async fn pause_sandbox(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = caller(&api.store, &headers).await?;
+    pause_or_resume(&api, &who, &id, true).await
+}
+
+async fn resume_sandbox(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = caller(&api.store, &headers).await?;
+    pause_or_resume(&api, &who, &id, false).await
 }
 
 async fn stop_sandbox(

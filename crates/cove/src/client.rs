@@ -62,6 +62,18 @@ pub enum ClientCommand {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Pause sandboxes: their processes frozen, their memory kept.
+    Pause {
+        /// Sandbox ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Resume paused sandboxes.
+    Resume {
+        /// Sandbox ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
     /// Remove sandboxes and their records.
     Rm {
         /// Stop running ones first (otherwise removing a running sandbox is refused).
@@ -270,9 +282,23 @@ impl Client {
     }
 }
 
+/// `POST /v1/sandboxes/{id}/{verb}` for each id, printing the ids done.
+fn each(c: &Client, verb: &str, ids: &[String]) -> anyhow::Result<()> {
+    for id in ids {
+        c.call(
+            reqwest::Method::POST,
+            &format!("/v1/sandboxes/{id}/{verb}"),
+            None,
+        )?;
+        println!("{id}");
+    }
+    Ok(())
+}
+
 /// Runs a client command.
 pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
     let c = Client::new(conn)?;
+
     match cmd {
         ClientCommand::Create(a) => {
             let mut limits = Limits::default();
@@ -383,16 +409,9 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
             let (_, v) = c.call(reqwest::Method::GET, &format!("/v1/sandboxes/{id}"), None)?;
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
-        ClientCommand::Stop { ids } => {
-            for id in ids {
-                c.call(
-                    reqwest::Method::POST,
-                    &format!("/v1/sandboxes/{id}/stop"),
-                    None,
-                )?;
-                println!("{id}");
-            }
-        }
+        ClientCommand::Stop { ids } => each(&c, "stop", &ids)?,
+        ClientCommand::Pause { ids } => each(&c, "pause", &ids)?,
+        ClientCommand::Resume { ids } => each(&c, "resume", &ids)?,
         ClientCommand::Rm { force, ids } => {
             for id in ids {
                 let (status, _) = c.call(

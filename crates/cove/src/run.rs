@@ -200,6 +200,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         state_root: None,
         on_start: None,
         quiet: false,
+        freezer: false,
     };
     let report = run_sandbox(&spec, &opts)?;
     drop(pinned);

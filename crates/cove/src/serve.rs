@@ -271,6 +271,7 @@ fn supervised_run(dir: &Path, id: SandboxId) -> anyhow::Result<RunReport> {
         state_root: None,
         on_start: Some(notify),
         quiet: true,
+        freezer: true,
     };
     let report = run_sandbox(&spec, &opts)?;
     drop(pinned);

@@ -918,3 +918,64 @@ fn tenants_are_held_to_their_quotas() {
         common::reap_orphans(&id);
     }
 }
+
+#[test]
+fn pause_freezes_and_resume_thaws() {
+    require_root();
+    let server = Server::start();
+    let id = server.create(&[
+        "--",
+        "sh",
+        "-c",
+        "while true; do echo tick; sleep 0.05; done",
+    ]);
+    let ticks = || server.cove(&["logs", &id]).stdout.lines().count();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(ticks() > 0);
+
+    let out = server.cove(&["pause", &id]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(server.inspect(&id)["state"], "paused");
+    let frozen_at = ticks();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(ticks(), frozen_at, "a paused sandbox kept running");
+    let (code, v) = server.curl(
+        Some(&server.token),
+        "POST",
+        &format!("/v1/sandboxes/{id}/exec"),
+        Some(r#"{"cmd":["true"]}"#),
+    );
+    assert_eq!(code, 409, "{v}");
+    let (code, v) = server.curl(
+        Some(&server.token),
+        "POST",
+        &format!("/v1/sandboxes/{id}/pause"),
+        None,
+    );
+    assert_eq!(
+        (code, v["state"].as_str()),
+        (200, Some("paused")),
+        "pausing twice is fine: {v}"
+    );
+
+    let out = server.cove(&["resume", &id]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(server.inspect(&id)["state"], "running");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(ticks() > frozen_at, "a resumed sandbox did not run again");
+    let (code, v) = server.curl(
+        Some(&server.token),
+        "POST",
+        &format!("/v1/sandboxes/{id}/resume"),
+        None,
+    );
+    assert_eq!((code, v["state"].as_str()), (200, Some("running")), "{v}");
+
+    // A paused sandbox can be removed (it is thawed to be stopped).
+    assert_eq!(server.cove(&["pause", &id]).code, 0);
+    let out = server.cove(&["rm", "-f", &id]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(!out.stderr.contains("still stopping"), "{}", out.stderr);
+    common::reap_orphans(&id);
+    common::assert_no_leaks(&id);
+}

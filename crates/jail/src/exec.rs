@@ -72,7 +72,7 @@ pub fn exec(spec: &Spec, id: &SandboxId, exec: &ExecSpec) -> Result<i32, RunErro
     spec.tty = false;
     spec.validate()?;
     let hierarchy = Hierarchy::detect()?;
-    let cg = hierarchy.without_freezer().open(&state::cgroup_name(id));
+    let cg = hierarchy.open(&state::cgroup_name(id));
     let init_pid =
         find_init(&cg.pids().map_err(|_| not_running(id))?).ok_or_else(|| not_running(id))?;
     // The root filesystem, image and mounts are the sandbox's already: only the command's part
@@ -102,7 +102,8 @@ pub fn exec(spec: &Spec, id: &SandboxId, exec: &ExecSpec) -> Result<i32, RunErro
         .iter()
         .map(|(name, flag)| ns(name).map(|f| (*name, *flag, f)))
         .collect::<Result<Vec<_>, _>>()?;
-    for file in cg.self_join_files() {
+    // Every controller the sandbox has (a `cove run` sandbox has no freezer).
+    for file in cg.self_join_files().into_iter().filter(|f| f.exists()) {
         std::fs::write(&file, "0").map_err(prep(format!(
             "join the sandbox's cgroup ({})",
             file.display()

@@ -78,6 +78,8 @@ pub struct RunOptions {
     pub id: Option<SandboxId>,
     /// Where state lives (default [`state::STATE_ROOT`]).
     pub state_root: Option<PathBuf>,
+    /// Give the sandbox a freezer cgroup, so that it can be paused (`cove serve`).
+    pub freezer: bool,
     /// Print nothing of its own on stderr (under `cove serve`, stderr is the sandbox's log, which
     /// its tenant reads: it must not learn of other sandboxes).
     pub quiet: bool,
@@ -115,10 +117,13 @@ pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunReport, RunError> {
             cpu_millis: Some(spec.limits.cpus_millis as u64),
             pids: Some(spec.limits.pids),
         };
-        // Nothing pauses a `cove run` sandbox: no freezer cgroup for it.
-        let cg = hierarchy
-            .without_freezer()
-            .create(&state::cgroup_name(&id), &limits)?;
+        // Nothing pauses a `cove run` sandbox: no freezer cgroup for it unless asked.
+        let layout = if opts.freezer {
+            hierarchy.clone()
+        } else {
+            hierarchy.without_freezer()
+        };
+        let cg = layout.create(&state::cgroup_name(&id), &limits)?;
         let plan = plan(spec, &id, state.mount_point(), cg.self_join_files(), opts);
         let plan = match plan {
             Ok(p) => p,

@@ -16,6 +16,8 @@ pub enum Desired {
     Running,
     /// Stopped: end it if it runs.
     Stopped,
+    /// Paused: its processes frozen, their memory kept.
+    Paused,
 }
 
 /// Where a sandbox is in its life.
@@ -28,6 +30,8 @@ pub enum SandboxState {
     Starting,
     /// Its command runs.
     Running,
+    /// Frozen (cgroup freezer) until resumed.
+    Paused,
     /// It ended; `reason` says why.
     Exited,
 }
@@ -39,6 +43,7 @@ impl SandboxState {
             SandboxState::Pending => "pending",
             SandboxState::Starting => "starting",
             SandboxState::Running => "running",
+            SandboxState::Paused => "paused",
             SandboxState::Exited => "exited",
         }
     }
@@ -56,10 +61,11 @@ impl std::str::FromStr for SandboxState {
             "pending" => SandboxState::Pending,
             "starting" => SandboxState::Starting,
             "running" => SandboxState::Running,
+            "paused" => SandboxState::Paused,
             "exited" => SandboxState::Exited,
             _ => {
                 return Err(format!(
-                    "unknown state {s:?}: use pending, starting, running or exited"
+                    "unknown state {s:?}: use pending, starting, running, paused or exited"
                 ));
             }
         })
