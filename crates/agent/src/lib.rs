@@ -398,7 +398,7 @@ impl Agent {
                 .await;
         }
         // Started by an agent that died before recording it: it runs, so say so.
-        if !gone && adopted && record.state != SandboxState::Running {
+        if !gone && adopted && record.state == SandboxState::Pending {
             let mut record = record;
             record.state = SandboxState::Running;
             record.started_at_ms.get_or_insert_with(now_ms);
@@ -487,7 +487,7 @@ async fn mark_running(store: Embedded, id: SandboxId) {
         let Ok(mut record) = parse(&entry.key, &entry.value) else {
             return;
         };
-        if !matches!(record.state, SandboxState::Pending | SandboxState::Starting) {
+        if record.state != SandboxState::Pending {
             return;
         }
         record.state = SandboxState::Running;

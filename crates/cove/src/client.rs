@@ -44,7 +44,7 @@ pub enum ClientCommand {
         /// Only sandboxes with this label (key=value; repeatable, all must match).
         #[arg(long, value_name = "KEY=VALUE")]
         label: Vec<String>,
-        /// Only sandboxes in this state (pending, starting, running, exited).
+        /// Only sandboxes in this state (pending, running, paused, exited).
         #[arg(long)]
         state: Option<String>,
         /// One JSON object per sandbox, one per line.

@@ -24,10 +24,8 @@ pub enum Desired {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SandboxState {
-    /// Recorded, not started yet.
+    /// Recorded; its command does not run yet (it is being started, or waits to be).
     Pending,
-    /// Being started on its node.
-    Starting,
     /// Its command runs.
     Running,
     /// Frozen (cgroup freezer) until resumed.
@@ -41,7 +39,6 @@ impl SandboxState {
     pub fn as_str(self) -> &'static str {
         match self {
             SandboxState::Pending => "pending",
-            SandboxState::Starting => "starting",
             SandboxState::Running => "running",
             SandboxState::Paused => "paused",
             SandboxState::Exited => "exited",
@@ -59,13 +56,12 @@ impl std::str::FromStr for SandboxState {
     fn from_str(s: &str) -> Result<SandboxState, String> {
         Ok(match s {
             "pending" => SandboxState::Pending,
-            "starting" => SandboxState::Starting,
             "running" => SandboxState::Running,
             "paused" => SandboxState::Paused,
             "exited" => SandboxState::Exited,
             _ => {
                 return Err(format!(
-                    "unknown state {s:?}: use pending, starting, running, paused or exited"
+                    "unknown state {s:?}: use pending, running, paused or exited"
                 ));
             }
         })
