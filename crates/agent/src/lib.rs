@@ -362,6 +362,9 @@ impl Agent {
     async fn check(&mut self, record: SandboxRecord, rev: u64) -> Result<(), AgentError> {
         let id = record.id;
         let dir = self.dir(&id);
+        for log in ["stdout.log", "stderr.log"] {
+            rotate_log(&dir.join(log));
+        }
         let report_path = dir.join("report.json");
         if let Ok(bytes) = fs::read(&report_path) {
             let report: Option<RunReport> = serde_json::from_slice(&bytes).ok();
@@ -464,6 +467,41 @@ impl Agent {
             Err(StoreError::Conflict { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// A sandbox's log grows to this size before it is rotated.
+pub const LOG_MAX: u64 = 32 << 20;
+/// How much of the newest output a rotation keeps (in `<log>.old`).
+pub const LOG_KEEP: u64 = 4 << 20;
+
+/// Rotates `log` if it has grown past [`LOG_MAX`]: its last [`LOG_KEEP`] bytes go to
+/// `<log>.old` and the log is emptied (its writers append, so they carry on at the new end).
+/// Checked at every poll, so the bound is soft: a sandbox can write for one poll interval past
+/// it. Output written between the copy and the truncation is lost.
+pub fn rotate_log(log: &Path) {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = OpenOptions::new().read(true).write(true).open(log) else {
+        return;
+    };
+    let Ok(len) = file.metadata().map(|m| m.len()) else {
+        return;
+    };
+    if len <= LOG_MAX {
+        return;
+    }
+    let mut tail = Vec::with_capacity(LOG_KEEP as usize);
+    if file.seek(SeekFrom::Start(len - LOG_KEEP)).is_err()
+        || (&mut file).take(LOG_KEEP).read_to_end(&mut tail).is_err()
+    {
+        return;
+    }
+    // Start the kept part at a line boundary when there is one.
+    let start = tail.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let mut old = log.as_os_str().to_owned();
+    old.push(".old");
+    if fs::write(&old, &tail[start..]).is_ok() {
+        let _ = file.set_len(0);
     }
 }
 

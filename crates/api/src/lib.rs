@@ -1110,6 +1110,25 @@ struct LogsQuery {
     follow: bool,
 }
 
+/// What `path` holds past `*off`, moving `*off` to its end. A log found shorter than `*off`
+/// was rotated (emptied): it is read from its start again.
+async fn read_from(path: &std::path::Path, off: &mut u64) -> Option<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut file = tokio::fs::File::open(path).await.ok()?;
+    let len = file.metadata().await.ok()?.len();
+    if len < *off {
+        *off = 0;
+    }
+    if len == *off {
+        return None;
+    }
+    file.seek(std::io::SeekFrom::Start(*off)).await.ok()?;
+    let mut out = Vec::new();
+    file.take(len - *off).read_to_end(&mut out).await.ok()?;
+    *off += out.len() as u64;
+    Some(out)
+}
+
 /// How often a followed log is checked for new output.
 const FOLLOW_POLL: Duration = Duration::from_millis(100);
 
@@ -1156,13 +1175,19 @@ async fn logs_sandbox(
     let mut first = Vec::new();
     let mut offsets = Vec::new();
     for p in &paths {
-        let bytes = tokio::fs::read(p).await.unwrap_or_default();
+        // What rotation kept of older output comes first (see the agent's `rotate_log`).
+        let mut old = p.as_os_str().to_owned();
+        old.push(".old");
+        let mut bytes = tokio::fs::read(&old).await.unwrap_or_default();
+        let current = tokio::fs::read(p).await.unwrap_or_default();
+        let current_len = current.len() as u64;
+        bytes.extend(current);
         let shown = match q.tail {
             Some(n) => tail_lines(&bytes, n),
             None => &bytes[..],
         };
         first.extend_from_slice(shown);
-        offsets.push(bytes.len() as u64);
+        offsets.push(current_len);
     }
     let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
     if !q.follow || record.state.is_final() {
@@ -1195,11 +1220,8 @@ async fn logs_sandbox(
                 }
                 let mut chunk = Vec::new();
                 for (p, off) in s.paths.iter().zip(s.offsets.iter_mut()) {
-                    if let Ok(bytes) = tokio::fs::read(p).await
-                        && bytes.len() as u64 > *off
-                    {
-                        chunk.extend_from_slice(&bytes[*off as usize..]);
-                        *off = bytes.len() as u64;
+                    if let Some(new) = read_from(p, off).await {
+                        chunk.extend(new);
                     }
                 }
                 // After the sandbox has ended, one last read picks up what it wrote last.

@@ -979,3 +979,29 @@ fn pause_freezes_and_resume_thaws() {
     common::reap_orphans(&id);
     common::assert_no_leaks(&id);
 }
+
+#[test]
+fn a_chatty_sandbox_cannot_fill_the_disk_with_logs() {
+    require_root();
+    let server = Server::start();
+    // 200 MiB of output in lines, at whatever speed the machine writes.
+    let id = server.create(&[
+        "--",
+        "sh",
+        "-c",
+        "yes 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde | head -c 209715200; echo last-line",
+    ]);
+    server.cove(&["wait", &id]);
+    let dir = server.data.join("sandboxes").join(&id);
+    let size = |name: &str| std::fs::metadata(dir.join(name)).map_or(0, |m| m.len());
+    let kept = size("stdout.log") + size("stdout.log.old");
+    // Rotation is checked at every poll of the agent (so a sandbox may run past the bound for
+    // one interval), and once more when it has ended: then at most 32 MiB + the 4 MiB kept.
+    assert!(
+        kept <= 36 << 20,
+        "{kept} bytes of log kept for 200 MiB written"
+    );
+    let out = server.cove(&["logs", "--tail", "1", "--stream", "stdout", &id]);
+    assert_eq!(out.stdout, "last-line\n", "{}", out.stderr);
+    server.cove(&["rm", &id]);
+}
