@@ -691,21 +691,50 @@ async fn create_sandbox(
     if q.wait == Some(false) {
         return Ok((StatusCode::CREATED, Json(view(&record))).into_response());
     }
-    let mut watch = api.store.watch(&key(&id), rev).await?;
-    let deadline = tokio::time::Instant::now() + CREATE_WAIT;
-    let mut latest = record;
-    while !matches!(latest.state, SandboxState::Running | SandboxState::Exited) {
+    let started =
+        |r: &SandboxRecord| matches!(r.state, SandboxState::Running | SandboxState::Exited);
+    let latest = match wait_for(&api, &id, rev, CREATE_WAIT, started).await? {
+        Waited::Reached(r) => *r,
+        Waited::Deleted | Waited::TimedOut => record,
+    };
+    Ok((StatusCode::CREATED, Json(view(&latest))).into_response())
+}
+
+/// How following a sandbox's record ended.
+enum Waited {
+    /// The record came to satisfy the condition.
+    Reached(Box<SandboxRecord>),
+    /// The record was deleted.
+    Deleted,
+    /// Time ran out first.
+    TimedOut,
+}
+
+/// Follows the record of `id` after revision `rev` until `done` holds for it, it is deleted,
+/// or `limit` has passed.
+async fn wait_for(
+    api: &Api,
+    id: &SandboxId,
+    rev: u64,
+    limit: Duration,
+    done: impl Fn(&SandboxRecord) -> bool,
+) -> Result<Waited, ApiError> {
+    let mut watch = api.store.watch(&key(id), rev).await?;
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
         match tokio::time::timeout_at(deadline, watch.next()).await {
             Ok(Ok(Event::Put(entry))) => {
-                if let Ok(r) = parse(&entry.key, &entry.value) {
-                    latest = r;
+                if let Ok(r) = parse(&entry.key, &entry.value)
+                    && done(&r)
+                {
+                    return Ok(Waited::Reached(Box::new(r)));
                 }
             }
-            Ok(Ok(Event::Delete { .. })) | Err(_) => break,
+            Ok(Ok(Event::Delete { .. })) => return Ok(Waited::Deleted),
             Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Ok(Waited::TimedOut),
         }
     }
-    Ok((StatusCode::CREATED, Json(view(&latest))).into_response())
 }
 
 /// A sandbox of the caller's tenant, with its revision; 404 for any other.
@@ -818,27 +847,28 @@ async fn list_sandboxes(
     Ok(Json(serde_json::json!({"sandboxes": sandboxes, "next": next})).into_response())
 }
 
-/// Sets `desired: stopped` (and `remove`, for delete) on the caller's sandbox.
-async fn request_stop(
+/// Loads the caller's sandbox `id`, lets `change` edit it, and writes it back with a
+/// compare-and-swap, loading again after a conflict. `change` returns whether there is
+/// anything to write (or an error, which ends the update). Returns the record and, if it was
+/// written, its new revision.
+async fn update_record(
     api: &Api,
     who: &Caller,
     id: &str,
-    remove: bool,
-) -> Result<SandboxRecord, ApiError> {
+    mut change: impl FnMut(&mut SandboxRecord) -> Result<bool, ApiError>,
+) -> Result<(SandboxRecord, Option<u64>), ApiError> {
     for _ in 0..10 {
         let (mut record, rev) = load(api, who, id).await?;
-        if record.desired == Desired::Stopped && record.remove == remove {
-            return Ok(record);
+        if !change(&mut record)? {
+            return Ok((record, None));
         }
-        record.desired = Desired::Stopped;
-        record.remove |= remove;
         let value = serde_json::to_vec(&record).expect("a record serialises");
         match api
             .store
             .put(&key(&record.id), value, Expect::Revision(rev), None)
             .await
         {
-            Ok(_) => return Ok(record),
+            Ok(new) => return Ok((record, Some(new))),
             Err(StoreError::Conflict { .. }) => continue,
             Err(e) => return Err(e.into()),
         }
@@ -849,6 +879,23 @@ async fn request_stop(
         current: None,
     }
     .into())
+}
+
+/// Sets `desired: stopped` (and `remove`, for delete) on the caller's sandbox.
+async fn request_stop(
+    api: &Api,
+    who: &Caller,
+    id: &str,
+    remove: bool,
+) -> Result<SandboxRecord, ApiError> {
+    let (record, _) = update_record(api, who, id, |r| {
+        let unchanged = r.desired == Desired::Stopped && r.remove == remove;
+        r.desired = Desired::Stopped;
+        r.remove |= remove;
+        Ok(!unchanged)
+    })
+    .await?;
+    Ok(record)
 }
 
 /// `pause` and `resume`: the wanted state, set if the sandbox is in a state it applies to;
@@ -868,49 +915,31 @@ async fn pause_or_resume(
             SandboxState::Running,
         )
     };
-    let mut attempts = 0;
-    let rev = loop {
-        let (mut record, rev) = load(api, who, id).await?;
-        if record.state == to {
-            return Ok(Json(view(&record)).into_response());
+    let (record, rev) = update_record(api, who, id, |r| {
+        if r.state == to {
+            return Ok(false);
         }
-        if record.state != from || record.desired == Desired::Stopped {
+        if r.state != from || r.desired == Desired::Stopped {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 if pause { "not_running" } else { "not_paused" },
-                format!("sandbox {id} is {}", record.state.as_str()),
+                format!("sandbox {id} is {}", r.state.as_str()),
             ));
         }
-        record.desired = want;
-        let value = serde_json::to_vec(&record).expect("a record serialises");
-        match api
-            .store
-            .put(&key(&record.id), value, Expect::Revision(rev), None)
-            .await
-        {
-            Ok(r) => break r,
-            Err(StoreError::Conflict { .. }) if attempts < 10 => attempts += 1,
-            Err(e) => return Err(e.into()),
-        }
+        r.desired = want;
+        Ok(true)
+    })
+    .await?;
+    let Some(rev) = rev else {
+        return Ok(Json(view(&record)).into_response());
     };
-    let sid: SandboxId = id.parse().expect("load checked the id");
-    let mut watch = api.store.watch(&key(&sid), rev).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match tokio::time::timeout_at(deadline, watch.next()).await {
-            Ok(Ok(Event::Put(entry))) => {
-                if let Ok(r) = parse(&entry.key, &entry.value)
-                    && (r.state == to || r.state.is_final())
-                {
-                    return Ok(Json(view(&r)).into_response());
-                }
-            }
-            Ok(Ok(Event::Delete { .. })) => return Err(ApiError::not_found(id)),
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => {
-                let (r, _) = load(api, who, id).await?;
-                return Ok((StatusCode::ACCEPTED, Json(view(&r))).into_response());
-            }
+    let settled = |r: &SandboxRecord| r.state == to || r.state.is_final();
+    match wait_for(api, &record.id, rev, Duration::from_secs(10), settled).await? {
+        Waited::Reached(r) => Ok(Json(view(&r)).into_response()),
+        Waited::Deleted => Err(ApiError::not_found(id)),
+        Waited::TimedOut => {
+            let (r, _) = load(api, who, id).await?;
+            Ok((StatusCode::ACCEPTED, Json(view(&r))).into_response())
         }
     }
 }
@@ -970,22 +999,20 @@ async fn delete_sandbox(
             ),
         ));
     }
-    let sid = record.id;
+    // Followed from before the request, so the agent's removal cannot be missed.
     let watch_from = api.store.revision().await?;
-    let mut watch = api.store.watch(&key(&sid), watch_from).await?;
     request_stop(&api, &who, &id, true).await?;
-    // Wait (bounded) until the agent has removed it.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if api.store.get(&key(&sid)).await?.is_none() {
-            return Ok(StatusCode::NO_CONTENT.into_response());
-        }
-        match tokio::time::timeout_at(deadline, watch.next()).await {
-            Ok(Ok(Event::Delete { .. })) => return Ok(StatusCode::NO_CONTENT.into_response()),
-            Ok(Ok(_)) => continue,
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => return Ok(StatusCode::ACCEPTED.into_response()),
-        }
+    match wait_for(
+        &api,
+        &record.id,
+        watch_from,
+        Duration::from_secs(30),
+        |_| false,
+    )
+    .await?
+    {
+        Waited::Deleted => Ok(StatusCode::NO_CONTENT.into_response()),
+        Waited::Reached(_) | Waited::TimedOut => Ok(StatusCode::ACCEPTED.into_response()),
     }
 }
 
@@ -1012,31 +1039,18 @@ async fn wait_sandbox(
     if record.state.is_final() {
         return Ok(Json(view(&record)).into_response());
     }
-    let mut watch = api.store.watch(&key(&record.id), rev).await?;
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        match tokio::time::timeout_at(deadline, watch.next()).await {
-            Ok(Ok(Event::Put(entry))) => {
-                if let Ok(r) = parse(&entry.key, &entry.value)
-                    && r.state.is_final()
-                {
-                    return Ok(Json(view(&r)).into_response());
-                }
-            }
-            Ok(Ok(Event::Delete { .. })) => return Err(ApiError::not_found(&id)),
-            Ok(Err(e)) => return Err(e.into()),
-            Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "wait_timeout",
-                    format!(
-                        "sandbox {id} is still {} after {}",
-                        record.state.as_str(),
-                        cove_types::Duration::from_millis(limit.as_millis() as u64)
-                    ),
-                ));
-            }
-        }
+    match wait_for(&api, &record.id, rev, limit, |r| r.state.is_final()).await? {
+        Waited::Reached(r) => Ok(Json(view(&r)).into_response()),
+        Waited::Deleted => Err(ApiError::not_found(&id)),
+        Waited::TimedOut => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "wait_timeout",
+            format!(
+                "sandbox {id} is still {} after {}",
+                record.state.as_str(),
+                cove_types::Duration::from_millis(limit.as_millis() as u64)
+            ),
+        )),
     }
 }
 
