@@ -609,13 +609,7 @@ impl Cx<'_> {
         path: &Path,
         digest: &Digest,
     ) -> Result<Option<Partial>, PullError> {
-        let io_err = |op| {
-            move |source| PullError::Io {
-                op,
-                path: path.to_path_buf(),
-                source,
-            }
-        };
+        let io_err = |op| partial_err(op, path);
         loop {
             let file = OpenOptions::new()
                 .read(true)
@@ -668,13 +662,7 @@ impl Cx<'_> {
         desc: &Descriptor,
         what: &str,
     ) -> Result<u64, PullError> {
-        let io_err = |op| {
-            move |source| PullError::Io {
-                op,
-                path: path.to_path_buf(),
-                source,
-            }
-        };
+        let io_err = |op| partial_err(op, path);
         let size = desc.size;
         let mut have = file.metadata().map_err(io_err("inspect"))?.len();
         if have > size {
@@ -808,6 +796,15 @@ impl Drop for Partial {
         if ours.len() == 0 && ours.dev() == current.dev() && ours.ino() == current.ino() {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+/// Attaches the operation and the partial file to an I/O error.
+fn partial_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PullError + 'a {
+    move |source| PullError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
     }
 }
 

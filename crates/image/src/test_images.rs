@@ -60,17 +60,7 @@ pub(crate) fn names(dir: &Path) -> Vec<String> {
     names
 }
 
-/// The error and its sources, joined with ": ".
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+pub(crate) use crate::pull::error_chain as chain;
 
 /// A layer tar holding regular files `(path, content)`.
 pub(crate) fn layer(files: &[(&str, &str)]) -> Vec<u8> {
