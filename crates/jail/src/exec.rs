@@ -81,7 +81,8 @@ pub fn exec(spec: &Spec, id: &SandboxId, exec: &ExecSpec) -> Result<i32, RunErro
         id: Some(*id),
         ..Default::default()
     };
-    let plan = plan(&spec, id, PathBuf::new(), Vec::new(), &opts)?;
+    let mut plan = plan(&spec, id, PathBuf::new(), Vec::new(), &opts)?;
+    plan.die_with_parent = true;
 
     // Namespaces are opened before any is joined: /proc is the host's until the mount
     // namespace changes.

@@ -40,6 +40,12 @@ pub(crate) struct ChildPlan {
     /// Files to write `0` to, joining the sandbox's cgroup (see `Cgroup::self_join_files`).
     pub cgroup_join: Vec<PathBuf>,
     pub timing: bool,
+    /// Tell the supervisor (`R`) once the command runs: only when someone listens
+    /// (`RunOptions::on_start`), so a plain `cove run` pays nothing for it.
+    pub report_started: bool,
+    /// The command dies with the process that forked it: for exec, whose parent is a helper
+    /// outside the sandbox (the main command's parent is init, which outlives it anyway).
+    pub die_with_parent: bool,
 }
 
 /// The descriptors the child keeps.
@@ -233,7 +239,9 @@ fn init(
         send(format!("X {code}\t{text}\n"));
         sys::exit(0);
     }
-    send("R\n".to_string());
+    if plan.report_started {
+        send("R\n".to_string());
+    }
     loop {
         let (sig, sender, _) = all.wait().step("wait for signals")?;
         if sig == libc::SIGCHLD {
@@ -313,9 +321,10 @@ fn prepare_command(plan: &ChildPlan, tty: Option<&OwnedFd>) -> Result<CString, F
     sys::lock_securebits().step("lock the secure bits")?;
     sys::setgroups(&[plan.gid]).step("set supplementary groups")?;
     sys::set_ids(plan.uid, plan.gid).step("switch to the sandbox user")?;
-    // The id change cleared any parent-death signal: an exec'd command dies with the process
-    // that started it (init outlives the main command anyway).
-    sys::set_parent_death_signal(libc::SIGKILL).step("tie the command to its parent")?;
+    if plan.die_with_parent {
+        // After the id change, which clears a parent-death signal.
+        sys::set_parent_death_signal(libc::SIGKILL).step("tie the command to its parent")?;
+    }
     sys::capset(0).step("drop all capabilities")?;
     sys::clear_ambient().step("clear ambient capabilities")?;
     sys::close_range(3, true).step("close inherited descriptors")?;

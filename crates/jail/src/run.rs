@@ -278,6 +278,8 @@ pub(crate) fn plan(
         cgroup_join,
         tty: spec.tty,
         timing: opts.timing,
+        report_started: opts.on_start.is_some(),
+        die_with_parent: false,
     })
 }
 
