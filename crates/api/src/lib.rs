@@ -94,7 +94,8 @@ pub async fn register_token(
         .map(drop)
 }
 
-fn parse(_key: &str, value: &[u8]) -> Result<SandboxRecord, serde_json::Error> {
+/// A stored sandbox record.
+fn parse(value: &[u8]) -> Result<SandboxRecord, serde_json::Error> {
     serde_json::from_slice(value)
 }
 
@@ -196,7 +197,7 @@ impl Api {
         loop {
             let page = self.store.list(PREFIX, after.as_deref(), MAX_PAGE).await?;
             for e in &page.entries {
-                if let Ok(r) = parse(&e.key, &e.value)
+                if let Ok(r) = parse(&e.value)
                     && r.tenant == tenant
                     && !r.state.is_final()
                 {
@@ -724,7 +725,7 @@ async fn wait_for(
     loop {
         match tokio::time::timeout_at(deadline, watch.next()).await {
             Ok(Ok(Event::Put(entry))) => {
-                if let Ok(r) = parse(&entry.key, &entry.value)
+                if let Ok(r) = parse(&entry.value)
                     && done(&r)
                 {
                     return Ok(Waited::Reached(Box::new(r)));
@@ -749,7 +750,7 @@ async fn load(api: &Api, who: &Caller, id: &str) -> Result<(SandboxRecord, u64),
         .get(&key(&sid))
         .await?
         .ok_or_else(|| ApiError::not_found(id))?;
-    let record = parse(&entry.key, &entry.value).map_err(|_| {
+    let record = parse(&entry.value).map_err(|_| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
@@ -824,7 +825,7 @@ async fn list_sandboxes(
     loop {
         let page = api.store.list(PREFIX, after.as_deref(), MAX_PAGE).await?;
         for entry in &page.entries {
-            let Ok(r) = parse(&entry.key, &entry.value) else {
+            let Ok(r) = parse(&entry.value) else {
                 continue;
             };
             let matches = r.tenant == who.tenant
@@ -1240,7 +1241,7 @@ async fn logs_sandbox(
                 }
                 // After the sandbox has ended, one last read picks up what it wrote last.
                 let ended = match store.get(&key).await {
-                    Ok(Some(e)) => parse(&e.key, &e.value).map_or(true, |r| r.state.is_final()),
+                    Ok(Some(e)) => parse(&e.value).map_or(true, |r| r.state.is_final()),
                     _ => true,
                 };
                 if ended {
