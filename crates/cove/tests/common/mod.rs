@@ -173,16 +173,21 @@ pub fn become_subreaper() {
     assert_eq!(ret, 0);
 }
 
-/// Collects every exited orphan (see [`become_subreaper`]), waiting up to 5 s for `pid`s named
-/// `cove-<id>` to exit.
+/// Collects every exited orphan (see [`become_subreaper`]), waiting up to 5 s for the
+/// processes of sandbox `id` (named `cove-<id>`, or in its cgroup) to exit.
 pub fn reap_orphans(id: &str) {
     let comm: String = format!("cove-{id}").chars().take(15).collect();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         // SAFETY: waitpid with a NULL status pointer and WNOHANG only reaps.
         while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
+        // By name, or, for a child killed early in its setup (before init names itself), by
+        // its cgroup.
+        let in_cgroup = format!("/cove/{id}\n");
         let alive = std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
             std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == comm)
+                || std::fs::read_to_string(e.path().join("cgroup"))
+                    .is_ok_and(|c| c.contains(&in_cgroup))
         });
         if !alive || std::time::Instant::now() > deadline {
             return;
