@@ -12,23 +12,26 @@
 //!    owned by the host's user namespace, so joining it needs host privilege, which step 4
 //!    gives up), then the user namespace, then IPC, UTS, cgroup and mount (which also moves the
 //!    root to the sandbox's root), then pid (for the child about to be forked).
-//! 4. **Fork** the command's process, which becomes root of the sandbox's user namespace (the
-//!    sandbox's uid 0, an unprivileged id on the host), turns non-dumpable until `execve`, and
-//!    takes **the same last steps as the main command** (the same code): new session, working
-//!    directory, rlimits, empty bounding set, locked secure bits, the user's ids, no
-//!    capabilities, descriptors above stderr closed, `no_new_privs`, the seccomp filter, `execve`.
-//! 5. The calling process waits for it and returns its exit code (128+N after signal N; 127 /
+//! 4. **Become the sandbox's root** (uid 0 of its user namespace, an unprivileged id on the
+//!    host) and non-dumpable.
+//! 5. **Fork** the command's process, which takes **the same last steps as the main command**
+//!    (the same code): new session, working directory, rlimits, empty bounding set, locked
+//!    secure bits, the user's ids, no capabilities, descriptors above stderr closed,
+//!    `no_new_privs`, the seccomp filter, `execve`. [`call`] takes the same steps and then runs
+//!    Cove's own code instead of `execve` (the file API).
+//! 6. The calling process waits for it and returns its exit code (128+N after signal N; 127 /
 //!    126 when the command is missing or not executable, as a shell does).
 //!
 //! The exec'd process lives in the sandbox's pid namespace: if the caller dies, the sandbox's
 //! init adopts and reaps it, and it dies with the sandbox.
 
+use std::convert::Infallible as Never;
 use std::fs::File;
-use std::io::Read;
-use std::os::fd::AsRawFd;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use cove_types::{EnvVar, SandboxId, Spec, User};
+use cove_types::{EnvVar, SandboxId, Spec, User, frame};
 
 use crate::cgroup::Hierarchy;
 use crate::init::{self, ChildPlan};
@@ -54,9 +57,52 @@ fn prep(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
     move |source| RunError::Prepare { what, source }
 }
 
-/// Runs `exec` in the running sandbox `id`, started from `spec`, with this process's stdio.
-/// Returns the command's exit code. This process must be single-threaded.
-pub fn exec(spec: &Spec, id: &SandboxId, exec: &ExecSpec) -> Result<i32, RunError> {
+/// How an exec's command is wired to this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    /// The command takes this process's stdin, stdout and stderr.
+    Inherit,
+    /// This process's stdin carries frames ([`cove_types::frame`]) (input, end of input, window size, signals);
+    /// the command's output goes to this process's stdout and stderr, or, with a terminal,
+    /// all of it to stdout. The end of this process's stdin kills the command.
+    Stream {
+        /// Give the command a terminal of the sandbox's own devpts.
+        tty: bool,
+    },
+}
+
+/// Runs `exec` in the running sandbox `id`, started from `spec`, wired as `io` says. Returns
+/// the command's exit code. This process must be single-threaded.
+pub fn exec(spec: &Spec, id: &SandboxId, exec: &ExecSpec, io: Io) -> Result<i32, RunError> {
+    let plan = enter(spec, id, exec)?;
+    match io {
+        Io::Inherit => run_child(&plan, |exec_w| init::exec_command(&plan, None, exec_w)),
+        Io::Stream { tty } => stream(&plan, tty),
+    }
+}
+
+/// Runs `f` in a process inside the running sandbox `id`, as `user` (default: the sandbox's),
+/// contained exactly like a command there (ids, no capabilities, rlimits, seccomp) but without
+/// an `execve`: work done on a tenant's behalf, with the tenant's permissions. `f` has this
+/// process's stdio; its return value is the exit code. This process must be single-threaded.
+pub fn call(
+    spec: &Spec,
+    id: &SandboxId,
+    user: Option<User>,
+    f: impl FnOnce() -> i32,
+) -> Result<i32, RunError> {
+    let exec = ExecSpec {
+        // Never executed; a plan needs a command.
+        cmd: vec!["cove-call".into()],
+        user,
+        ..Default::default()
+    };
+    let plan = enter(spec, id, &exec)?;
+    run_child(&plan, |exec_w| init::run_contained(&plan, exec_w, f))
+}
+
+/// Joins the sandbox (steps 1 to 3) and returns the plan of the command's process.
+fn enter(spec: &Spec, id: &SandboxId, exec: &ExecSpec) -> Result<ChildPlan, RunError> {
     let mut spec = spec.clone();
     spec.cmd = exec.cmd.clone();
     for e in &exec.env {
@@ -115,7 +161,12 @@ pub fn exec(spec: &Spec, id: &SandboxId, exec: &ExecSpec) -> Result<i32, RunErro
             .map_err(prep(format!("enter the sandbox's {name} namespace")))?;
     }
     drop(fds);
-    run_command(&plan)
+    // Root of the sandbox's user namespace (the host's root is not mapped into it), so that
+    // what this process creates there (a terminal) belongs to the sandbox, and not
+    // inspectable by the sandbox's processes while it holds capabilities there.
+    sys::set_ids(0, 0).map_err(prep("become the sandbox's root"))?;
+    sys::set_dumpable(false).map_err(prep("become the sandbox's root"))?;
+    Ok(plan)
 }
 
 fn not_running(id: &SandboxId) -> RunError {
@@ -159,8 +210,9 @@ fn wait_or_stop(signals: &sys::SigSet, pid: libc::pid_t) -> Result<i32, RunError
     }
 }
 
-/// Forks the command in the joined namespaces and waits for it.
-fn run_command(plan: &ChildPlan) -> Result<i32, RunError> {
+/// Forks the command's process in the joined namespaces, runs `child` there, and waits for
+/// it. `child` reports a failure before `execve` on the pipe it is given.
+fn run_child(plan: &ChildPlan, child: impl FnOnce(OwnedFd) -> Never) -> Result<i32, RunError> {
     let (exec_r, exec_w) = sys::pipe().map_err(prep("create a pipe"))?;
     // Taken synchronously below; the command restores an empty mask before execve.
     let signals = sys::SigSet::of(STOP_SIGNALS);
@@ -168,31 +220,42 @@ fn run_command(plan: &ChildPlan) -> Result<i32, RunError> {
     let pid = sys::fork().map_err(prep("fork the command"))?;
     if pid == 0 {
         drop(exec_r);
-        // Root of the sandbox's user namespace (the host's root is not mapped into it), and
-        // not inspectable by the sandbox's processes while it still holds capabilities there.
-        // The bounding set shrinks to what init keeps, then the command's own steps empty it,
-        // exactly as for the main command.
-        let ready = sys::set_ids(0, 0)
-            .and_then(|()| sys::set_dumpable(false))
-            .and_then(|()| init::lock_down_init(plan));
-        if let Err(e) = ready {
-            let mut w = File::from(exec_w);
-            let _ = std::io::Write::write_all(
-                &mut w,
-                format!("125\tbecome the sandbox's root: {e}").as_bytes(),
-            );
-            sys::exit(125);
-        }
-        init::exec_command(plan, None, exec_w);
+        lock_down(plan, exec_w, child);
     }
     drop(exec_w);
-    let mut msg = String::new();
-    let _ = File::from(exec_r).read_to_string(&mut msg);
+    let msg = read_exec_status(exec_r);
     let status = if msg.is_empty() {
         wait_or_stop(&signals, pid)?
     } else {
-        sys::wait4(pid, 0).ok().flatten().map_or(0, |(_, s, _)| s)
+        reap(pid)
     };
+    finish(&msg, status)
+}
+
+/// The forked process's first step: the bounding set shrinks to what init keeps, then the
+/// command's own steps empty it, exactly as for the main command.
+fn lock_down(plan: &ChildPlan, exec_w: OwnedFd, child: impl FnOnce(OwnedFd) -> Never) -> ! {
+    if let Err(e) = init::lock_down_init(plan) {
+        let mut w = File::from(exec_w);
+        let _ = w.write_all(format!("125\tlimit the capability bounding set: {e}").as_bytes());
+        sys::exit(125);
+    }
+    match child(exec_w) {}
+}
+
+/// What the command's process reported before `execve` (empty: it is running).
+fn read_exec_status(exec_r: OwnedFd) -> String {
+    let mut msg = String::new();
+    let _ = File::from(exec_r).read_to_string(&mut msg);
+    msg
+}
+
+fn reap(pid: libc::pid_t) -> i32 {
+    sys::wait4(pid, 0).ok().flatten().map_or(0, |(_, s, _)| s)
+}
+
+/// The exit code, from the pre-`execve` report or the wait status.
+fn finish(msg: &str, status: i32) -> Result<i32, RunError> {
     if let Some((code, text)) = msg.split_once('\t') {
         let code: i32 = code.parse().unwrap_or(125);
         if code == 125 {
@@ -211,4 +274,234 @@ fn run_command(plan: &ChildPlan) -> Result<i32, RunError> {
     } else {
         125
     })
+}
+
+/// [`Io::Stream`]: the command's stdin (a pipe, or a terminal) fed from the frames on this
+/// process's stdin by one thread, the terminal's output copied to stdout by another, while
+/// this one waits for the command.
+fn stream(plan: &ChildPlan, tty: bool) -> Result<i32, RunError> {
+    let (input, child_side) = if tty {
+        let (master, slave) = sys::openpty_at("/dev/ptmx").map_err(prep("open a terminal"))?;
+        (master, slave)
+    } else {
+        let (r, w) = sys::pipe().map_err(prep("create a pipe"))?;
+        (w, r)
+    };
+    let (exec_r, exec_w) = sys::pipe().map_err(prep("create a pipe"))?;
+    let signals = sys::SigSet::of(STOP_SIGNALS);
+    signals.block().map_err(prep("block signals"))?;
+    let pid = sys::fork().map_err(prep("fork the command"))?;
+    if pid == 0 {
+        drop(exec_r);
+        drop(input);
+        lock_down(plan, exec_w, |exec_w| {
+            if tty {
+                init::exec_command(plan, Some(&child_side), exec_w)
+            } else {
+                if let Err(e) = sys::dup2(child_side.as_raw_fd(), 0) {
+                    let mut w = File::from(exec_w);
+                    let _ = w.write_all(format!("125\tconnect stdin: {e}").as_bytes());
+                    sys::exit(125);
+                }
+                init::exec_command(plan, None, exec_w)
+            }
+        });
+    }
+    drop(exec_w);
+    drop(child_side);
+    let msg = read_exec_status(exec_r);
+    if !msg.is_empty() {
+        return finish(&msg, reap(pid));
+    }
+    let sigfd = signals.signalfd().map_err(prep("watch signals"))?;
+    sys::set_nonblocking(input.as_raw_fd()).map_err(prep("set up the command's input"))?;
+    let mut relay = Relay {
+        input: Some(input),
+        tty,
+        pid,
+        frames: Vec::new(),
+        pending: Vec::new(),
+        stdin_open: true,
+        close_pending: false,
+        output_open: tty,
+    };
+    let mut status = None;
+    let mut drain_until = None;
+    loop {
+        if let Some(s) = status {
+            // Output still buffered in the terminal is copied; a background process that
+            // keeps the terminal open does not hold the exec's end.
+            let past = drain_until.is_some_and(|d| sys::monotonic_ns() >= d);
+            if !relay.output_open || past {
+                return finish("", s);
+            }
+        }
+        let input_fd = relay.input.as_ref().map_or(-1, |f| f.as_raw_fd());
+        let read_stdin = relay.stdin_open && relay.pending.len() < frame::MAX;
+        let fds = [
+            (if read_stdin { 0 } else { -1 }, libc::POLLIN),
+            (
+                if relay.pending.is_empty() {
+                    -1
+                } else {
+                    input_fd
+                },
+                libc::POLLOUT,
+            ),
+            (if relay.output_open { input_fd } else { -1 }, libc::POLLIN),
+            (sigfd.as_raw_fd(), libc::POLLIN),
+        ];
+        let timeout = if status.is_some() { 20 } else { -1 };
+        let rev = sys::poll(&fds, timeout).map_err(prep("wait for input"))?;
+        if rev[3] != 0 {
+            while let Some(sig) = sys::read_signalfd(&sigfd).map_err(prep("read signals"))? {
+                if sig as libc::c_int == libc::SIGCHLD {
+                    if let Some((_, s, _)) =
+                        sys::wait4(pid, libc::WNOHANG).map_err(prep("wait for the command"))?
+                    {
+                        status = Some(s);
+                        drain_until = Some(sys::monotonic_ns() + 200_000_000);
+                    }
+                } else {
+                    relay.kill();
+                }
+            }
+        }
+        if rev[0] != 0 {
+            relay.read_frames();
+        }
+        if rev[1] != 0 {
+            relay.write_pending();
+        }
+        if rev[2] != 0 {
+            relay.copy_output();
+        }
+    }
+}
+
+/// The state of [`Io::Stream`]'s relay.
+struct Relay {
+    /// The command's input: the pipe's write end, or the terminal's master (which also
+    /// carries the output). `None` once the input is closed (without a terminal).
+    input: Option<OwnedFd>,
+    tty: bool,
+    pid: libc::pid_t,
+    /// Bytes of stdin not yet forming a whole frame.
+    frames: Vec<u8>,
+    /// Input for the command not yet written.
+    pending: Vec<u8>,
+    stdin_open: bool,
+    /// The input closes once `pending` is written.
+    close_pending: bool,
+    output_open: bool,
+}
+
+impl Relay {
+    /// Kills the command's process group.
+    fn kill(&self) {
+        let _ = sys::kill(-self.pid, libc::SIGKILL);
+        let _ = sys::kill(self.pid, libc::SIGKILL);
+    }
+
+    /// Reads stdin and applies the whole frames; its end (the caller is gone or done) kills
+    /// the command.
+    fn read_frames(&mut self) {
+        let mut buf = vec![0u8; 64 * 1024];
+        match sys::read(0, &mut buf) {
+            Ok(0) | Err(_) => {
+                self.stdin_open = false;
+                self.kill();
+                return;
+            }
+            Ok(n) => self.frames.extend_from_slice(&buf[..n]),
+        }
+        while self.frames.len() >= 5 {
+            let (kind, len) = frame::header(self.frames[..5].try_into().expect("5 bytes"));
+            if len > frame::MAX {
+                self.stdin_open = false;
+                self.kill();
+                return;
+            }
+            if self.frames.len() < 5 + len {
+                break;
+            }
+            let payload: Vec<u8> = self.frames.drain(..5 + len).skip(5).collect();
+            self.apply(kind, &payload);
+        }
+    }
+
+    fn apply(&mut self, kind: u8, payload: &[u8]) {
+        match kind {
+            frame::DATA if self.input.is_some() => self.pending.extend_from_slice(payload),
+            frame::CLOSE => {
+                if self.tty {
+                    // The terminal stays (it carries the output): an end-of-file character
+                    // ends a reading program's input, as Ctrl-D would.
+                    self.pending.push(0x04);
+                } else if self.pending.is_empty() {
+                    self.input = None;
+                } else {
+                    // Closed once what is pending is written.
+                    self.close_pending = true;
+                }
+            }
+            frame::RESIZE if payload.len() == 4 => {
+                if let Some(fd) = self.input.as_ref().filter(|_| self.tty) {
+                    let ws = libc::winsize {
+                        ws_row: u16::from_be_bytes([payload[0], payload[1]]),
+                        ws_col: u16::from_be_bytes([payload[2], payload[3]]),
+                        ws_xpixel: 0,
+                        ws_ypixel: 0,
+                    };
+                    let _ = sys::set_winsize(fd.as_raw_fd(), &ws);
+                }
+            }
+            frame::SIGNAL
+                if payload.len() == 1 && frame::SIGNALS.iter().any(|(_, n)| *n == payload[0]) =>
+            {
+                let _ = sys::kill(-self.pid, libc::c_int::from(payload[0]));
+            }
+            _ => {}
+        }
+    }
+
+    /// Writes what the command's input takes now.
+    fn write_pending(&mut self) {
+        let Some(fd) = &self.input else {
+            self.pending.clear();
+            return;
+        };
+        match sys::write(fd.as_raw_fd(), &self.pending) {
+            Ok(n) => {
+                self.pending.drain(..n);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            // The command closed its input: what it did not read is dropped.
+            Err(_) => {
+                self.pending.clear();
+                if !self.tty {
+                    self.input = None;
+                }
+            }
+        }
+        if self.pending.is_empty() && self.close_pending {
+            self.input = None;
+        }
+    }
+
+    /// Copies the terminal's output to stdout; EIO: every slave descriptor is closed.
+    fn copy_output(&mut self) {
+        let Some(fd) = &self.input else { return };
+        let mut buf = vec![0u8; 64 * 1024];
+        match sys::read(fd.as_raw_fd(), &mut buf) {
+            Ok(0) => self.output_open = false,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => self.output_open = false,
+            Ok(n) => {
+                if sys::write_all(1, &buf[..n]).is_err() {
+                    self.output_open = false;
+                }
+            }
+        }
+    }
 }

@@ -304,6 +304,30 @@ pub(crate) fn exec_command(plan: &ChildPlan, tty: Option<&OwnedFd>, exec_w: Owne
 }
 
 fn prepare_command(plan: &ChildPlan, tty: Option<&OwnedFd>) -> Result<CString, Failure> {
+    contain_process(plan, tty)?;
+    let path = resolve_command(plan)?;
+    plan.seccomp.install().step("install the seccomp filter")?;
+    Ok(path)
+}
+
+/// Runs `f` in this (forked) process contained exactly like a command, minus the `execve`:
+/// for work Cove does inside a sandbox with the sandbox's own permissions (its file API).
+/// A failed step is reported on `exec_w` as for a command; `exec_w` is closed before `f`.
+pub(crate) fn run_contained(plan: &ChildPlan, exec_w: OwnedFd, f: impl FnOnce() -> i32) -> ! {
+    let ready = contain_process(plan, None)
+        .and_then(|()| plan.seccomp.install().step("install the seccomp filter"));
+    if let Err(e) = ready {
+        let mut w = File::from(exec_w);
+        let _ =
+            w.write_all(format!("125\t{}: {}", e.step, e.message.replace('\n', " ")).as_bytes());
+        sys::exit(125);
+    }
+    drop(exec_w);
+    sys::exit(f())
+}
+
+/// Every last step of a command but the lookup and the filter.
+fn contain_process(plan: &ChildPlan, tty: Option<&OwnedFd>) -> Result<(), Failure> {
     SigSet::empty().set_mask().step("restore the signal mask")?;
     sys::reset_signal_dispositions();
     sys::setsid().step("start a new session")?;
@@ -328,10 +352,7 @@ fn prepare_command(plan: &ChildPlan, tty: Option<&OwnedFd>) -> Result<CString, F
     sys::capset(0).step("drop all capabilities")?;
     sys::clear_ambient().step("clear ambient capabilities")?;
     sys::close_range(3, true).step("close inherited descriptors")?;
-    sys::set_no_new_privs().step("set no_new_privs")?;
-    let path = resolve_command(plan)?;
-    plan.seccomp.install().step("install the seccomp filter")?;
-    Ok(path)
+    sys::set_no_new_privs().step("set no_new_privs")
 }
 
 fn attach_tty(fd: RawFd) -> std::io::Result<()> {
