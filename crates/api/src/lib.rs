@@ -29,6 +29,16 @@ use cove_types::{
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
+mod events;
+mod exec;
+mod files;
+mod logs;
+
+pub use exec::{
+    ExecError, ExecOutput, ExecRequest, Executor, FileOp, Job, MAX_EXEC_OUTPUT, MAX_EXEC_TIMEOUT,
+    Session,
+};
+
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1 << 20;
 /// Where token hashes live.
@@ -97,63 +107,6 @@ pub async fn register_token(
 /// A stored sandbox record.
 fn parse(value: &[u8]) -> Result<SandboxRecord, serde_json::Error> {
     serde_json::from_slice(value)
-}
-
-/// `POST /v1/sandboxes/{id}/exec`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExecRequest {
-    /// The command and its arguments.
-    pub cmd: Vec<String>,
-    /// Environment on top of the sandbox's.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// Working directory (default: the sandbox's).
-    #[serde(default)]
-    pub workdir: Option<String>,
-    /// Longest the command may run (default 60s, at most 1h); it is killed then.
-    #[serde(default)]
-    pub timeout: Option<cove_types::Duration>,
-}
-
-/// What an exec produced.
-#[derive(Debug, Clone, Serialize)]
-pub struct ExecOutput {
-    /// The command's exit code (128+N after signal N; 127 not found, 126 not executable).
-    pub exit_code: i32,
-    /// Its standard output (lossy UTF-8), at most [`MAX_EXEC_OUTPUT`] bytes.
-    pub stdout: String,
-    /// Its standard error, likewise.
-    pub stderr: String,
-    /// Whether output beyond the limit was dropped.
-    pub truncated: bool,
-    /// Whether the timeout killed it.
-    pub timed_out: bool,
-}
-
-/// Most output kept per stream of an exec.
-pub const MAX_EXEC_OUTPUT: usize = 10 << 20;
-/// Longest an exec may run.
-pub const MAX_EXEC_TIMEOUT: Duration = Duration::from_secs(3600);
-
-/// Why an exec could not run.
-#[derive(Debug)]
-pub enum ExecError {
-    /// The sandbox is not running (any more).
-    NotRunning,
-    /// Something on the host failed (logged by the server, not shown to the tenant).
-    Internal(String),
-}
-
-/// Runs commands in sandboxes. The binary provides it (a helper process per exec); the API
-/// only knows the shape.
-pub trait Executor: Send + Sync + 'static {
-    /// Runs `req` in the running sandbox `id`.
-    fn exec(
-        &self,
-        id: SandboxId,
-        req: ExecRequest,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<ExecOutput, ExecError>> + Send>>;
 }
 
 /// Shared state of the handlers.
@@ -270,8 +223,20 @@ pub fn router(api: Api) -> Router {
         .route("/v1/sandboxes/{id}/pause", post(pause_sandbox))
         .route("/v1/sandboxes/{id}/resume", post(resume_sandbox))
         .route("/v1/sandboxes/{id}/wait", get(wait_sandbox))
-        .route("/v1/sandboxes/{id}/exec", post(exec_sandbox))
-        .route("/v1/sandboxes/{id}/logs", get(logs_sandbox))
+        .route("/v1/sandboxes/{id}/exec", post(exec::exec_sandbox))
+        .route("/v1/sandboxes/{id}/exec/stream", get(exec::exec_stream))
+        .route("/v1/sandboxes/{id}/logs", get(logs::logs_sandbox))
+        .route("/v1/events", get(events::events))
+        .route(
+            "/v1/sandboxes/{id}/files",
+            get(files::download)
+                .put(files::upload)
+                .delete(files::remove)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/sandboxes/{id}/files/list", get(files::list))
+        .route("/v1/sandboxes/{id}/files/stat", get(files::stat))
+        .route("/v1/sandboxes/{id}/files/mkdir", post(files::mkdir))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -526,6 +491,10 @@ pub struct CreateRequest {
     /// Working directory.
     #[serde(default)]
     pub workdir: Option<String>,
+    /// The user (`UID[:GID]`) the command, execs and file operations run as (default 0, the
+    /// sandbox's root, an unprivileged id on the host).
+    #[serde(default)]
+    pub user: Option<cove_types::User>,
     /// Resource limits (the same fields and units as `cove run`'s flags).
     #[serde(default)]
     pub limits: Option<Limits>,
@@ -585,6 +554,9 @@ impl CreateRequest {
             .map(|(key, value)| EnvVar { key, value })
             .collect();
         spec.workdir = self.workdir.map(Into::into);
+        if let Some(user) = self.user {
+            spec.user = user;
+        }
         if let Some(limits) = self.limits {
             spec.limits = limits;
         }
@@ -783,6 +755,18 @@ struct ListQuery {
     after: Option<String>,
 }
 
+/// A `label` filter: `key=value` pairs separated by commas, all of which must match.
+fn label_filter(spec: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
+    let mut labels = Vec::new();
+    for pair in spec.unwrap_or("").split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| ApiError::bad(format!("label filter {pair:?}: use key=value")))?;
+        labels.push((k.to_string(), v.to_string()));
+    }
+    Ok(labels)
+}
+
 async fn list_sandboxes(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -796,19 +780,7 @@ async fn list_sandboxes(
         .map(str::parse)
         .transpose()
         .map_err(ApiError::bad)?;
-    let mut labels = Vec::new();
-    for pair in q
-        .label
-        .as_deref()
-        .unwrap_or("")
-        .split(',')
-        .filter(|p| !p.is_empty())
-    {
-        let (k, v) = pair
-            .split_once('=')
-            .ok_or_else(|| ApiError::bad(format!("label filter {pair:?}: use key=value")))?;
-        labels.push((k.to_string(), v.to_string()));
-    }
+    let labels = label_filter(q.label.as_deref())?;
     let limit = q.limit.unwrap_or(DEFAULT_PAGE);
     if limit == 0 || limit > MAX_PAGE {
         return Err(ApiError::bad(format!("limit must be 1 to {MAX_PAGE}")));
@@ -1053,208 +1025,4 @@ async fn wait_sandbox(
             ),
         )),
     }
-}
-
-async fn exec_sandbox(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    raw: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let who = caller(&api.store, &headers).await?;
-    let req: ExecRequest = body(raw)?;
-    let (record, _) = load(&api, &who, &id).await?;
-    if req.cmd.is_empty() || req.cmd[0].is_empty() {
-        return Err(ApiError::bad("cmd must name a command"));
-    }
-    if req.cmd.iter().any(|a| a.contains('\0')) {
-        return Err(ApiError::bad("cmd contains a NUL byte"));
-    }
-    for (k, v) in &req.env {
-        if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
-            return Err(ApiError::bad(format!(
-                "env {k:?}: names are non-empty, without '=' or NUL"
-            )));
-        }
-    }
-    if let Some(w) = &req.workdir
-        && !w.starts_with('/')
-    {
-        return Err(ApiError::bad("workdir must be an absolute path"));
-    }
-    if req.timeout.is_some_and(|t| t.as_std() > MAX_EXEC_TIMEOUT) {
-        return Err(ApiError::bad("timeout is at most 1h"));
-    }
-    let not_running = || {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "not_running",
-            format!("sandbox {id} is {}, not running", record.state.as_str()),
-        )
-    };
-    if record.state != SandboxState::Running {
-        return Err(not_running());
-    }
-    match api.executor.exec(record.id, req).await {
-        Ok(out) => Ok(Json(out).into_response()),
-        Err(ExecError::NotRunning) => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "not_running",
-            format!("sandbox {id} is not running"),
-        )),
-        Err(ExecError::Internal(detail)) => {
-            eprintln!("cove: exec in {id}: {detail}");
-            Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "the command could not be started",
-            ))
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LogsQuery {
-    /// `stdout`, `stderr`, or `all` (the default: both, in the order they are read).
-    stream: Option<String>,
-    /// Only the last N lines of each stream.
-    tail: Option<usize>,
-    /// Keep the response open and send new output until the sandbox ends.
-    #[serde(default)]
-    follow: bool,
-}
-
-/// What `path` holds past `*off`, moving `*off` to its end. A log found shorter than `*off`
-/// was rotated (emptied): it is read from its start again.
-async fn read_from(path: &std::path::Path, off: &mut u64) -> Option<Vec<u8>> {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    let mut file = tokio::fs::File::open(path).await.ok()?;
-    let len = file.metadata().await.ok()?.len();
-    if len < *off {
-        *off = 0;
-    }
-    if len == *off {
-        return None;
-    }
-    file.seek(std::io::SeekFrom::Start(*off)).await.ok()?;
-    let mut out = Vec::new();
-    file.take(len - *off).read_to_end(&mut out).await.ok()?;
-    *off += out.len() as u64;
-    Some(out)
-}
-
-/// How often a followed log is checked for new output.
-const FOLLOW_POLL: Duration = Duration::from_millis(100);
-
-/// The last `n` lines of `bytes`.
-fn tail_lines(bytes: &[u8], n: usize) -> &[u8] {
-    let mut end = bytes.len();
-    if bytes.last() == Some(&b'\n') {
-        end -= 1;
-    }
-    let mut count = 0;
-    for i in (0..end).rev() {
-        if bytes[i] == b'\n' {
-            count += 1;
-            if count == n {
-                return &bytes[i + 1..];
-            }
-        }
-    }
-    bytes
-}
-
-async fn logs_sandbox(
-    State(api): State<Api>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, ApiError> {
-    let who = caller(&api.store, &headers).await?;
-    let Query(q) = query.map_err(|e| ApiError::bad(format!("bad query: {}", e.body_text())))?;
-    let names: &[&str] = match q.stream.as_deref().unwrap_or("all") {
-        "all" => &["stdout.log", "stderr.log"],
-        "stdout" => &["stdout.log"],
-        "stderr" => &["stderr.log"],
-        other => {
-            return Err(ApiError::bad(format!(
-                "stream {other:?}: use stdout, stderr or all"
-            )));
-        }
-    };
-    let (record, _) = load(&api, &who, &id).await?;
-    let dir = api.sandboxes_dir.join(record.id.as_str());
-    let paths: Vec<std::path::PathBuf> = names.iter().map(|n| dir.join(n)).collect();
-    // What is there now (tailed), and where each stream stands.
-    let mut first = Vec::new();
-    let mut offsets = Vec::new();
-    for p in &paths {
-        // What rotation kept of older output comes first (see the agent's `rotate_log`).
-        let mut old = p.as_os_str().to_owned();
-        old.push(".old");
-        let mut bytes = tokio::fs::read(&old).await.unwrap_or_default();
-        let current = tokio::fs::read(p).await.unwrap_or_default();
-        let current_len = current.len() as u64;
-        bytes.extend(current);
-        let shown = match q.tail {
-            Some(n) => tail_lines(&bytes, n),
-            None => &bytes[..],
-        };
-        first.extend_from_slice(shown);
-        offsets.push(current_len);
-    }
-    let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
-    if !q.follow || record.state.is_final() {
-        return Ok((text_plain, first).into_response());
-    }
-    let key = key(&record.id);
-    let store = api.store.clone();
-    struct Follow {
-        paths: Vec<std::path::PathBuf>,
-        offsets: Vec<u64>,
-        first: Option<Vec<u8>>,
-        ended: bool,
-    }
-    let state = Follow {
-        paths,
-        offsets,
-        first: Some(first),
-        ended: false,
-    };
-    let stream = futures_util::stream::unfold(state, move |mut s| {
-        let store = store.clone();
-        let key = key.clone();
-        async move {
-            if let Some(first) = s.first.take() {
-                return Some((Ok::<_, std::io::Error>(Bytes::from(first)), s));
-            }
-            loop {
-                if s.ended {
-                    return None;
-                }
-                let mut chunk = Vec::new();
-                for (p, off) in s.paths.iter().zip(s.offsets.iter_mut()) {
-                    if let Some(new) = read_from(p, off).await {
-                        chunk.extend(new);
-                    }
-                }
-                // After the sandbox has ended, one last read picks up what it wrote last.
-                let ended = match store.get(&key).await {
-                    Ok(Some(e)) => parse(&e.value).map_or(true, |r| r.state.is_final()),
-                    _ => true,
-                };
-                if ended {
-                    s.ended = true;
-                }
-                if !chunk.is_empty() {
-                    return Some((Ok(Bytes::from(chunk)), s));
-                }
-                if !s.ended {
-                    tokio::time::sleep(FOLLOW_POLL).await;
-                }
-            }
-        }
-    });
-    Ok((text_plain, axum::body::Body::from_stream(stream)).into_response())
 }
