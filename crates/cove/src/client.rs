@@ -83,26 +83,74 @@ pub enum ClientCommand {
         #[arg(required = true)]
         ids: Vec<String>,
     },
-    /// Run a command in a running sandbox; print its output and exit with its exit code.
+    /// Run a command in a running sandbox, streaming its output; exit with its exit code.
     #[command(
         after_help = "Examples:\n  cove exec 3f9a0c1b2d4e -- python3 -c 'print(1)'\n  \
-        cove exec -e MODE=test -w /tmp 3f9a0c1b2d4e -- sh -c 'ls; env'"
+        cove exec -e MODE=test -w /tmp 3f9a0c1b2d4e -- sh -c 'ls; env'\n  \
+        cove exec -it 3f9a0c1b2d4e -- sh\n  \
+        tar c src | cove exec -i 3f9a0c1b2d4e -- tar x -C /tmp\n\n\
+        Ctrl-C, SIGTERM and SIGHUP are passed to the command (with -t, Ctrl-C is a keystroke \
+        in its terminal). Without -i the command's stdin is empty."
     )]
     Exec {
+        /// Keep stdin open and send it to the command.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Give the command a terminal (with -i, this terminal in raw mode relays keystrokes).
+        #[arg(short, long)]
+        tty: bool,
         /// Environment variable KEY=VALUE (on top of the sandbox's).
         #[arg(short = 'e', long = "env", value_name = "KEY=VAL")]
         env: Vec<String>,
         /// Working directory inside the sandbox.
         #[arg(short = 'w', long = "workdir", value_name = "DIR")]
         workdir: Option<String>,
-        /// Kill the command after this long (at most 1h).
-        #[arg(long, value_name = "DUR", default_value = "60s")]
-        timeout: Duration,
+        /// Kill the command after this long (at most 1h; default: when the sandbox ends).
+        #[arg(long, value_name = "DUR")]
+        timeout: Option<Duration>,
         /// The sandbox id.
         id: String,
         /// The command and its arguments.
         #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
         cmd: Vec<String>,
+    },
+    /// Copy files or directories between this machine and a running sandbox.
+    #[command(
+        long_about = "Copy a file or a directory between this machine and a running sandbox; \
+            one side is ID:/PATH. Inside the sandbox the copy runs as the sandbox's user, with \
+            its permissions. As with docker cp: copying into an existing directory puts the \
+            source inside it under its own name; otherwise the destination is created. `-` as \
+            SRC reads a tar from stdin and extracts it into ID:/DIR; `-` as DST writes the file, \
+            or a tar of the directory, to stdout.",
+        after_help = "Examples:\n  cove cp app.py 3f9a0c1b2d4e:/work/\n  \
+            cove cp ./project 3f9a0c1b2d4e:/work/project\n  \
+            cove cp 3f9a0c1b2d4e:/work/out.log .\n  \
+            tar c src | cove cp - 3f9a0c1b2d4e:/work"
+    )]
+    Cp {
+        /// Source: a local path, `-`, or ID:/PATH.
+        src: String,
+        /// Destination: a local path, `-`, or ID:/PATH.
+        dst: String,
+    },
+    /// Follow lifecycle events of your sandboxes (one JSON object per line) until interrupted.
+    #[command(
+        after_help = "Examples:\n  cove events\n  cove events --type exited --label user_id=42\n  \
+        cove events --since 0    # replay from the start of the store's history"
+    )]
+    Events {
+        /// Only this sandbox's events.
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
+        /// Only these types (created, running, paused, resumed, stopping, exited, removed).
+        #[arg(long = "type", value_name = "TYPE", value_delimiter = ',')]
+        types: Vec<String>,
+        /// Only sandboxes with this label (key=value; repeatable, all must match).
+        #[arg(long, value_name = "KEY=VALUE")]
+        label: Vec<String>,
+        /// Replay the changes after this store revision (each event carries its revision).
+        #[arg(long, value_name = "REVISION")]
+        since: Option<u64>,
     },
     /// Print a sandbox's output (its main command's stdout and stderr).
     Logs {
@@ -154,6 +202,10 @@ pub struct CreateArgs {
     /// Working directory inside the sandbox.
     #[arg(short = 'w', long = "workdir", value_name = "DIR")]
     workdir: Option<String>,
+    /// User inside the sandbox, UID[:GID] (default 0, the sandbox's root, which is an
+    /// unprivileged id on the host); execs and file copies run as this user too.
+    #[arg(short = 'u', long = "user", value_name = "UID[:GID]")]
+    user: Option<cove_types::User>,
     /// Label KEY=VALUE (e.g. user_id=42); filterable with `cove ls --label`.
     #[arg(long, value_name = "KEY=VALUE")]
     label: Vec<String>,
@@ -175,11 +227,11 @@ fn pairs(what: &str, items: &[String]) -> anyhow::Result<BTreeMap<String, String
         .collect()
 }
 
-struct Client {
-    http: reqwest::Client,
-    base: String,
-    token: String,
-    runtime: tokio::runtime::Runtime,
+pub(crate) struct Client {
+    pub(crate) http: reqwest::Client,
+    pub(crate) base: String,
+    pub(crate) token: String,
+    pub(crate) runtime: tokio::runtime::Runtime,
 }
 
 impl Client {
@@ -211,7 +263,7 @@ impl Client {
 
     /// Sends a request; returns the status and the parsed JSON body (`null` when empty). API
     /// errors become this command's error, with the server's message.
-    fn call(
+    pub(crate) fn call(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -253,6 +305,31 @@ impl Client {
 }
 
 impl Client {
+    /// A WebSocket request for `path` (ws:// for an http:// server), with the token.
+    fn ws_request(
+        &self,
+        path: &str,
+    ) -> anyhow::Result<tokio_tungstenite::tungstenite::handshake::client::Request> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = match self.base.strip_prefix("http://") {
+            Some(rest) => format!("ws://{rest}{path}"),
+            None => bail!(
+                "{}: streaming needs an http:// server URL (TLS comes with the edge proxy)",
+                self.base
+            ),
+        };
+        let mut req = url
+            .into_client_request()
+            .with_context(|| format!("bad server URL {}", self.base))?;
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.token)
+                .parse()
+                .context("the token is not a valid header value")?,
+        );
+        Ok(req)
+    }
+
     /// GETs `path` and copies the body to stdout as it arrives.
     fn stream(&self, path: &str) -> anyhow::Result<()> {
         use std::io::Write;
@@ -320,6 +397,7 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
                 "cmd": a.cmd,
                 "env": pairs("-e", &a.env)?,
                 "workdir": a.workdir,
+                "user": a.user,
                 "limits": limits,
                 "labels": pairs("--label", &a.label)?,
                 "metadata": pairs("--meta", &a.meta)?,
@@ -426,36 +504,53 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
             }
         }
         ClientCommand::Exec {
+            interactive,
+            tty,
             env,
             workdir,
             timeout,
             id,
             cmd,
         } => {
-            let body = serde_json::json!({
+            let mut start = serde_json::json!({
                 "cmd": cmd,
                 "env": pairs("-e", &env)?,
                 "workdir": workdir,
-                "timeout": timeout,
+                "tty": tty,
             });
-            let (_, v) = c.call(
-                reqwest::Method::POST,
-                &format!("/v1/sandboxes/{id}/exec"),
-                Some(body),
+            if let Some(t) = timeout {
+                start["timeout"] = serde_json::json!(t);
+            }
+            let code = crate::attach::exec(
+                &c.ws_request(&format!("/v1/sandboxes/{id}/exec/stream"))?,
+                &c.runtime,
+                start,
+                interactive,
+                tty,
             )?;
-            use std::io::Write;
-            std::io::stdout().write_all(v["stdout"].as_str().unwrap_or("").as_bytes())?;
-            std::io::stderr().write_all(v["stderr"].as_str().unwrap_or("").as_bytes())?;
-            if v["truncated"] == true {
-                eprintln!("cove: output beyond 10 MiB per stream was dropped");
-            }
-            if v["timed_out"] == true {
-                eprintln!("cove: killed after {timeout}");
-            }
-            let code = v["exit_code"]
-                .as_i64()
-                .unwrap_or(i64::from(crate::EXIT_COVE_FAILED));
             return Ok(ExitCode::from(code.clamp(0, 255) as u8));
+        }
+        ClientCommand::Cp { src, dst } => crate::cp::cp(&c, &src, &dst)?,
+        ClientCommand::Events {
+            id,
+            types,
+            label,
+            since,
+        } => {
+            let mut q = Vec::new();
+            if let Some(id) = id {
+                q.push(format!("id={id}"));
+            }
+            if !types.is_empty() {
+                q.push(format!("type={}", types.join(",")));
+            }
+            if !label.is_empty() {
+                q.push(format!("label={}", label.join(",")));
+            }
+            if let Some(s) = since {
+                q.push(format!("since={s}"));
+            }
+            c.stream(&format!("/v1/events?{}", q.join("&")))?;
         }
         ClientCommand::Logs {
             follow,

@@ -3,7 +3,11 @@
 
 #![forbid(unsafe_code)]
 
+mod attach;
 mod client;
+mod cp;
+mod exec_in;
+mod files;
 mod image;
 mod pull;
 mod run;
@@ -40,24 +44,10 @@ enum Command {
     Serve(serve::ServeArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
-    /// Run a command in a running sandbox of `cove serve` (started by the server for each exec).
+    /// Run a command or a file operation in a running sandbox of `cove serve` (started by the
+    /// server for each exec and file request).
     #[command(hide = true)]
-    ExecIn {
-        /// The sandbox's directory.
-        dir: std::path::PathBuf,
-        /// Environment variable KEY=VALUE.
-        #[arg(short = 'e', long = "env")]
-        env: Vec<String>,
-        /// Working directory.
-        #[arg(short = 'w', long = "workdir")]
-        workdir: Option<std::path::PathBuf>,
-        /// Write Cove's own failure here instead of to stderr.
-        #[arg(long)]
-        error_file: Option<std::path::PathBuf>,
-        /// The command.
-        #[arg(trailing_var_arg = true, required = true)]
-        cmd: Vec<String>,
-    },
+    ExecIn(exec_in::ExecInArgs),
     /// Supervise one sandbox of `cove serve` (started by its node agent, not by hand).
     #[command(hide = true)]
     Supervise {
@@ -89,13 +79,7 @@ fn main() -> ExitCode {
         Command::Image(cmd) => image::image(cmd),
         Command::Serve(args) => serve::serve(args),
         Command::Supervise { dir } => serve::supervise(dir),
-        Command::ExecIn {
-            dir,
-            env,
-            workdir,
-            error_file,
-            cmd,
-        } => serve::exec_in(dir, env, workdir, cmd, error_file),
+        Command::ExecIn(args) => exec_in::exec_in(args),
         Command::Client(cmd) => client::client(&cli.conn, cmd),
     };
     match result {

@@ -121,7 +121,7 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<ExitCode> {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    let executor = std::sync::Arc::new(HelperExec {
+    let executor = std::sync::Arc::new(crate::exec_in::HelperExec {
         root: data.join("sandboxes"),
         cove: std::env::current_exe().context("find the cove binary")?,
     });
@@ -148,7 +148,7 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The sandbox id a sandbox directory is named by.
-fn dir_id(dir: &Path) -> anyhow::Result<SandboxId> {
+pub(crate) fn dir_id(dir: &Path) -> anyhow::Result<SandboxId> {
     dir.file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("")
@@ -276,188 +276,4 @@ fn supervised_run(dir: &Path, id: SandboxId) -> anyhow::Result<RunReport> {
     let report = run_sandbox(&spec, &opts)?;
     drop(pinned);
     Ok(report)
-}
-
-/// Runs each exec through a `cove exec-in` helper: joining a sandbox's namespaces needs a
-/// single-threaded process, which this server is not.
-struct HelperExec {
-    root: PathBuf,
-    cove: PathBuf,
-}
-
-impl cove_api::Executor for HelperExec {
-    fn exec(
-        &self,
-        id: SandboxId,
-        req: cove_api::ExecRequest,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<cove_api::ExecOutput, cove_api::ExecError>>
-                + Send,
-        >,
-    > {
-        let dir = self.root.join(id.as_str());
-        let cove = self.cove.clone();
-        Box::pin(async move { helper_exec(cove, dir, req).await })
-    }
-}
-
-async fn helper_exec(
-    cove: PathBuf,
-    dir: PathBuf,
-    req: cove_api::ExecRequest,
-) -> Result<cove_api::ExecOutput, cove_api::ExecError> {
-    use cove_api::{ExecError, ExecOutput, MAX_EXEC_OUTPUT};
-    use tokio::io::AsyncReadExt;
-    let internal =
-        |what: &str, e: &dyn std::fmt::Display| ExecError::Internal(format!("{what}: {e}"));
-    let err_file = dir.join(format!(
-        "exec-{}.err",
-        cove_api::new_token().map_err(|e| internal("randomness", &e))?
-    ));
-    let mut cmd = tokio::process::Command::new(&cove);
-    cmd.arg("exec-in")
-        .arg(&dir)
-        .arg("--error-file")
-        .arg(&err_file);
-    for (k, v) in &req.env {
-        cmd.arg("-e").arg(format!("{k}={v}"));
-    }
-    if let Some(w) = &req.workdir {
-        cmd.arg("-w").arg(w);
-    }
-    cmd.arg("--")
-        .args(&req.cmd)
-        .env_clear()
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| internal("start cove exec-in", &e))?;
-    let (mut out, mut err) = (
-        child.stdout.take().expect("piped"),
-        child.stderr.take().expect("piped"),
-    );
-    let read = |mut r: Box<dyn tokio::io::AsyncRead + Unpin + Send>| async move {
-        let mut kept = Vec::new();
-        let mut truncated = false;
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match r.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let room = MAX_EXEC_OUTPUT.saturating_sub(kept.len());
-                    truncated |= n > room;
-                    kept.extend_from_slice(&buf[..n.min(room)]);
-                }
-            }
-        }
-        (kept, truncated)
-    };
-    let timeout = req
-        .timeout
-        .map_or(std::time::Duration::from_secs(60), |t| t.as_std());
-    let work = async {
-        let ((o, ot), (e, et), status) = tokio::join!(
-            read(Box::new(&mut out)),
-            read(Box::new(&mut err)),
-            child.wait()
-        );
-        (o, ot || et, e, status)
-    };
-    let (stdout, truncated, stderr, status, timed_out) = match tokio::time::timeout(timeout, work)
-        .await
-    {
-        Ok((o, t, e, status)) => (o, t, e, status, false),
-        Err(_) => {
-            // SIGTERM: the helper kills the command's process group and reaps it. SIGKILL only
-            // if it does not end (the command then dies of its parent-death signal).
-            if let Some(pid) = child
-                .id()
-                .and_then(|p| rustix::process::Pid::from_raw(p as i32))
-            {
-                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-            }
-            let status =
-                match tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await {
-                    Ok(s) => s,
-                    Err(_) => {
-                        let _ = child.kill().await;
-                        child.wait().await
-                    }
-                };
-            (Vec::new(), false, Vec::new(), status, true)
-        }
-    };
-    let status = status.map_err(|e| internal("wait for cove exec-in", &e))?;
-    let helper_error = fs::read_to_string(&err_file).ok();
-    let _ = fs::remove_file(&err_file);
-    if let Some(message) = helper_error {
-        return Err(if message.contains("is not running") {
-            ExecError::NotRunning
-        } else {
-            ExecError::Internal(message)
-        });
-    }
-    Ok(ExecOutput {
-        exit_code: if timed_out {
-            137
-        } else {
-            status.code().unwrap_or(125)
-        },
-        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&stderr).into_owned(),
-        truncated,
-        timed_out,
-    })
-}
-
-/// `cove exec-in DIR [-e K=V]... [-w DIR] -- CMD`: runs CMD inside the running sandbox whose
-/// directory is DIR, with this process's stdio, and exits with its exit code. Started by the
-/// server for each exec (a fresh single-threaded process: joining namespaces needs one).
-pub fn exec_in(
-    dir: PathBuf,
-    env: Vec<String>,
-    workdir: Option<PathBuf>,
-    cmd: Vec<String>,
-    error_file: Option<PathBuf>,
-) -> anyhow::Result<ExitCode> {
-    match exec_in_sandbox(&dir, env, workdir, cmd) {
-        Ok(code) => Ok(code),
-        // Cove's own failure goes where the server reads it, not into the command's stderr.
-        Err(e) => match error_file {
-            Some(f) => {
-                fs::write(&f, crate::chain(&e))
-                    .with_context(|| format!("write {}", f.display()))?;
-                Ok(ExitCode::from(crate::EXIT_COVE_FAILED))
-            }
-            None => Err(e),
-        },
-    }
-}
-
-fn exec_in_sandbox(
-    dir: &Path,
-    env: Vec<String>,
-    workdir: Option<PathBuf>,
-    cmd: Vec<String>,
-) -> anyhow::Result<ExitCode> {
-    let id = dir_id(dir)?;
-    let path = dir.join("resolved.json");
-    let bytes = fs::read(&path).map_err(|_| anyhow!("sandbox {id} is not running"))?;
-    let spec: Spec = serde_json::from_slice(&bytes).context("the sandbox spec is invalid")?;
-    let env = env
-        .iter()
-        .map(|e| e.parse::<cove_types::EnvVar>())
-        .collect::<Result<Vec<_>, _>>()?;
-    let exec = cove_jail::exec::ExecSpec {
-        cmd,
-        env,
-        workdir,
-        user: None,
-    };
-    let code = cove_jail::exec::exec(&spec, &id, &exec)?;
-    Ok(ExitCode::from(code.clamp(0, 255) as u8))
 }

@@ -164,6 +164,13 @@ pub fn assert_no_leaks(id: &str) {
     assert!(leaks.is_empty(), "sandbox {id} leaked: {leaks:#?}");
 }
 
+/// Sends `sig` to process `pid` (one the test started).
+pub fn signal(pid: i32, sig: libc::c_int) {
+    // SAFETY: kill takes plain integers.
+    let ret = unsafe { libc::kill(pid, sig) };
+    assert_eq!(ret, 0, "kill({pid}, {sig})");
+}
+
 /// Makes this test process the reaper of its orphans. A test that kills `cove run` orphans the
 /// sandbox's init; its exit must be collected by someone, and the host's pid 1 is not always a
 /// reaping init (in containers and some VMs it is not).

@@ -1,0 +1,191 @@
+//! A real `cove serve` for the end-to-end tests: on loopback, with its own data directory,
+//! driven by the `cove` client commands and by curl for raw HTTP.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{self, Out};
+
+/// A running `cove serve`, stopped (SIGKILL) and its data removed on drop. Sandboxes the test
+/// left running are force-removed first.
+pub struct Server {
+    child: Option<Child>,
+    pub url: String,
+    pub data: PathBuf,
+    pub token: String,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        common::become_subreaper();
+        let data = std::env::temp_dir().join(format!("cove-serve-{}", common::new_id()));
+        Server::start_in(data)
+    }
+
+    pub fn start_in(data: PathBuf) -> Server {
+        let mut child = Command::new(common::cove_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut url = None;
+        let mut seen = String::new();
+        for _ in 0..10 {
+            let mut line = String::new();
+            if stderr.read_line(&mut line).unwrap() == 0 {
+                break;
+            }
+            seen.push_str(&line);
+            if let Some(u) = line.trim().strip_prefix("cove: listening on ") {
+                url = Some(u.to_string());
+                break;
+            }
+        }
+        let url = url.unwrap_or_else(|| panic!("the server did not start: {seen}"));
+        // Keep draining its stderr so that it never blocks on a full pipe; what it says shows
+        // with a failing test's output.
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            while stderr.read_line(&mut line).is_ok_and(|n| n > 0) {
+                eprint!("server: {line}");
+                line.clear();
+            }
+        });
+        let token = std::fs::read_to_string(data.join("admin-token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        Server {
+            child: Some(child),
+            url,
+            data,
+            token,
+        }
+    }
+
+    /// `cove ARGS` against this server with `token`.
+    pub fn cove_as(&self, token: &str, args: &[&str]) -> Out {
+        Out::from(
+            Command::new(common::cove_bin())
+                .args(args)
+                .env("COVE_URL", &self.url)
+                .env("COVE_TOKEN", token)
+                .output()
+                .unwrap(),
+        )
+    }
+
+    pub fn cove(&self, args: &[&str]) -> Out {
+        self.cove_as(&self.token, args)
+    }
+
+    /// curl: (status, body).
+    pub fn curl(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+            .arg(format!("{}{path}", self.url));
+        if let Some(t) = token {
+            cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        if body.is_some() {
+            cmd.args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                "@-",
+            ]);
+            cmd.stdin(Stdio::piped());
+        }
+        cmd.stdout(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        if let Some(b) = body {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(b.as_bytes()).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        let json =
+            serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.to_string()));
+        (code.parse().unwrap(), json)
+    }
+
+    pub fn inspect(&self, id: &str) -> serde_json::Value {
+        let out = self.cove(&["inspect", id]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        serde_json::from_str(&out.stdout).unwrap()
+    }
+
+    pub fn wait_for_state(&self, id: &str, state: &str) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.inspect(id);
+            if v["state"] == state {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{id} never became {state}: {v}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn create(&self, args: &[&str]) -> String {
+        let mut all = vec!["create"];
+        all.extend_from_slice(args);
+        let out = self.cove(&all);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let id = out.stdout.trim().to_string();
+        assert_eq!(id.len(), 12, "{}", out.stdout);
+        id
+    }
+
+    /// `cove create ARGS` as the tenant of `token`; the new id.
+    pub fn create_as(&self, token: &str, args: &[&str]) -> String {
+        let mut all = vec!["create"];
+        all.extend_from_slice(args);
+        let out = self.cove_as(token, &all);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        out.stdout.trim().to_string()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // A server killed by the test hands its data directory to the one restarted on it.
+        let owned = self.child.is_some();
+        if owned {
+            let out = self.cove(&["ls", "--json"]);
+            for line in out.stdout.lines() {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
+                    && let Some(id) = v["id"].as_str()
+                {
+                    self.cove(&["rm", "-f", id]);
+                }
+            }
+        }
+        self.kill9();
+        if owned {
+            let _ = std::fs::remove_dir_all(&self.data);
+        }
+    }
+}
