@@ -176,6 +176,17 @@ impl Agent {
     /// Makes one sandbox what its record says.
     async fn converge(&mut self, record: SandboxRecord, rev: u64) -> Result<(), AgentError> {
         let id = record.id;
+        // Its time is up: stopped, for that reason (the watch brings the record back).
+        if !record.state.is_final()
+            && record.desired != Desired::Stopped
+            && record.deadline_ms.is_some_and(|d| now_ms() >= d)
+        {
+            let mut record = record;
+            record.desired = Desired::Stopped;
+            record.stop_reason = Some(EndReason::Timeout);
+            self.update(&record, rev).await?;
+            return Ok(());
+        }
         let dir = self.dir(&id);
         // Nothing started it yet: no supervisor of ours, none alive from before a restart, and
         // no report of one that already ended.
@@ -288,7 +299,11 @@ impl Agent {
                 }
             })
             .map_err(io_err("create", &dir))?;
-        let spec = serde_json::to_vec_pretty(&record.spec).expect("a spec serialises");
+        // The timeout is the agent's to enforce (at `deadline_ms`, which may move), not the
+        // jail's.
+        let mut spec = record.spec.clone();
+        spec.limits.timeout = None;
+        let spec = serde_json::to_vec_pretty(&spec).expect("a spec serialises");
         let spec_path = dir.join("spec.json");
         fs::write(&spec_path, spec).map_err(io_err("write", &spec_path))?;
         let log = |name: &str| -> Result<File, AgentError> {
@@ -421,6 +436,22 @@ impl Agent {
         report: Option<RunReport>,
     ) -> Result<(), AgentError> {
         // Stopped on request: the jail reports `killed` too; keep what it said otherwise.
+        // Stopped by the control plane: its reason.
+        let (reason, message) = match (reason, record.stop_reason) {
+            (EndReason::Killed, Some(EndReason::Timeout)) => {
+                let limit = record
+                    .spec
+                    .limits
+                    .timeout
+                    .map_or_else(String::new, |t| format!(" {t}"));
+                (
+                    EndReason::Timeout,
+                    Some(format!("killed: timeout{limit} reached")),
+                )
+            }
+            (EndReason::Killed, Some(r)) => (r, message),
+            _ => (reason, message),
+        };
         record.state = SandboxState::Exited;
         record.reason = Some(reason);
         record.message = message;

@@ -220,6 +220,7 @@ pub fn router(api: Api) -> Router {
             get(get_sandbox).delete(delete_sandbox),
         )
         .route("/v1/sandboxes/{id}/stop", post(stop_sandbox))
+        .route("/v1/sandboxes/{id}/timeout", post(set_timeout))
         .route("/v1/sandboxes/{id}/pause", post(pause_sandbox))
         .route("/v1/sandboxes/{id}/resume", post(resume_sandbox))
         .route("/v1/sandboxes/{id}/wait", get(wait_sandbox))
@@ -602,6 +603,7 @@ fn view(record: &SandboxRecord) -> serde_json::Value {
         obj.remove("schema");
         obj.remove("tenant");
         obj.remove("remove");
+        obj.remove("stop_reason");
     }
     v
 }
@@ -634,6 +636,8 @@ async fn create_sandbox(
             "no randomness",
         )
     })?;
+    let now = now_ms();
+    let spec_timeout = spec.limits.timeout;
     let record = SandboxRecord {
         schema: RECORD_SCHEMA,
         id,
@@ -647,10 +651,12 @@ async fn create_sandbox(
         reason: None,
         message: None,
         exit_code: None,
-        created_at_ms: now_ms(),
+        created_at_ms: now,
         started_at_ms: None,
         ended_at_ms: None,
         report: None,
+        deadline_ms: spec_timeout.map(|t| now.saturating_add(t.as_std().as_millis() as u64)),
+        stop_reason: None,
     };
     let value = serde_json::to_vec(&record).expect("a record serialises");
     let lock = api.quota_lock(&record.tenant).await;
@@ -933,6 +939,58 @@ async fn resume_sandbox(
 ) -> Result<Response, ApiError> {
     let who = caller(&api.store, &headers).await?;
     pause_or_resume(&api, &who, &id, false).await
+}
+
+/// `POST /v1/sandboxes/{id}/timeout`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TimeoutRequest {
+    /// How long the sandbox may still live, from now.
+    timeout: cove_types::Duration,
+}
+
+/// Longest a sandbox's timeout may reach from now.
+const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 86400);
+
+/// Sets when the sandbox's timeout stops it: `timeout` from now (shorter or longer than what
+/// was left), as E2B's `setTimeout` does.
+async fn set_timeout(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let who = caller(&api.store, &headers).await?;
+    let req: TimeoutRequest = body(raw)?;
+    if req.timeout.as_std() > MAX_TIMEOUT {
+        return Err(ApiError::bad("timeout is at most 30 days"));
+    }
+    if req.timeout.as_std().is_zero() {
+        return Err(ApiError::bad(
+            "timeout must be positive (to stop it now, use stop)",
+        ));
+    }
+    let (record, _) = update_record(&api, &who, &id, |r| {
+        if r.state.is_final() || r.desired == Desired::Stopped {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "not_running",
+                format!(
+                    "sandbox {id} is {}",
+                    if r.state.is_final() {
+                        "exited"
+                    } else {
+                        "stopping"
+                    }
+                ),
+            ));
+        }
+        r.deadline_ms = Some(now_ms().saturating_add(req.timeout.as_std().as_millis() as u64));
+        r.spec.limits.timeout = Some(req.timeout);
+        Ok(true)
+    })
+    .await?;
+    Ok(Json(view(&record)).into_response())
 }
 
 async fn stop_sandbox(

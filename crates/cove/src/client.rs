@@ -62,6 +62,16 @@ pub enum ClientCommand {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Set how long a sandbox may still live, from now (longer or shorter than what was left).
+    #[command(
+        after_help = "Examples:\n  cove timeout 3f9a0c1b2d4e 30m\n  cove timeout 3f9a0c1b2d4e 2h"
+    )]
+    Timeout {
+        /// The sandbox id.
+        id: String,
+        /// Its new time to live, from now (at most 30 days).
+        duration: Duration,
+    },
     /// Pause sandboxes: their processes frozen, their memory kept.
     Pause {
         /// Sandbox ids.
@@ -531,6 +541,14 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(code.clamp(0, 255) as u8));
         }
         ClientCommand::Cp { src, dst } => crate::cp::cp(&c, &src, &dst)?,
+        ClientCommand::Timeout { id, duration } => {
+            c.call(
+                reqwest::Method::POST,
+                &format!("/v1/sandboxes/{id}/timeout"),
+                Some(serde_json::json!({ "timeout": duration })),
+            )?;
+            println!("{id}");
+        }
         ClientCommand::Events {
             id,
             types,

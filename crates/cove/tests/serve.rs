@@ -841,3 +841,60 @@ fn a_chatty_sandbox_cannot_fill_the_disk_with_logs() {
     assert_eq!(out.stdout, "last-line\n", "{}", out.stderr);
     server.cove(&["rm", &id]);
 }
+
+#[test]
+fn timeouts_can_be_moved_and_hold_across_a_restart() {
+    require_root();
+    let mut server = Server::start();
+    // Extended before it runs out: it outlives the first deadline, then ends at the new one
+    // with reason `timeout`.
+    let id = server.create(&["--timeout", "2s", "--", "sleep", "1000"]);
+    let out = server.cove(&["timeout", &id, "5s"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v = server.inspect(&id);
+    let deadline = v["deadline_ms"].as_u64().unwrap();
+    assert!(
+        deadline >= v["created_at_ms"].as_u64().unwrap() + 4000,
+        "{v}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(server.inspect(&id)["state"], "running");
+    let v = server.wait_for_state(&id, "exited");
+    assert_eq!(v["reason"], "timeout", "{v}");
+    assert_eq!(v["message"], "killed: timeout 5s reached", "{v}");
+    assert!(v["ended_at_ms"].as_u64().unwrap() >= deadline, "{v}");
+    // Shortened: it ends early.
+    let short = server.create(&["--timeout", "1h", "--", "sleep", "1000"]);
+    assert_eq!(server.cove(&["timeout", &short, "1s"]).code, 0);
+    assert_eq!(server.wait_for_state(&short, "exited")["reason"], "timeout");
+    // Bad input, and sandboxes that have ended.
+    for (body, want) in [
+        (r#"{"timeout":"0s"}"#, 400),
+        (r#"{"timeout":"31d"}"#, 400),
+        (r#"{"timeout":"soon"}"#, 400),
+        (r#"{"ttl":"1m"}"#, 400),
+        (r#"{"timeout":"1m"}"#, 409),
+    ] {
+        let (code, v) = server.curl(
+            Some(&server.token),
+            "POST",
+            &format!("/v1/sandboxes/{id}/timeout"),
+            Some(body),
+        );
+        assert_eq!(code, want, "{body}: {v}");
+    }
+    // A deadline that passes while the server is down is enforced when it is back.
+    let late = server.create(&["--timeout", "2s", "--", "sleep", "1000"]);
+    let data = server.data.clone();
+    server.kill9();
+    std::thread::sleep(Duration::from_secs(3));
+    let restarted = Server::start_in(data);
+    let v = restarted.wait_for_state(&late, "exited");
+    assert_eq!(v["reason"], "timeout", "{v}");
+    drop(server);
+    for id in [&id, &short, &late] {
+        restarted.cove(&["rm", "-f", id]);
+        common::reap_orphans(id);
+        common::assert_no_leaks(id);
+    }
+}

@@ -142,6 +142,14 @@ pub struct SandboxRecord {
     pub ended_at_ms: Option<u64>,
     /// The jail's report (times, peak memory), once it has ended.
     pub report: Option<RunReport>,
+    /// When its timeout stops it (milliseconds since the Unix epoch): creation time plus the
+    /// spec's timeout, moved by a later "set timeout". The control plane enforces it.
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
+    /// Why the control plane stopped it (its timeout), recorded as its end reason instead of
+    /// `killed`.
+    #[serde(default)]
+    pub stop_reason: Option<EndReason>,
 }
 
 /// Where sandbox records live in the state store.
