@@ -120,6 +120,10 @@ pub struct Api {
     pub sandboxes_dir: std::path::PathBuf,
     /// Quotas of tenants created without their own.
     pub default_quotas: Quotas,
+    /// Limits of sandboxes created without their own (each field on its own).
+    pub default_limits: Limits,
+    /// The domain sandboxes' ports are reached under.
+    pub domain: String,
     /// Serialises quota checks per tenant (count, then record), so that concurrent creates
     /// cannot together pass a quota each of them alone respects.
     pub quota_locks: QuotaLocks,
@@ -213,6 +217,7 @@ pub fn router(api: Api) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/v1/info", get(info))
         .route("/v1/tenants", post(create_tenant))
         .route("/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
         .route(
@@ -363,6 +368,17 @@ fn body<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))
 }
 
+/// `GET /v1/info`: what a client may want to know of this server.
+async fn info(State(api): State<Api>, headers: HeaderMap) -> Result<Response, ApiError> {
+    caller(&api.store, &headers).await?;
+    Ok(Json(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "domain": api.domain,
+        "default_limits": api.default_limits,
+    }))
+    .into_response())
+}
+
 async fn readyz(State(api): State<Api>) -> Response {
     match api.store.revision().await {
         Ok(_) => (StatusCode::OK, "ready\n").into_response(),
@@ -381,7 +397,7 @@ struct TenantRequest {
 
 /// What one tenant may hold at once. Sandboxes that have ended count for nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Quotas {
     /// Sandboxes not yet ended.
     pub sandboxes: u32,
@@ -389,6 +405,16 @@ pub struct Quotas {
     pub memory: cove_types::Size,
     /// Sum of their CPU quotas, in thousandths of a CPU.
     pub cpus_millis: u64,
+}
+
+impl Default for Quotas {
+    fn default() -> Quotas {
+        Quotas {
+            sandboxes: 100,
+            memory: cove_types::Size::bytes(64 << 30),
+            cpus_millis: 32_000,
+        }
+    }
 }
 
 /// A tenant, as stored under `/cove/tenants/<name>`.
@@ -496,9 +522,10 @@ pub struct CreateRequest {
     /// sandbox's root, an unprivileged id on the host).
     #[serde(default)]
     pub user: Option<cove_types::User>,
-    /// Resource limits (the same fields and units as `cove run`'s flags).
+    /// Resource limits (the same fields and units as `cove run`'s flags); a field left out
+    /// takes the server's default.
     #[serde(default)]
-    pub limits: Option<Limits>,
+    pub limits: Option<serde_json::Map<String, serde_json::Value>>,
     /// Labels (`user_id`, …).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -534,7 +561,7 @@ fn check_map(what: &str, map: &Labels) -> Result<(), ApiError> {
 
 impl CreateRequest {
     /// The spec, labels and metadata, all checked.
-    fn spec(self) -> Result<(Spec, Labels, Labels), ApiError> {
+    fn spec(self, defaults: &Limits) -> Result<(Spec, Labels, Labels), ApiError> {
         let mut spec = Spec::new(self.cmd);
         spec.image = match self.image.as_deref() {
             None | Some("host") => Image::Host,
@@ -558,8 +585,15 @@ impl CreateRequest {
         if let Some(user) = self.user {
             spec.user = user;
         }
-        if let Some(limits) = self.limits {
-            spec.limits = limits;
+        spec.limits = defaults.clone();
+        if let Some(given) = self.limits {
+            let mut merged = serde_json::to_value(defaults).expect("limits serialise");
+            let obj = merged.as_object_mut().expect("limits are an object");
+            for (k, v) in given {
+                obj.insert(k, v);
+            }
+            spec.limits = serde_json::from_value(merged)
+                .map_err(|e| ApiError::bad(format!("limits: {e}")))?;
         }
         // An image may supply the command; everything else must hold now.
         if matches!(spec.image, Image::Ref(_)) && spec.cmd.is_empty() {
@@ -628,7 +662,7 @@ async fn create_sandbox(
     let who = caller(&api.store, &headers).await?;
     let Query(q) = query.map_err(|e| ApiError::bad(format!("bad query: {}", e.body_text())))?;
     let req: CreateRequest = body(raw)?;
-    let (spec, labels, metadata) = req.spec()?;
+    let (spec, labels, metadata) = req.spec(&api.default_limits)?;
     let id = new_id().map_err(|_| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

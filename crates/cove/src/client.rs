@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
-use cove_types::{Duration, Limits, Size};
+use cove_types::{Duration, Size};
 
 /// How to reach the server.
 #[derive(Args, Clone, Debug)]
@@ -388,20 +388,23 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
 
     match cmd {
         ClientCommand::Create(a) => {
-            let mut limits = Limits::default();
+            // Only what was given: the server's defaults fill in the rest.
+            let mut limits = serde_json::Map::new();
             if let Some(m) = a.memory {
-                limits.memory = m;
+                limits.insert("memory".into(), serde_json::json!(m));
             }
             if let Some(cpus) = &a.cpus {
-                limits.cpus_millis = cove_types::parse_cpus(cpus)?;
+                limits.insert("cpus_millis".into(), cove_types::parse_cpus(cpus)?.into());
             }
             if let Some(p) = a.pids {
-                limits.pids = p;
+                limits.insert("pids".into(), p.into());
             }
             if let Some(d) = a.disk {
-                limits.disk = d;
+                limits.insert("disk".into(), serde_json::json!(d));
             }
-            limits.timeout = a.timeout;
+            if let Some(t) = a.timeout {
+                limits.insert("timeout".into(), serde_json::json!(t));
+            }
             let body = serde_json::json!({
                 "image": a.image,
                 "cmd": a.cmd,

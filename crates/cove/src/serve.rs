@@ -20,6 +20,9 @@ pub const DATA_DIR: &str = "/var/lib/cove";
 /// The admin token's file name in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 
+/// The configuration file read when `--config` is not given, if it exists.
+pub const CONFIG_FILE: &str = "/etc/cove/config.toml";
+
 #[derive(Args)]
 #[command(
     about = "Run the Cove server: the REST API, the state store and the node agent",
@@ -27,61 +30,149 @@ pub const ADMIN_TOKEN_FILE: &str = "admin-token";
         embedded state store and the node agent that starts and supervises sandboxes. On first \
         start it creates an admin token in a root-only file and prints its path. Sandboxes are \
         not children of the server: stopping or restarting it (even kill -9) leaves them running, \
-        and the next start adopts them.",
+        and the next start adopts them.\n\n\
+        Settings come from, in order of precedence: flags, environment variables, the TOML \
+        configuration file (--config, or /etc/cove/config.toml if it exists), built-in defaults. \
+        `cove serve --print-config` shows the result.",
     after_help = "Examples:\n  cove serve\n  cove serve --listen 0.0.0.0:7070 --data-dir /srv/cove\n  \
-        COVE_TOKEN=$(cat /var/lib/cove/admin-token) cove create -- sleep 60"
+        cove serve --config /etc/cove/config.toml --print-config\n  \
+        COVE_TOKEN=$(cat /var/lib/cove/admin-token) cove create -- sleep 60\n\n\
+        A configuration file (every key optional):\n  \
+        listen = \"127.0.0.1:7070\"\n  data_dir = \"/var/lib/cove\"\n  domain = \"sandbox.example.com\"\n  \
+        [limits]     # sandboxes created without their own (the API's `limits` fields)\n  \
+        memory = \"512M\"\n  cpus_millis = 1000\n  pids = 256\n  disk = \"256M\"\n  timeout = \"1h\"\n  \
+        [quotas]     # tenants created without their own\n  \
+        sandboxes = 100\n  memory = \"64G\"\n  cpus_millis = 32000"
 )]
 pub struct ServeArgs {
-    /// Address and port the API listens on.
-    #[arg(
-        long,
-        value_name = "ADDR:PORT",
-        default_value = "127.0.0.1:7070",
-        env = "COVE_LISTEN"
-    )]
-    listen: SocketAddr,
-    /// Where Cove keeps its state: the store, the sandboxes' directories, the admin token.
-    #[arg(long, value_name = "DIR", default_value = DATA_DIR, env = "COVE_DATA_DIR")]
-    data_dir: PathBuf,
-    /// Default quota of a tenant: sandboxes not yet ended.
-    #[arg(
-        long,
-        value_name = "N",
-        default_value_t = 100,
-        help_heading = "Tenant quotas"
-    )]
-    quota_sandboxes: u32,
-    /// Default quota of a tenant: sum of its sandboxes' memory limits.
-    #[arg(
-        long,
-        value_name = "SIZE",
-        default_value = "64G",
-        help_heading = "Tenant quotas"
-    )]
-    quota_memory: cove_types::Size,
-    /// Default quota of a tenant: sum of its sandboxes' CPUs.
-    #[arg(
-        long,
-        value_name = "N",
-        default_value = "32",
-        help_heading = "Tenant quotas"
-    )]
-    quota_cpus: String,
+    /// TOML configuration file [default: /etc/cove/config.toml, if it exists].
+    #[arg(long, value_name = "FILE", env = "COVE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the settings in effect (as a configuration file) and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Address and port the API listens on [default: 127.0.0.1:7070].
+    #[arg(long, value_name = "ADDR:PORT", env = "COVE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Where Cove keeps its state: the store, the sandboxes' directories, the admin token
+    /// [default: /var/lib/cove].
+    #[arg(long, value_name = "DIR", env = "COVE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The domain sandboxes' ports are reached under (`<port>-<id>.<domain>`)
+    /// [default: localhost].
+    #[arg(long, value_name = "DOMAIN", env = "COVE_DOMAIN")]
+    domain: Option<String>,
+    /// Default quota of a tenant: sandboxes not yet ended [default: 100].
+    #[arg(long, value_name = "N", help_heading = "Tenant quotas")]
+    quota_sandboxes: Option<u32>,
+    /// Default quota of a tenant: sum of its sandboxes' memory limits [default: 64G].
+    #[arg(long, value_name = "SIZE", help_heading = "Tenant quotas")]
+    quota_memory: Option<cove_types::Size>,
+    /// Default quota of a tenant: sum of its sandboxes' CPUs [default: 32].
+    #[arg(long, value_name = "N", help_heading = "Tenant quotas")]
+    quota_cpus: Option<String>,
+}
+
+/// The server's settings, as the configuration file holds them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address and port of the API.
+    pub listen: SocketAddr,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The domain of sandbox URLs.
+    pub domain: String,
+    /// Limits of sandboxes created without their own.
+    pub limits: cove_types::Limits,
+    /// Quotas of tenants created without their own.
+    pub quotas: cove_api::Quotas,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: "127.0.0.1:7070".parse().expect("a valid address"),
+            data_dir: PathBuf::from(DATA_DIR),
+            domain: "localhost".into(),
+            limits: cove_types::Limits::default(),
+            quotas: cove_api::Quotas::default(),
+        }
+    }
+}
+
+impl ServeArgs {
+    /// The file's settings (if any) under the flags'.
+    fn config(&self) -> anyhow::Result<Config> {
+        let (path, required) = match &self.config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(CONFIG_FILE), false),
+        };
+        let mut config = match fs::read_to_string(&path) {
+            Ok(text) => toml::from_str::<Config>(&text)
+                .map_err(|e| anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?,
+            Err(e) if !required && e.kind() == io::ErrorKind::NotFound => Config::default(),
+            Err(e) => return Err(anyhow!("read {}: {e}", path.display())),
+        };
+        if let Some(l) = self.listen {
+            config.listen = l;
+        }
+        if let Some(d) = &self.data_dir {
+            config.data_dir = d.clone();
+        }
+        if let Some(d) = &self.domain {
+            config.domain = d.clone();
+        }
+        if let Some(n) = self.quota_sandboxes {
+            config.quotas.sandboxes = n;
+        }
+        if let Some(m) = self.quota_memory {
+            config.quotas.memory = m;
+        }
+        if let Some(c) = &self.quota_cpus {
+            config.quotas.cpus_millis = u64::from(cove_types::parse_cpus(c)?);
+        }
+        if config.domain.is_empty()
+            || !config
+                .domain
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            bail!(
+                "domain {:?}: letters, digits, '-' and '.' only",
+                config.domain
+            );
+        }
+        let mut probe = cove_types::Spec::new(vec!["probe".into()]);
+        probe.limits = config.limits.clone();
+        probe
+            .validate()
+            .map_err(|e| anyhow!("limits in the configuration: {e}"))?;
+        Ok(config)
+    }
 }
 
 /// `cove serve`.
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = args.config()?;
+    if args.print_config {
+        print!(
+            "{}",
+            toml::to_string(&config).context("print the configuration")?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("start the server's runtime")?;
-    runtime.block_on(serve_async(args))
+    runtime.block_on(serve_async(config))
 }
 
-async fn serve_async(args: ServeArgs) -> anyhow::Result<ExitCode> {
+async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     cove_image::tls::install_default_provider();
-    let data = &args.data_dir;
+    let data = &config.data_dir;
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o711)
@@ -108,9 +199,9 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<ExitCode> {
     .context("record the admin token")?;
     let cove = std::env::current_exe().context("find the cove binary")?;
     let agent = cove_agent::Agent::new(store.clone(), data.join("sandboxes"), cove)?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .with_context(|| format!("listen on {}", args.listen))?;
+        .with_context(|| format!("listen on {}", config.listen))?;
     eprintln!("cove: listening on http://{}", listener.local_addr()?);
     eprintln!("cove: admin token in {}", token_path.display());
     let shutdown = async {
@@ -129,11 +220,9 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<ExitCode> {
         store,
         executor,
         sandboxes_dir: data.join("sandboxes"),
-        default_quotas: cove_api::Quotas {
-            sandboxes: args.quota_sandboxes,
-            memory: args.quota_memory,
-            cpus_millis: u64::from(cove_types::parse_cpus(&args.quota_cpus)?),
-        },
+        default_quotas: config.quotas,
+        default_limits: config.limits.clone(),
+        domain: config.domain.clone(),
         quota_locks: Default::default(),
     };
     let server = axum::serve(listener, router(api)).with_graceful_shutdown(shutdown);

@@ -898,3 +898,67 @@ fn timeouts_can_be_moved_and_hold_across_a_restart() {
         common::assert_no_leaks(id);
     }
 }
+
+#[test]
+fn a_configuration_file_sets_defaults_and_flags_override_it() {
+    require_root();
+    let data = std::env::temp_dir().join(format!("cove-serve-{}", common::new_id()));
+    std::fs::create_dir_all(&data).unwrap();
+    let config = data.join("config.toml");
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:1\"\ndomain = \"sandbox.test\"\n\
+         [limits]\nmemory = \"128M\"\ntimeout = \"1h\"\n[quotas]\nsandboxes = 9\n",
+    )
+    .unwrap();
+    // The flag's listen address and quota win over the file's.
+    let server = Server::start_with(
+        data.clone(),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--quota-sandboxes",
+            "2",
+        ],
+    );
+    let (code, v) = server.curl(Some(&server.token), "GET", "/v1/info", None);
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["domain"], "sandbox.test");
+    let (_, t) = server.curl(
+        Some(&server.token),
+        "POST",
+        "/v1/tenants",
+        Some(r#"{"name":"cfg"}"#),
+    );
+    let tenant = t["token"].as_str().unwrap();
+    let id = server.create_as(tenant, &["--", "sleep", "100"]);
+    let v = server.inspect_as(tenant, &id);
+    assert_eq!(v["spec"]["limits"]["memory"], "128M", "{v}");
+    assert_eq!(v["spec"]["limits"]["timeout"], "1h", "{v}");
+    assert!(v["deadline_ms"].as_u64().is_some(), "{v}");
+    // A field given keeps the other defaults.
+    let id2 = server.create_as(tenant, &["--pids", "64", "--", "sleep", "100"]);
+    let v = server.inspect_as(tenant, &id2);
+    assert_eq!(
+        (
+            v["spec"]["limits"]["memory"].as_str(),
+            v["spec"]["limits"]["pids"].as_u64()
+        ),
+        (Some("128M"), Some(64)),
+        "{v}"
+    );
+    let out = server.cove_as(tenant, &["create", "--", "true"]);
+    assert!(out.stderr.contains("quota 2"), "{}", out.stderr);
+    for id in [&id, &id2] {
+        server.cove_as(tenant, &["rm", "-f", id]);
+    }
+    // Mistakes in the file are named, with their line.
+    std::fs::write(&config, "[limits]\nmemroy = \"1G\"\n").unwrap();
+    let out = Command::new(common::cove_bin())
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(err.contains("line 2") && err.contains("memroy"), "{err}");
+}

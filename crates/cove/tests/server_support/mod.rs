@@ -27,9 +27,16 @@ impl Server {
     }
 
     pub fn start_in(data: PathBuf) -> Server {
+        Server::start_with(data, &[])
+    }
+
+    /// A server on `data` with more flags.
+    pub fn start_with(data: PathBuf, extra: &[&str]) -> Server {
+        common::become_subreaper();
         let mut child = Command::new(common::cove_bin())
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&data)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -122,6 +129,12 @@ impl Server {
         let json =
             serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.to_string()));
         (code.parse().unwrap(), json)
+    }
+
+    pub fn inspect_as(&self, token: &str, id: &str) -> serde_json::Value {
+        let out = self.cove_as(token, &["inspect", id]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        serde_json::from_str(&out.stdout).unwrap()
     }
 
     pub fn inspect(&self, id: &str) -> serde_json::Value {
