@@ -36,8 +36,9 @@ const TYPES: &[&str] = &[
     "created", "running", "paused", "resumed", "stopping", "exited", "removed",
 ];
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct EventsQuery {
     /// Only this sandbox's events.
     id: Option<String>,
@@ -137,6 +138,7 @@ fn event(kind: &str, r: &SandboxRecord, revision: u64) -> serde_json::Value {
 /// How often a quiet stream sends a keep-alive (an empty line, or a WebSocket ping).
 const KEEPALIVE: Duration = Duration::from_secs(20);
 
+#[utoipa::path(get, path = "/v1/events", tag = "events", description = "Lifecycle events of the caller's sandboxes: a WebSocket (one JSON message each) or, without an upgrade, newline-delimited JSON.", params(EventsQuery), responses((status = 200, description = "Newline-delimited events", body = crate::openapi::LifecycleEvent, content_type = "application/x-ndjson"), (status = 101, description = "Switching to the WebSocket protocol"), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn events(
     State(api): State<Api>,
     headers: HeaderMap,

@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::{Api, ApiError, body, caller, load};
 
 /// `POST /v1/sandboxes/{id}/exec`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// The command and its arguments.
@@ -35,11 +35,12 @@ pub struct ExecRequest {
     /// Longest the command may run (default 60s, at most 1h; a stream has none by default);
     /// it is killed then.
     #[serde(default)]
+    #[schema(value_type = Option<String>, example = "60s")]
     pub timeout: Option<cove_types::Duration>,
 }
 
 /// What an exec produced.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ExecOutput {
     /// The command's exit code (128+N after signal N; 127 not found, 126 not executable).
     pub exit_code: i32,
@@ -236,6 +237,7 @@ async fn collect(r: &mut (dyn AsyncRead + Send + Unpin)) -> (Vec<u8>, bool) {
 /// How long a stopped job has to end before its helper is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", tag = "exec", params(("id" = String, Path, description = "The sandbox id (12 lowercase hex characters)")), request_body = ExecRequest, responses((status = 200, description = "Success", body = ExecOutput), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn exec_sandbox(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -323,6 +325,7 @@ const STDERR: u8 = 2;
 /// may still write does not hold the stream open).
 const DRAIN: Duration = Duration::from_millis(200);
 
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/exec/stream", tag = "exec", description = "A WebSocket: the first message is the command (`cmd`, `env`, `workdir`, `timeout`, `tty`, `rows`, `cols`); then binary messages are stdin, and text messages `stdin`, `stdin_close`, `resize`, `signal`. The server sends binary stdout (first byte 1) and stderr (2), then an `exit` message with `exit_code`. See docs/api.md.", params(("id" = String, Path, description = "The sandbox id (12 lowercase hex characters)")), responses((status = 101, description = "Switching to the WebSocket protocol"), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn exec_stream(
     State(api): State<Api>,
     headers: HeaderMap,

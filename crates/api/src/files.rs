@@ -167,6 +167,7 @@ fn json(status: StatusCode, bytes: Bytes) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], bytes).into_response()
 }
 
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/stat", tag = "files", params(("id" = String, Path, description = "The sandbox id (12 lowercase hex characters)"), ("path" = String, Query, description = "Absolute path in the sandbox")), responses((status = 200, description = "Success", body = crate::openapi::FileEntry), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn stat(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -178,6 +179,7 @@ pub(crate) async fn stat(
     Ok(json(StatusCode::OK, out))
 }
 
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/list", tag = "files", params(("id" = String, Path, description = "The sandbox id (12 lowercase hex characters)"), ("path" = String, Query, description = "Absolute path in the sandbox")), responses((status = 200, description = "Success", body = crate::openapi::FileList), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn list(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -191,6 +193,7 @@ pub(crate) async fn list(
     Ok(axum::Json(serde_json::json!({ "entries": entries })).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/mkdir", tag = "files", params(("id" = String, Path, description = "The sandbox id (12 lowercase hex characters)"), ("path" = String, Query, description = "Absolute path in the sandbox"), ("mode" = Option<String>, Query, description = "Permission bits in octal, e.g. 755")), responses((status = 201, description = "Created", body = crate::openapi::FileEntry), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn mkdir(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -202,6 +205,7 @@ pub(crate) async fn mkdir(
     Ok(json(StatusCode::CREATED, out))
 }
 
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}/files", tag = "files", params(("id" = String, Path, description = "The sandbox id (12 lowercase hex characters)"), ("path" = String, Query, description = "Absolute path in the sandbox")), responses((status = 204, description = "Removed (a directory with everything in it)"), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn remove(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -215,6 +219,7 @@ pub(crate) async fn remove(
 
 /// `PUT`: the body becomes the file at `path`; with `Content-Type: application/x-tar` it is
 /// extracted into the directory at `path` instead.
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "files", params(("id" = String, Path, description = "The sandbox id (12 lowercase hex characters)"), ("path" = String, Query, description = "Absolute path in the sandbox"), ("mode" = Option<String>, Query, description = "Permission bits in octal, e.g. 755")), request_body(description = "The file's bytes; with `Content-Type: application/x-tar`, an archive extracted into the directory `path`", content((Vec<u8> = "application/octet-stream"), (Vec<u8> = "application/x-tar"))), responses((status = 201, description = "Created", body = crate::openapi::FileEntry), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn upload(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -234,6 +239,7 @@ pub(crate) async fn upload(
 
 /// `GET`: a file's bytes (`application/octet-stream`, with its length), or a directory's
 /// contents as a tar (`application/x-tar`). `Cove-File-Type` says which.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files", tag = "files", params(("id" = String, Path, description = "The sandbox id (12 lowercase hex characters)"), ("path" = String, Query, description = "Absolute path in the sandbox")), responses((status = 200, description = "A file's bytes, or a tar of a directory's contents; `Cove-File-Type: file|dir`", content((Vec<u8> = "application/octet-stream"), (Vec<u8> = "application/x-tar"))), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn download(
     State(api): State<Api>,
     headers: HeaderMap,

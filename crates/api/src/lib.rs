@@ -19,7 +19,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use cove_store::{Embedded, Event, Expect, Kv, StoreError};
 use cove_types::{
@@ -33,6 +33,7 @@ mod events;
 mod exec;
 mod files;
 mod logs;
+pub mod openapi;
 
 pub use exec::{
     ExecError, ExecOutput, ExecRequest, Executor, FileOp, Job, MAX_EXEC_OUTPUT, MAX_EXEC_TIMEOUT,
@@ -212,37 +213,19 @@ impl Api {
     }
 }
 
-/// The router: `/healthz`, `/readyz` and `/v1`.
+/// The router: `/healthz`, `/readyz`, `/openapi.json` and `/v1`.
 pub fn router(api: Api) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/v1/info", get(info))
-        .route("/v1/tenants", post(create_tenant))
-        .route("/v1/sandboxes", post(create_sandbox).get(list_sandboxes))
+    let (routes, _) = api_router().split_for_parts();
+    routes
         .route(
-            "/v1/sandboxes/{id}",
-            get(get_sandbox).delete(delete_sandbox),
+            "/openapi.json",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    openapi::json(),
+                )
+            }),
         )
-        .route("/v1/sandboxes/{id}/stop", post(stop_sandbox))
-        .route("/v1/sandboxes/{id}/timeout", post(set_timeout))
-        .route("/v1/sandboxes/{id}/pause", post(pause_sandbox))
-        .route("/v1/sandboxes/{id}/resume", post(resume_sandbox))
-        .route("/v1/sandboxes/{id}/wait", get(wait_sandbox))
-        .route("/v1/sandboxes/{id}/exec", post(exec::exec_sandbox))
-        .route("/v1/sandboxes/{id}/exec/stream", get(exec::exec_stream))
-        .route("/v1/sandboxes/{id}/logs", get(logs::logs_sandbox))
-        .route("/v1/events", get(events::events))
-        .route(
-            "/v1/sandboxes/{id}/files",
-            get(files::download)
-                .put(files::upload)
-                .delete(files::remove)
-                .layer(DefaultBodyLimit::disable()),
-        )
-        .route("/v1/sandboxes/{id}/files/list", get(files::list))
-        .route("/v1/sandboxes/{id}/files/stat", get(files::stat))
-        .route("/v1/sandboxes/{id}/files/mkdir", post(files::mkdir))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -255,6 +238,32 @@ pub fn router(api: Api) -> Router {
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(api)
+}
+
+/// Every documented route: the router and the OpenAPI document come from this one list.
+/// (File uploads read their body as a stream, which the body limit does not apply to.)
+pub(crate) fn api_router() -> utoipa_axum::router::OpenApiRouter<Api> {
+    use utoipa_axum::routes;
+    utoipa_axum::router::OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(info))
+        .routes(routes!(create_tenant))
+        .routes(routes!(create_sandbox, list_sandboxes))
+        .routes(routes!(get_sandbox, delete_sandbox))
+        .routes(routes!(stop_sandbox))
+        .routes(routes!(set_timeout))
+        .routes(routes!(pause_sandbox))
+        .routes(routes!(resume_sandbox))
+        .routes(routes!(wait_sandbox))
+        .routes(routes!(exec::exec_sandbox))
+        .routes(routes!(exec::exec_stream))
+        .routes(routes!(logs::logs_sandbox))
+        .routes(routes!(files::download, files::upload, files::remove))
+        .routes(routes!(files::list))
+        .routes(routes!(files::stat))
+        .routes(routes!(files::mkdir))
+        .routes(routes!(events::events))
 }
 
 /// An error response.
@@ -368,7 +377,13 @@ fn body<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "server", security(), responses((status = 200, description = "The process serves", body = String)))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
 /// `GET /v1/info`: what a client may want to know of this server.
+#[utoipa::path(get, path = "/v1/info", tag = "server", responses((status = 200, description = "Success", body = crate::openapi::Info), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 async fn info(State(api): State<Api>, headers: HeaderMap) -> Result<Response, ApiError> {
     caller(&api.store, &headers).await?;
     Ok(Json(serde_json::json!({
@@ -379,6 +394,7 @@ async fn info(State(api): State<Api>, headers: HeaderMap) -> Result<Response, Ap
     .into_response())
 }
 
+#[utoipa::path(get, path = "/readyz", tag = "server", security(), responses((status = 200, description = "The store answers", body = String), (status = 503, description = "The store failed", body = crate::openapi::ErrorBody)))]
 async fn readyz(State(api): State<Api>) -> Response {
     match api.store.revision().await {
         Ok(_) => (StatusCode::OK, "ready\n").into_response(),
@@ -386,7 +402,7 @@ async fn readyz(State(api): State<Api>) -> Response {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TenantRequest {
     name: String,
@@ -396,12 +412,13 @@ struct TenantRequest {
 }
 
 /// What one tenant may hold at once. Sandboxes that have ended count for nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Quotas {
     /// Sandboxes not yet ended.
     pub sandboxes: u32,
     /// Sum of their memory limits.
+    #[schema(value_type = String, example = "64G")]
     pub memory: cove_types::Size,
     /// Sum of their CPU quotas, in thousandths of a CPU.
     pub cpus_millis: u64,
@@ -429,6 +446,7 @@ pub struct TenantRecord {
 
 const TENANTS: &str = "/cove/tenants/";
 
+#[utoipa::path(post, path = "/v1/tenants", tag = "tenants", request_body = TenantRequest, responses((status = 201, description = "Admin token only", body = crate::openapi::TenantCreated), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 async fn create_tenant(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -503,7 +521,7 @@ async fn create_tenant(
 }
 
 /// `POST /v1/sandboxes`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRequest {
     /// `host` (default), or an image reference (pulled on first use).
@@ -521,10 +539,12 @@ pub struct CreateRequest {
     /// The user (`UID[:GID]`) the command, execs and file operations run as (default 0, the
     /// sandbox's root, an unprivileged id on the host).
     #[serde(default)]
+    #[schema(value_type = Option<String>, example = "1000:1000")]
     pub user: Option<cove_types::User>,
     /// Resource limits (the same fields and units as `cove run`'s flags); a field left out
     /// takes the server's default.
     #[serde(default)]
+    #[schema(value_type = Option<Object>)]
     pub limits: Option<serde_json::Map<String, serde_json::Value>>,
     /// Labels (`user_id`, …).
     #[serde(default)]
@@ -642,8 +662,9 @@ fn view(record: &SandboxRecord) -> serde_json::Value {
     v
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct CreateQuery {
     /// Answer once the sandbox runs (or has failed to start): the default. `false` answers
     /// as soon as the sandbox is recorded.
@@ -653,6 +674,7 @@ struct CreateQuery {
 /// Longest `create` waits for the sandbox to run before answering with it still starting.
 const CREATE_WAIT: Duration = Duration::from_secs(60);
 
+#[utoipa::path(post, path = "/v1/sandboxes", tag = "sandboxes", params(CreateQuery), request_body = CreateRequest, responses((status = 201, description = "Created; running, or failed to start (`reason: start_failure`), unless `wait=false`", body = crate::openapi::SandboxView), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 async fn create_sandbox(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -775,6 +797,7 @@ async fn load(api: &Api, who: &Caller, id: &str) -> Result<(SandboxRecord, u64),
     Ok((record, entry.mod_revision))
 }
 
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "The sandbox id (12 lowercase hex characters)")), responses((status = 200, description = "Success", body = crate::openapi::SandboxView), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 async fn get_sandbox(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -785,8 +808,9 @@ async fn get_sandbox(
     Ok(Json(view(&record)).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
     state: Option<String>,
     /// `key=value`; several separated by commas, all must match.
@@ -807,6 +831,7 @@ fn label_filter(spec: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
     Ok(labels)
 }
 
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes", params(ListQuery), responses((status = 200, description = "Success", body = crate::openapi::SandboxList), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 async fn list_sandboxes(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -957,6 +982,7 @@ async fn pause_or_resume(
     }
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes", params(("id" = String, Path, description = "The sandbox id (12 lowercase hex characters)")), responses((status = 200, description = "Frozen (cgroup freezer), memory kept", body = crate::openapi::SandboxView), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 async fn pause_sandbox(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -966,6 +992,7 @@ async fn pause_sandbox(
     pause_or_resume(&api, &who, &id, true).await
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes", params(("id" = String, Path, description = "The sandbox id (12 lowercase hex characters)")), responses((status = 200, description = "Thawed", body = crate::openapi::SandboxView), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 async fn resume_sandbox(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -976,10 +1003,11 @@ async fn resume_sandbox(
 }
 
 /// `POST /v1/sandboxes/{id}/timeout`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TimeoutRequest {
     /// How long the sandbox may still live, from now.
+    #[schema(value_type = String, example = "30m")]
     timeout: cove_types::Duration,
 }
 
@@ -988,6 +1016,7 @@ const MAX_TIMEOUT: Duration = Duration::from_secs(30 * 86400);
 
 /// Sets when the sandbox's timeout stops it: `timeout` from now (shorter or longer than what
 /// was left), as E2B's `setTimeout` does.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/timeout", tag = "sandboxes", params(("id" = String, Path, description = "The sandbox id (12 lowercase hex characters)")), request_body = TimeoutRequest, responses((status = 200, description = "`deadline_ms` moved", body = crate::openapi::SandboxView), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 async fn set_timeout(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -1027,6 +1056,7 @@ async fn set_timeout(
     Ok(Json(view(&record)).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/stop", tag = "sandboxes", params(("id" = String, Path, description = "The sandbox id (12 lowercase hex characters)")), responses((status = 202, description = "SIGTERM, then SIGKILL after 10 s; the record stays", body = crate::openapi::SandboxView), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 async fn stop_sandbox(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -1037,14 +1067,16 @@ async fn stop_sandbox(
     Ok((StatusCode::ACCEPTED, Json(view(&record))).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct DeleteQuery {
     /// Stop it first if it runs (otherwise deleting a running sandbox is a conflict).
     #[serde(default)]
     force: bool,
 }
 
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "The sandbox id (12 lowercase hex characters)"), DeleteQuery), responses((status = 204, description = "Removed with its files"), (status = 202, description = "Still stopping; removed when it ends", body = crate::openapi::SandboxView), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 async fn delete_sandbox(
     State(api): State<Api>,
     headers: HeaderMap,
@@ -1081,13 +1113,16 @@ async fn delete_sandbox(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct WaitQuery {
     /// Longest to wait (`30s`, `5m`; at most 10m; default 60s).
+    #[param(value_type = Option<String>)]
     timeout: Option<cove_types::Duration>,
 }
 
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/wait", tag = "sandboxes", params(("id" = String, Path, description = "The sandbox id (12 lowercase hex characters)"), WaitQuery), responses((status = 200, description = "It has ended", body = crate::openapi::SandboxView), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 async fn wait_sandbox(
     State(api): State<Api>,
     headers: HeaderMap,

@@ -12,8 +12,9 @@ use serde::Deserialize;
 
 use crate::{Api, ApiError, caller, load, parse};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct LogsQuery {
     /// `stdout`, `stderr`, or `all` (the default: both, in the order they are read).
     stream: Option<String>,
@@ -64,6 +65,7 @@ fn tail_lines(bytes: &[u8], n: usize) -> &[u8] {
     bytes
 }
 
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", tag = "sandboxes", params(("id" = String, Path, description = "The sandbox id (12 lowercase hex characters)"), LogsQuery), responses((status = 200, description = "The main command's output as text; chunked while followed", body = String, content_type = "text/plain"), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn logs_sandbox(
     State(api): State<Api>,
     headers: HeaderMap,

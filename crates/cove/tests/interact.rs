@@ -488,6 +488,25 @@ fn files_and_cp_round_trip_with_the_sandboxs_permissions() {
         ),
         (Some("file"), Some("0750"), Some(18), Some(1000))
     );
+    // The entry is what the OpenAPI document (docs/openapi.json, served too) says it is.
+    let (code, doc) = server.curl(None, "GET", "/openapi.json", None);
+    assert_eq!(code, 200);
+    let documented: Vec<&String> = doc["components"]["schemas"]["FileEntry"]["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| *k != "link_target")
+        .collect();
+    let shown: Vec<&String> = v.as_object().unwrap().keys().collect();
+    assert_eq!(shown, documented);
+    let committed = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json"),
+    )
+    .unwrap();
+    assert_eq!(
+        doc,
+        serde_json::from_str::<serde_json::Value>(&committed).unwrap()
+    );
     let (code, v) = server.curl(tok, "GET", &q("/list?path=/tmp/tree"), None);
     assert_eq!(code, 200, "{v}");
     let names: Vec<&str> = v["entries"]
