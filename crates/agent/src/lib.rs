@@ -378,7 +378,9 @@ impl Agent {
         let id = record.id;
         let dir = self.dir(&id);
         for log in ["stdout.log", "stderr.log"] {
-            rotate_log(&dir.join(log));
+            let log = dir.join(log);
+            rotate_log(&log);
+            index_log(&log, now_ms());
         }
         let report_path = dir.join("report.json");
         if let Ok(bytes) = fs::read(&report_path) {
@@ -533,6 +535,63 @@ pub fn rotate_log(log: &Path) {
     old.push(".old");
     if fs::write(&old, &tail[start..]).is_ok() {
         let _ = file.set_len(0);
+        // The index's offsets were into the output now gone.
+        let _ = fs::remove_file(index_path(log));
+    }
+}
+
+/// The time index of `log`: lines `<ms since the epoch> <from> <to>`, appended at each poll
+/// in which the log grew: the bytes `from..to` were written in the poll interval that ended
+/// then. "Output since T" starts at `from` of the first entry after T (to within a poll
+/// interval, erring towards more output).
+pub fn index_path(log: &Path) -> PathBuf {
+    let mut p = log.as_os_str().to_owned();
+    p.push(".idx");
+    PathBuf::from(p)
+}
+
+/// Largest a log's index grows before every other entry is dropped.
+const INDEX_MAX: u64 = 256 << 10;
+
+/// Records the size of `log` at `now_ms` in its index if the log grew since the last entry.
+pub fn index_log(log: &Path, now_ms: u64) {
+    let Ok(size) = fs::metadata(log).map(|m| m.len()) else {
+        return;
+    };
+    let idx = index_path(log);
+    let text = fs::read_to_string(&idx).unwrap_or_default();
+    let last = text
+        .lines()
+        .last()
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|s| s.parse::<u64>().ok());
+    if last == Some(size) || (last.is_none() && size == 0) {
+        return;
+    }
+    if last.is_some_and(|l| l > size) {
+        // Emptied by someone else than the rotation: start again.
+        let _ = fs::write(&idx, format!("{now_ms} 0 {size}\n"));
+        return;
+    }
+    let line = format!("{now_ms} {} {size}\n", last.unwrap_or(0));
+    if text.len() as u64 + line.len() as u64 > INDEX_MAX {
+        // Coarser, still ordered: every other entry, then this one.
+        let thinned: String = text
+            .lines()
+            .step_by(2)
+            .map(|l| format!("{l}\n"))
+            .chain(std::iter::once(line))
+            .collect();
+        let _ = fs::write(&idx, thinned);
+        return;
+    }
+    if let Ok(mut f) = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&idx)
+    {
+        let _ = io::Write::write_all(&mut f, line.as_bytes());
     }
 }
 

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::ws::{Message, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
@@ -23,6 +24,48 @@ pub(crate) struct LogsQuery {
     /// Keep the response open and send new output until the sandbox ends.
     #[serde(default)]
     follow: bool,
+    /// Only output written since then: a duration ago (`10m`, `90s`) or a time in
+    /// milliseconds since the Unix epoch. Precise to the agent's poll interval (200 ms),
+    /// erring towards more output.
+    since: Option<String>,
+}
+
+/// `since` as milliseconds since the epoch.
+fn since_ms(s: &str) -> Result<u64, ApiError> {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse()
+            .map_err(|_| ApiError::bad(format!("since {s:?}: too large")));
+    }
+    let d: cove_types::Duration = s.parse().map_err(|_| {
+        ApiError::bad(format!(
+            "since {s:?}: a duration ago (10m, 90s) or milliseconds since the Unix epoch"
+        ))
+    })?;
+    Ok(cove_types::sandbox::now_ms().saturating_sub(d.as_std().as_millis() as u64))
+}
+
+/// Where output written since `t` starts in `log` (per its time index, see the agent's
+/// `index_log`), and whether what rotation kept (`.old`) may be that recent too.
+async fn since_offset(log: &std::path::Path, t: u64) -> (u64, bool) {
+    let mut idx = log.as_os_str().to_owned();
+    idx.push(".idx");
+    let text = tokio::fs::read_to_string(&idx).await.unwrap_or_default();
+    let entries: Vec<(u64, u64, u64)> = text
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split(' ').map(|n| n.parse::<u64>().ok());
+            Some((it.next()??, it.next()??, it.next()??))
+        })
+        .collect();
+    match entries.iter().find(|(at, _, _)| *at > t) {
+        Some((_, from, _)) => (*from, *from == 0),
+        // Nothing indexed after `t`: only what the last poll has not seen yet.
+        None => (
+            entries.last().map_or(0, |(_, _, to)| *to),
+            entries.is_empty(),
+        ),
+    }
 }
 
 /// What `path` holds past `*off`, moving `*off` to its end. A log found shorter than `*off`
@@ -65,12 +108,13 @@ fn tail_lines(bytes: &[u8], n: usize) -> &[u8] {
     bytes
 }
 
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", tag = "sandboxes", params(("id" = String, Path, description = "The sandbox id (12 lowercase hex characters)"), LogsQuery), responses((status = 200, description = "The main command's output as text; chunked while followed", body = String, content_type = "text/plain"), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/logs", tag = "sandboxes", params(("id" = String, Path, description = "The sandbox id (12 lowercase hex characters)"), LogsQuery), responses((status = 200, description = "The main command's output as text; chunked while followed. With a WebSocket upgrade, binary messages instead, then a close", body = String, content_type = "text/plain"), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]
 pub(crate) async fn logs_sandbox(
     State(api): State<Api>,
     headers: HeaderMap,
     Path(id): Path<String>,
     query: Result<Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let who = caller(&api.store, &headers).await?;
     let Query(q) = query.map_err(|e| ApiError::bad(format!("bad query: {}", e.body_text())))?;
@@ -84,6 +128,7 @@ pub(crate) async fn logs_sandbox(
             )));
         }
     };
+    let since = q.since.as_deref().map(since_ms).transpose()?;
     let (record, _) = load(&api, &who, &id).await?;
     let dir = api.sandboxes_dir.join(record.id.as_str());
     let paths: Vec<std::path::PathBuf> = names.iter().map(|n| dir.join(n)).collect();
@@ -94,10 +139,18 @@ pub(crate) async fn logs_sandbox(
         // What rotation kept of older output comes first (see the agent's `rotate_log`).
         let mut old = p.as_os_str().to_owned();
         old.push(".old");
-        let mut bytes = tokio::fs::read(&old).await.unwrap_or_default();
+        let (start, with_old) = match since {
+            Some(t) => since_offset(p, t).await,
+            None => (0, true),
+        };
+        let mut bytes = if with_old {
+            tokio::fs::read(&old).await.unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let current = tokio::fs::read(p).await.unwrap_or_default();
         let current_len = current.len() as u64;
-        bytes.extend(current);
+        bytes.extend_from_slice(current.get(start as usize..).unwrap_or_default());
         let shown = match q.tail {
             Some(n) => tail_lines(&bytes, n),
             None => &bytes[..],
@@ -106,9 +159,11 @@ pub(crate) async fn logs_sandbox(
         offsets.push(current_len);
     }
     let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
-    if !q.follow || record.state.is_final() {
+    let follow = q.follow && !record.state.is_final();
+    if !follow && ws.is_err() {
         return Ok((text_plain, first).into_response());
     }
+    let first_copy = if follow { Vec::new() } else { first.clone() };
     let key = key(&record.id);
     let store = api.store.clone();
     struct Follow {
@@ -157,5 +212,28 @@ pub(crate) async fn logs_sandbox(
             }
         }
     });
-    Ok((text_plain, axum::body::Body::from_stream(stream)).into_response())
+    let stream: std::pin::Pin<Box<dyn futures_util::Stream<Item = std::io::Result<Bytes>> + Send>> =
+        if follow {
+            Box::pin(stream)
+        } else {
+            Box::pin(futures_util::stream::iter(s_first(first_copy)))
+        };
+    Ok(match ws {
+        // Each chunk a binary message, then a close once the sandbox has ended.
+        Ok(ws) => ws.on_upgrade(move |mut socket| async move {
+            use futures_util::StreamExt as _;
+            let mut stream = stream;
+            while let Some(Ok(chunk)) = stream.next().await {
+                if socket.send(Message::Binary(chunk)).await.is_err() {
+                    return;
+                }
+            }
+            let _ = socket.send(Message::Close(None)).await;
+        }),
+        Err(_) => (text_plain, axum::body::Body::from_stream(stream)).into_response(),
+    })
+}
+
+fn s_first(first: Vec<u8>) -> Option<std::io::Result<Bytes>> {
+    (!first.is_empty()).then(|| Ok(Bytes::from(first)))
 }

@@ -170,6 +170,9 @@ pub enum ClientCommand {
         /// Only the last N lines of each stream.
         #[arg(long, value_name = "N")]
         tail: Option<usize>,
+        /// Only output since then: a duration ago (10m, 90s) or milliseconds since the epoch.
+        #[arg(long, value_name = "WHEN")]
+        since: Option<String>,
         /// `stdout`, `stderr` or `all`.
         #[arg(long, default_value = "all")]
         stream: String,
@@ -576,12 +579,16 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
         ClientCommand::Logs {
             follow,
             tail,
+            since,
             stream,
             id,
         } => {
             let mut path = format!("/v1/sandboxes/{id}/logs?stream={stream}&follow={follow}");
             if let Some(n) = tail {
                 path.push_str(&format!("&tail={n}"));
+            }
+            if let Some(s) = since {
+                path.push_str(&format!("&since={s}"));
             }
             c.stream(&path)?;
         }

@@ -698,3 +698,68 @@ fn all_revision(server: &Server) -> u64 {
         .as_u64()
         .unwrap()
 }
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[test]
+fn logs_since_a_time_and_over_a_websocket() {
+    require_root();
+    let server = Server::start();
+    let id = server.create(&[
+        "--",
+        "sh",
+        "-c",
+        "echo early; sleep 3; echo late; exec sleep 1000",
+    ]);
+    let logs_until = |want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = server.cove(&["logs", &id]);
+            if out.stdout.contains(want) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no {want}: {}", out.stdout);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    logs_until("early");
+    // Well inside the quiet gap: past the poll that indexed `early`, before `late`.
+    std::thread::sleep(Duration::from_millis(1000));
+    let mid = now_ms();
+    logs_until("late");
+    let out = server.cove(&["logs", "--since", &mid.to_string(), &id]);
+    assert_eq!(out.stdout, "late\n", "{}", out.stderr);
+    let out = server.cove(&["logs", "--since", "1h", &id]);
+    assert_eq!(out.stdout, "early\nlate\n");
+    let out = server.cove(&["logs", "--since", "yesterday", &id]);
+    assert!(out.stderr.contains("a duration ago"), "{}", out.stderr);
+
+    // Over a WebSocket: what is there, then what comes, then a close when it ends.
+    let mut s = ws(
+        &server,
+        &server.token,
+        &format!("/v1/sandboxes/{id}/logs?follow=true"),
+    )
+    .unwrap();
+    let mut got = String::new();
+    while !got.contains("late") {
+        match s.read().unwrap() {
+            Message::Binary(b) => got.push_str(&String::from_utf8_lossy(&b)),
+            m => panic!("{m:?}"),
+        }
+    }
+    assert_eq!(got, "early\nlate\n");
+    assert_eq!(server.cove(&["stop", &id]).code, 0);
+    loop {
+        match s.read() {
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(Message::Binary(_)) => {}
+            Ok(m) => panic!("{m:?}"),
+        }
+    }
+}
