@@ -19,38 +19,13 @@ OUT="$WORK/results"
 scripts/deps.sh bench
 COVE=$(scripts/build-release.sh 2>/dev/null)
 
-# The shared rootfs: Debian's static busybox, nothing else.
+# The shared rootfs: Debian's static busybox, nothing else; and the same as a stored image.
+. bench/lib.sh
 ROOTFS="$WORK/rootfs"
-rm -rf "$WORK"; mkdir -p "$ROOTFS"/{bin,proc,dev,tmp,etc} "$OUT"
-cp /bin/busybox "$ROOTFS/bin/busybox"
-for a in true sh; do ln -s busybox "$ROOTFS/bin/$a"; done
-
-# The same rootfs as a stored image (one layer), for `cove run --image REF`.
+rm -rf "$WORK"; mkdir -p "$OUT"
+busybox_rootfs "$ROOTFS"
 export COVE_IMAGE_STORE="$WORK/images"
-python3 - "$ROOTFS" "$WORK/layout" <<'PY'
-import hashlib, json, os, subprocess, sys
-rootfs, layout = sys.argv[1], sys.argv[2]
-os.makedirs(f"{layout}/blobs/sha256")
-def put(data):
-    h = hashlib.sha256(data).hexdigest()
-    open(f"{layout}/blobs/sha256/{h}", "wb").write(data)
-    return {"digest": "sha256:" + h, "size": len(data)}
-tar = subprocess.run(["tar", "-C", rootfs, "--numeric-owner", "-cf", "-", "."],
-                     check=True, capture_output=True).stdout
-layer = dict(put(tar), mediaType="application/vnd.oci.image.layer.v1.tar")
-config = put(json.dumps({"architecture": "amd64", "os": "linux", "config": {},
-                         "rootfs": {"type": "layers", "diff_ids": [layer["digest"]]}}).encode())
-manifest = put(json.dumps({"schemaVersion": 2,
-    "mediaType": "application/vnd.oci.image.manifest.v1+json",
-    "config": dict(config, mediaType="application/vnd.oci.image.config.v1+json"),
-    "layers": [layer]}).encode())
-json.dump({"schemaVersion": 2, "manifests": [dict(manifest,
-    mediaType="application/vnd.oci.image.manifest.v1+json",
-    annotations={"org.opencontainers.image.ref.name": "cove-bench/busybox:v1"})]},
-    open(f"{layout}/index.json", "w"))
-open(f"{layout}/oci-layout", "w").write('{"imageLayoutVersion":"1.0.0"}')
-PY
-"$COVE" image import "$WORK/layout" >/dev/null
+import_as_image "$COVE" "$ROOTFS" "$WORK/layout" cove-bench/busybox:v1
 
 # crun's default config (crun spec), on the same rootfs, without a terminal.
 BUNDLE="$WORK/crun-bundle"
@@ -65,17 +40,8 @@ c["process"]["terminal"] = False
 c["process"]["args"] = ["/bin/true"]
 json.dump(c, open(path, "w"), indent=1)
 PY
-# crun refuses a "hybrid" cgroup host whose cgroup2 mount has any controller; inside a private
-# mount namespace without that mount it sees plain cgroup v1 (no per-run cost).
 CRUN_WRAP="$WORK/crun-legacy.sh"
-cat >"$CRUN_WRAP" <<SH
-#!/usr/bin/env bash
-if grep -q ' /sys/fs/cgroup/unified ' /proc/self/mountinfo; then
-  exec unshare -m --propagation private bash -c 'umount /sys/fs/cgroup/unified && exec "\$@"' bash "\$@"
-fi
-exec "\$@"
-SH
-chmod +x "$CRUN_WRAP"
+crun_legacy_wrapper "$CRUN_WRAP"
 
 declare -A CMD=(
   [cove]="$COVE run --image $ROOTFS -- /bin/true"
