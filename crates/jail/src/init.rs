@@ -242,6 +242,7 @@ fn init(
     if plan.report_started {
         send("R\n".to_string());
     }
+    sys::release_free_memory();
     loop {
         let (sig, sender, _) = all.wait().step("wait for signals")?;
         if sig == libc::SIGCHLD {

@@ -465,6 +465,7 @@ impl Supervisor<'_> {
                                 // Nobody listening any more is fine.
                                 let _ = (&*f).write_all(b"started\n");
                             }
+                            sys::release_free_memory();
                         } else {
                             parse_status_line(line.trim_end(), &mut report);
                             if report.wait_status.is_some() && self.final_stats.is_none() {
