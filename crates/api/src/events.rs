@@ -201,7 +201,9 @@ pub(crate) async fn events(
     let (tx, rx) = tokio::sync::mpsc::channel::<serde_json::Value>(64);
     tokio::spawn(follow(watch, seen, filter, tx));
     Ok(match ws {
-        Ok(ws) => ws.on_upgrade(move |socket| to_socket(socket, rx)),
+        Ok(ws) => ws
+            .protocols([crate::WS_PROTOCOL])
+            .on_upgrade(move |socket| to_socket(socket, rx)),
         Err(_) => {
             let stream = futures_util::stream::unfold(rx, |mut rx| async move {
                 let line = match tokio::time::timeout(KEEPALIVE, rx.recv()).await {

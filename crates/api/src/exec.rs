@@ -341,6 +341,7 @@ pub(crate) async fn exec_stream(
         )
     })?;
     Ok(ws
+        .protocols([crate::WS_PROTOCOL])
         .max_message_size(2 * frame::MAX)
         .on_upgrade(move |socket| async move {
             let mut socket = socket;

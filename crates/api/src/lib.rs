@@ -330,18 +330,41 @@ struct Caller {
     admin: bool,
 }
 
+/// The subprotocol a WebSocket client selects; it carries no meaning beyond "Cove, version 1".
+pub(crate) const WS_PROTOCOL: &str = "cove.v1";
+
+/// The token of a `cove.bearer.<token>` WebSocket subprotocol.
+fn websocket_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix("cove.bearer."))
+}
+
 async fn caller(store: &Embedded, headers: &HeaderMap) -> Result<Caller, ApiError> {
     let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| unauthorized("missing Authorization: Bearer <token>"))?
-        .to_str()
-        .map_err(|_| unauthorized("malformed Authorization header"))?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .map(str::trim)
-        .filter(|t| !t.is_empty() && t.len() <= 256)
-        .ok_or_else(|| unauthorized("malformed Authorization header: expected Bearer <token>"))?;
+    let token = match headers.get(header::AUTHORIZATION) {
+        Some(value) => value
+            .to_str()
+            .map_err(|_| unauthorized("malformed Authorization header"))?
+            .strip_prefix("Bearer ")
+            .map(str::trim)
+            .ok_or_else(|| {
+                unauthorized("malformed Authorization header: expected Bearer <token>")
+            })?,
+        // Browsers cannot set headers on a WebSocket: the token rides as a subprotocol.
+        None => websocket_token(headers).ok_or_else(|| {
+            unauthorized(
+                "missing Authorization: Bearer <token> (on a WebSocket from a browser: \
+                 subprotocols \"cove.v1\" and \"cove.bearer.<token>\")",
+            )
+        })?,
+    };
+    if token.is_empty() || token.len() > 256 {
+        return Err(unauthorized("malformed token"));
+    }
     let entry = store
         .get(&token_key(token))
         .await?

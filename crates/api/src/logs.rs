@@ -220,16 +220,18 @@ pub(crate) async fn logs_sandbox(
         };
     Ok(match ws {
         // Each chunk a binary message, then a close once the sandbox has ended.
-        Ok(ws) => ws.on_upgrade(move |mut socket| async move {
-            use futures_util::StreamExt as _;
-            let mut stream = stream;
-            while let Some(Ok(chunk)) = stream.next().await {
-                if socket.send(Message::Binary(chunk)).await.is_err() {
-                    return;
+        Ok(ws) => ws
+            .protocols([crate::WS_PROTOCOL])
+            .on_upgrade(move |mut socket| async move {
+                use futures_util::StreamExt as _;
+                let mut stream = stream;
+                while let Some(Ok(chunk)) = stream.next().await {
+                    if socket.send(Message::Binary(chunk)).await.is_err() {
+                        return;
+                    }
                 }
-            }
-            let _ = socket.send(Message::Close(None)).await;
-        }),
+                let _ = socket.send(Message::Close(None)).await;
+            }),
         Err(_) => (text_plain, axum::body::Body::from_stream(stream)).into_response(),
     })
 }

@@ -314,6 +314,35 @@ fn exec_stream_protocol_terminal_resize_signals_and_errors() {
         assert!(msg.contains(want), "{first}: {got:?}");
     }
 
+    // A browser cannot set headers: the token rides as a subprotocol, and the server picks
+    // Cove's own.
+    let url = format!("{}{path}", server.url.replacen("http://", "ws://", 1));
+    let mut req = url.as_str().into_client_request().unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        format!("cove.v1, cove.bearer.{}", server.token)
+            .parse()
+            .unwrap(),
+    );
+    let (mut s, resp) = tungstenite::connect(req).unwrap();
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "cove.v1");
+    send_json(
+        &mut s,
+        serde_json::json!({"cmd": ["echo", "from a browser"]}),
+    );
+    let mut got = Streamed::default();
+    read_until(&mut s, &mut got, |g| g.exit.is_some());
+    assert_eq!(got.stdout, "from a browser\n");
+    let mut req = url.as_str().into_client_request().unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "cove.v1, cove.bearer.wrong".parse().unwrap(),
+    );
+    match tungstenite::connect(req) {
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status().as_u16(), 401),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+
     // Refused before the upgrade: another tenant's sandbox, no token, a plain GET.
     let (_, t) = server.curl(
         Some(&server.token),
