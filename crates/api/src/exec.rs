@@ -109,6 +109,25 @@ impl FileOp {
     }
 }
 
+impl std::str::FromStr for FileOp {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<FileOp, String> {
+        [
+            FileOp::Stat,
+            FileOp::List,
+            FileOp::Read,
+            FileOp::Write,
+            FileOp::Untar,
+            FileOp::Mkdir,
+            FileOp::Remove,
+        ]
+        .into_iter()
+        .find(|op| op.as_str() == s)
+        .ok_or_else(|| format!("unknown file operation {s:?}"))
+    }
+}
+
 /// Work done inside a running sandbox.
 #[derive(Debug, Clone)]
 pub enum Job {

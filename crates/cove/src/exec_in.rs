@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, anyhow};
-use cove_api::{ExecError, Job, Session};
+use cove_api::{ExecError, FileOp, Job, Session};
 use cove_types::{SandboxId, Spec};
 
-use crate::files::{self, FileOp};
+use crate::files;
 
 /// The helper's arguments (`cove exec-in --help`, hidden).
 #[derive(clap::Args, Debug)]
@@ -35,7 +35,7 @@ pub struct ExecInArgs {
     #[arg(long, requires = "stream")]
     tty: bool,
     /// A file operation on --path instead of a command.
-    #[arg(long, value_enum, requires = "path", conflicts_with_all = ["stream", "cmd"])]
+    #[arg(long, value_parser = str::parse::<FileOp>, requires = "path", conflicts_with_all = ["stream", "cmd"])]
     files: Option<FileOp>,
     /// The file operation's path (absolute, in the sandbox).
     #[arg(long)]

@@ -13,26 +13,8 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use cove_api::FileOp;
 use serde::Serialize;
-
-/// An operation of the file API.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum FileOp {
-    /// Metadata of one path.
-    Stat,
-    /// A directory's entries.
-    List,
-    /// A file's bytes, or a tar of a directory.
-    Read,
-    /// Stdin into a file (parents created).
-    Write,
-    /// A tar on stdin extracted into a directory (created with its parents).
-    Untar,
-    /// A directory and its parents.
-    Mkdir,
-    /// A file, or a directory and everything in it.
-    Remove,
-}
 
 /// One file's metadata, as the API shows it.
 #[derive(Debug, Serialize)]

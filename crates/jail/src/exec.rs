@@ -27,7 +27,7 @@
 
 use std::convert::Infallible as Never;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
@@ -213,16 +213,7 @@ fn wait_or_stop(signals: &sys::SigSet, pid: libc::pid_t) -> Result<i32, RunError
 /// Forks the command's process in the joined namespaces, runs `child` there, and waits for
 /// it. `child` reports a failure before `execve` on the pipe it is given.
 fn run_child(plan: &ChildPlan, child: impl FnOnce(OwnedFd) -> Never) -> Result<i32, RunError> {
-    let (exec_r, exec_w) = sys::pipe().map_err(prep("create a pipe"))?;
-    // Taken synchronously below; the command restores an empty mask before execve.
-    let signals = sys::SigSet::of(STOP_SIGNALS);
-    signals.block().map_err(prep("block signals"))?;
-    let pid = sys::fork().map_err(prep("fork the command"))?;
-    if pid == 0 {
-        drop(exec_r);
-        lock_down(plan, exec_w, child);
-    }
-    drop(exec_w);
+    let (pid, exec_r, signals) = fork_child(plan, child)?;
     let msg = read_exec_status(exec_r);
     let status = if msg.is_empty() {
         wait_or_stop(&signals, pid)?
@@ -236,11 +227,28 @@ fn run_child(plan: &ChildPlan, child: impl FnOnce(OwnedFd) -> Never) -> Result<i
 /// command's own steps empty it, exactly as for the main command.
 fn lock_down(plan: &ChildPlan, exec_w: OwnedFd, child: impl FnOnce(OwnedFd) -> Never) -> ! {
     if let Err(e) = init::lock_down_init(plan) {
-        let mut w = File::from(exec_w);
-        let _ = w.write_all(format!("125\tlimit the capability bounding set: {e}").as_bytes());
-        sys::exit(125);
+        init::report_failure(exec_w, &format!("limit the capability bounding set: {e}"));
     }
     match child(exec_w) {}
+}
+
+/// Forks the command's process, which runs `child` after its first step; returns its pid,
+/// the read end of its exec-status pipe, and the stop signals (blocked here: taken
+/// synchronously; the command restores an empty mask before `execve`).
+fn fork_child(
+    plan: &ChildPlan,
+    child: impl FnOnce(OwnedFd) -> Never,
+) -> Result<(libc::pid_t, OwnedFd, sys::SigSet), RunError> {
+    let (exec_r, exec_w) = sys::pipe().map_err(prep("create a pipe"))?;
+    let signals = sys::SigSet::of(STOP_SIGNALS);
+    signals.block().map_err(prep("block signals"))?;
+    let pid = sys::fork().map_err(prep("fork the command"))?;
+    if pid == 0 {
+        drop(exec_r);
+        lock_down(plan, exec_w, child);
+    }
+    drop(exec_w);
+    Ok((pid, exec_r, signals))
 }
 
 /// What the command's process reported before `execve` (empty: it is running).
@@ -287,27 +295,18 @@ fn stream(plan: &ChildPlan, tty: bool) -> Result<i32, RunError> {
         let (r, w) = sys::pipe().map_err(prep("create a pipe"))?;
         (w, r)
     };
-    let (exec_r, exec_w) = sys::pipe().map_err(prep("create a pipe"))?;
-    let signals = sys::SigSet::of(STOP_SIGNALS);
-    signals.block().map_err(prep("block signals"))?;
-    let pid = sys::fork().map_err(prep("fork the command"))?;
-    if pid == 0 {
-        drop(exec_r);
-        drop(input);
-        lock_down(plan, exec_w, |exec_w| {
-            if tty {
-                init::exec_command(plan, Some(&child_side), exec_w)
-            } else {
-                if let Err(e) = sys::dup2(child_side.as_raw_fd(), 0) {
-                    let mut w = File::from(exec_w);
-                    let _ = w.write_all(format!("125\tconnect stdin: {e}").as_bytes());
-                    sys::exit(125);
-                }
-                init::exec_command(plan, None, exec_w)
+    // The parent's side (`input`) is close-on-exec, and closed in the command by its last
+    // steps anyway.
+    let (pid, exec_r, signals) = fork_child(plan, |exec_w| {
+        if tty {
+            init::exec_command(plan, Some(&child_side), exec_w)
+        } else {
+            if let Err(e) = sys::dup2(child_side.as_raw_fd(), 0) {
+                init::report_failure(exec_w, &format!("connect stdin: {e}"));
             }
-        });
-    }
-    drop(exec_w);
+            init::exec_command(plan, None, exec_w)
+        }
+    })?;
     drop(child_side);
     let msg = read_exec_status(exec_r);
     if !msg.is_empty() {

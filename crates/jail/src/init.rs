@@ -318,13 +318,17 @@ pub(crate) fn run_contained(plan: &ChildPlan, exec_w: OwnedFd, f: impl FnOnce() 
     let ready = contain_process(plan, None)
         .and_then(|()| plan.seccomp.install().step("install the seccomp filter"));
     if let Err(e) = ready {
-        let mut w = File::from(exec_w);
-        let _ =
-            w.write_all(format!("125\t{}: {}", e.step, e.message.replace('\n', " ")).as_bytes());
-        sys::exit(125);
+        report_failure(exec_w, &format!("{}: {}", e.step, e.message));
     }
     drop(exec_w);
     sys::exit(f())
+}
+
+/// Cove's own failure before the command ran, on the exec-status pipe; exits 125.
+pub(crate) fn report_failure(exec_w: OwnedFd, message: &str) -> ! {
+    let mut w = File::from(exec_w);
+    let _ = w.write_all(format!("125\t{}", message.replace('\n', " ")).as_bytes());
+    sys::exit(125)
 }
 
 /// Every last step of a command but the lookup and the filter.
