@@ -7,7 +7,8 @@
 #
 # Prints create-to-running p50/p99 (sequential and concurrent), sandboxes created per second
 # at that concurrency, and the exec round trip (POST .../exec of `true`), all measured by the
-# client. Every sandbox is removed at the end. Needs root.
+# client, and `cove exec` as a user runs it (the CLI over the exec stream). Every sandbox is
+# removed at the end. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "api.sh: run as root" >&2; exit 1; }
@@ -29,9 +30,10 @@ for _ in $(seq 100); do grep -q "listening on" "$WORK/serve.log" 2>/dev/null && 
 URL=$(sed -n 's/^cove: listening on //p' "$WORK/serve.log")
 TOKEN=$(cat "$WORK/data/admin-token")
 
-python3 - "$URL" "$TOKEN" "$SEQ" "$CONC" "$TOTAL" "$EXECS" <<'PY'
+python3 - "$URL" "$TOKEN" "$SEQ" "$CONC" "$TOTAL" "$EXECS" "$COVE" <<'PY'
 import http.client, json, statistics, sys, threading, time, urllib.parse
-url, token, seq, conc, total, execs = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+url, token, cove = sys.argv[1], sys.argv[2], sys.argv[7]
+seq, conc, total, execs = map(int, sys.argv[3:7])
 u = urllib.parse.urlparse(url)
 H = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
@@ -84,6 +86,17 @@ for _ in range(execs):
     ex.append(time.perf_counter() - t)
     assert status == 200 and v["exit_code"] == 0, (status, v)
 print(f"exec round trip (true):         p50 {pct(ex,50)*1000:6.1f} ms  p99 {pct(ex,99)*1000:6.1f} ms  ({execs} execs)")
+
+# What a user sees: `cove exec ID -- true` over the WebSocket stream, the CLI's own start
+# included.
+import os, subprocess
+env = dict(os.environ, COVE_URL=url, COVE_TOKEN=token)
+cli = []
+for _ in range(execs):
+    t = time.perf_counter()
+    subprocess.run([cove, "exec", target, "--", "true"], env=env, check=True)
+    cli.append(time.perf_counter() - t)
+print(f"cove exec (CLI, stream):         p50 {pct(cli,50)*1000:6.1f} ms  p99 {pct(cli,99)*1000:6.1f} ms  ({execs} execs)")
 
 for i in ids:
     call(conn, "DELETE", f"/v1/sandboxes/{i}?force=true")

@@ -262,10 +262,14 @@ impl Client {
             .enable_all()
             .build()
             .context("start the client's runtime")?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(10))
-            .build()
-            .context("set up the HTTP client")?;
+        let mut builder =
+            reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(10));
+        if conn.url.starts_with("http://") {
+            // No TLS to verify: the system's trust store (~150 files) is not read. Measured
+            // with hyperfine, `cove ls` went from 11.1 to 2.8 ms.
+            builder = builder.tls_certs_only(std::iter::empty());
+        }
+        let http = builder.build().context("set up the HTTP client")?;
         Ok(Client {
             http,
             base: conn.url.trim_end_matches('/').to_string(),
