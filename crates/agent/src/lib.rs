@@ -621,8 +621,10 @@ async fn mark_running(store: Embedded, id: SandboxId) {
         record.state = SandboxState::Running;
         record.started_at_ms = Some(now_ms());
         let value = serde_json::to_vec(&record).expect("a record serialises");
+        // Not worth an `fsync`: lost in a crash, it is recomputed by the next agent (a
+        // supervisor alive makes a pending sandbox running; see `check`).
         match store
-            .put(&key(&id), value, Expect::Revision(entry.mod_revision), None)
+            .put_volatile(&key(&id), value, Expect::Revision(entry.mod_revision))
             .await
         {
             Err(StoreError::Conflict { .. }) => continue,

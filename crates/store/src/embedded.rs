@@ -61,8 +61,8 @@ struct Inner {
     db: Database,
     /// Held from the start of a write transaction to the broadcast of its events.
     writer: Mutex<()>,
-    /// Writes waiting for the next group commit.
-    pending: Mutex<Vec<(Op, Slot)>>,
+    /// Writes waiting for the next group commit (and whether each must be durable).
+    pending: Mutex<Vec<(Op, Slot, bool)>>,
     leases: Mutex<HashMap<LeaseId, (Duration, Instant)>>,
     /// Each committed revision's events, together.
     events: broadcast::Sender<Arc<[Event]>>,
@@ -253,8 +253,12 @@ impl Inner {
     /// writer lock together, and the first to get it applies all of them in one transaction,
     /// each at its own revision, with one `fsync` for the lot. A write that fails its own check
     /// (a conflict) changes nothing and fails alone; a failure of the disk fails the batch.
+    ///
+    /// A batch of only non-`durable` writes commits without `fsync`; it reaches the disk with
+    /// the next durable commit (or is lost in a crash before that).
     fn write<T: Send + 'static>(
         &self,
+        durable: bool,
         f: impl FnOnce(&WriteTransaction, Revision) -> Result<(Vec<Event>, T), StoreError>
         + Send
         + 'static,
@@ -266,7 +270,7 @@ impl Inner {
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push((op, slot.clone()));
+            .push((op, slot.clone(), durable));
         let _writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         if slot.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
             let batch =
@@ -282,7 +286,7 @@ impl Inner {
     }
 
     /// Applies `batch` in one transaction; the caller holds the writer lock.
-    fn commit_batch(&self, batch: Vec<(Op, Slot)>) {
+    fn commit_batch(&self, batch: Vec<(Op, Slot, bool)>) {
         let answer = |slot: &Slot, r: Result<Box<dyn Any + Send>, StoreError>| {
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
         };
@@ -291,11 +295,15 @@ impl Inner {
                 answer(slot, Err(StoreError::Backend(e.to_string())));
             }
         };
-        let slots: Vec<Slot> = batch.iter().map(|(_, s)| s.clone()).collect();
-        let txn = match self.db.begin_write() {
+        let slots: Vec<Slot> = batch.iter().map(|(_, s, _)| s.clone()).collect();
+        let durable = batch.iter().any(|(_, _, d)| *d);
+        let mut txn = match self.db.begin_write() {
             Ok(t) => t,
             Err(e) => return fail_all(&slots, &backend(e)),
         };
+        if !durable && let Err(e) = txn.set_durability(redb::Durability::None) {
+            return fail_all(&slots, &StoreError::Backend(e.to_string()));
+        }
         let current = match txn.open_table(META).map_err(backend).and_then(|m| {
             m.get("revision")
                 .map_err(backend)
@@ -307,7 +315,7 @@ impl Inner {
         let mut revision = current;
         let mut results = Vec::with_capacity(batch.len());
         let mut committed: Vec<Vec<Event>> = Vec::new();
-        for (op, _) in batch {
+        for (op, _, _) in batch {
             match op(&txn, revision + 1) {
                 Ok((events, out)) => {
                     if !events.is_empty() {
@@ -455,6 +463,7 @@ impl Inner {
         value: &[u8],
         expect: Expect,
         lease: Option<LeaseId>,
+        durable: bool,
     ) -> Result<Revision, StoreError> {
         if let Some(l) = lease
             && !self
@@ -466,7 +475,7 @@ impl Inner {
             return Err(StoreError::NoLease(l));
         }
         let (key, value) = (key.to_string(), value.to_vec());
-        self.write(move |txn, revision| {
+        self.write(durable, move |txn, revision| {
             let key = key.as_str();
             let current = Self::current(txn, key)?;
             Self::check(key, expect, &current)?;
@@ -502,7 +511,7 @@ impl Inner {
 
     fn delete(&self, key: &str, expect: Expect) -> Result<Option<Revision>, StoreError> {
         let key = key.to_string();
-        self.write(move |txn, revision| {
+        self.write(true, move |txn, revision| {
             let key = key.as_str();
             let current = Self::current(txn, key)?;
             Self::check(key, expect, &current)?;
@@ -576,7 +585,7 @@ impl Inner {
         {
             return Err(StoreError::NoLease(lease));
         }
-        self.write(move |txn, revision| {
+        self.write(true, move |txn, revision| {
             let prefix = format!("{:016x}/", lease.0);
             let keys: Vec<String> = {
                 let table = txn.open_table(LEASE_KEYS).map_err(backend)?;
@@ -753,7 +762,20 @@ impl Kv for Embedded {
         check_key(key)?;
         check_value(&value)?;
         let key = key.to_string();
-        self.blocking(move |i| i.put(&key, &value, expect, lease))
+        self.blocking(move |i| i.put(&key, &value, expect, lease, true))
+            .await
+    }
+
+    async fn put_volatile(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expect: Expect,
+    ) -> Result<Revision, StoreError> {
+        check_key(key)?;
+        check_value(&value)?;
+        let key = key.to_string();
+        self.blocking(move |i| i.put(&key, &value, expect, None, false))
             .await
     }
 

@@ -172,6 +172,18 @@ pub trait Kv: Send + Sync {
         lease: Option<LeaseId>,
     ) -> impl Future<Output = Result<Revision, StoreError>> + Send;
 
+    /// Like [`Kv::put`] without a lease, for state that can be recomputed: the write may be
+    /// lost in a crash until a later durable write (the embedded backend skips its `fsync`).
+    /// A backend without the distinction makes it durable.
+    fn put_volatile(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expect: Expect,
+    ) -> impl Future<Output = Result<Revision, StoreError>> + Send {
+        self.put(key, value, expect, None)
+    }
+
     /// Deletes `key` if the entry is as `expect` says; returns the revision of the deletion, or
     /// `None` when there was nothing to delete (and `expect` allowed that).
     fn delete(

@@ -363,6 +363,32 @@ async fn bad_keys_and_values_are_refused<K: Kv>(kv: &K) {
     assert_eq!(kv.revision().await.unwrap(), 0);
 }
 
+/// A volatile write is a write like any other for every reader: revision, compare-and-swap,
+/// watches; only its durability differs.
+async fn volatile_writes_behave_like_writes<K: Kv>(kv: &K) {
+    let r1 = kv
+        .put("/v", b"1".to_vec(), Expect::Absent, None)
+        .await
+        .unwrap();
+    let mut w = kv.watch("/v", r1).await.unwrap();
+    let err = kv
+        .put_volatile("/v", b"x".to_vec(), Expect::Revision(r1 + 7))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    let r2 = kv
+        .put_volatile("/v", b"2".to_vec(), Expect::Revision(r1))
+        .await
+        .unwrap();
+    assert_eq!(r2, r1 + 1);
+    assert_eq!(kv.get("/v").await.unwrap().unwrap().value, b"2");
+    match next(&mut w).await {
+        Event::Put(e) => assert_eq!((e.value.as_slice(), e.mod_revision), (&b"2"[..], r2)),
+        e => panic!("{e:?}"),
+    }
+    assert!(kv.put_volatile("", vec![], Expect::Any).await.is_err());
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -384,7 +410,27 @@ mod embedded {
         a_slow_watcher_misses_nothing,
         leases_keep_keys_alive_and_take_them_away,
         bad_keys_and_values_are_refused,
+        volatile_writes_behave_like_writes,
     );
+
+    /// A volatile write reaches the disk with the next durable one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn volatile_writes_are_kept_by_the_next_durable_write() {
+        let dir = Dir::new("volatile");
+        {
+            let kv = embedded(&dir).await;
+            kv.put_volatile("/v", b"1".to_vec(), Expect::Any)
+                .await
+                .unwrap();
+            kv.put("/d", b"2".to_vec(), Expect::Any, None)
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let kv = embedded(&dir).await;
+        assert_eq!(kv.get("/v").await.unwrap().unwrap().value, b"1");
+        assert_eq!(kv.revision().await.unwrap(), 2);
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_writes_get_distinct_revisions_in_order() {
