@@ -119,13 +119,20 @@ fn changes(before: Option<&Seen>, r: &SandboxRecord) -> Vec<&'static str> {
 }
 
 fn event(kind: &str, r: &SandboxRecord, revision: u64) -> serde_json::Value {
+    // When it happened, where the record says (a replay reports the past as it was).
+    let at = match kind {
+        "created" => Some(r.created_at_ms),
+        "running" => r.started_at_ms,
+        "exited" => r.ended_at_ms,
+        _ => None,
+    };
     let mut v = serde_json::json!({
         "type": kind,
         "id": r.id.as_str(),
         "state": r.state.as_str(),
         "labels": r.labels,
         "revision": revision,
-        "at_ms": cove_types::sandbox::now_ms(),
+        "at_ms": at.unwrap_or_else(cove_types::sandbox::now_ms),
     });
     if kind == "exited" {
         v["reason"] = serde_json::json!(r.reason);

@@ -120,7 +120,8 @@ pub struct LifecycleEvent {
     pub labels: BTreeMap<String, String>,
     /// The store revision of the change (resume with `since`).
     pub revision: u64,
-    /// When the event was made, milliseconds since the Unix epoch.
+    /// When it happened, milliseconds since the Unix epoch: the record's creation, start or
+    /// end time for `created`, `running` and `exited`; when the change was seen otherwise.
     pub at_ms: u64,
     /// `exited` only: why.
     pub reason: Option<String>,

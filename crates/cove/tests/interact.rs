@@ -678,6 +678,7 @@ fn events_follow_the_lifecycle_filtered_and_replayable() {
             .all(|e| e["id"] == id.as_str() && e["labels"]["user_id"] == "42")
     );
     assert_eq!(got[5]["reason"], "killed");
+    let live_times: Vec<u64> = got.iter().map(|e| e["at_ms"].as_u64().unwrap()).collect();
     let got = exits.recv_timeout(Duration::from_secs(30)).unwrap();
     assert_eq!(types(&got), ["exited"]);
     match ws_events.read().unwrap() {
@@ -699,6 +700,15 @@ fn events_follow_the_lifecycle_filtered_and_replayable() {
     let first = all_revision(&server);
     let replay = events(&server, &server.token, &format!("?since=0&id={id}"), 7);
     let got = replay.recv_timeout(Duration::from_secs(30)).unwrap();
+    // A replay tells when things happened, not when they were replayed.
+    for i in [0, 1, 5] {
+        assert_eq!(
+            got[i]["at_ms"].as_u64().unwrap(),
+            live_times[i],
+            "{:?}",
+            got[i]
+        );
+    }
     assert_eq!(
         types(&got),
         [
