@@ -138,18 +138,10 @@ impl Api {
     /// Checks that `spec` fits in `tenant`'s quotas next to its sandboxes that have not
     /// ended; the admin tenant has none.
     async fn check_quota(&self, tenant: &str, spec: &Spec) -> Result<(), ApiError> {
-        let Some(entry) = self.store.get(&format!("{TENANTS}{tenant}")).await? else {
+        let Some(quotas) = self.quotas(tenant).await? else {
             return Ok(());
         };
-        let quotas = serde_json::from_slice::<TenantRecord>(&entry.value)
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "tenant record damaged",
-                )
-            })?
-            .quotas;
+        check_timeout(tenant, &quotas, spec.limits.timeout)?;
         let (mut count, mut memory, mut cpus) = (0u32, 0u64, 0u64);
         let mut after: Option<String> = None;
         loop {
@@ -203,6 +195,22 @@ impl Api {
         Ok(())
     }
 
+    /// The quotas of `tenant` (none for the admin, who has no tenant record).
+    async fn quotas(&self, tenant: &str) -> Result<Option<Quotas>, ApiError> {
+        let Some(entry) = self.store.get(&format!("{TENANTS}{tenant}")).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice::<TenantRecord>(&entry.value)
+            .map(|r| Some(r.quotas))
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "tenant record damaged",
+                )
+            })
+    }
+
     async fn quota_lock(&self, tenant: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
         self.quota_locks
             .lock()
@@ -210,6 +218,22 @@ impl Api {
             .entry(tenant.to_string())
             .or_default()
             .clone()
+    }
+}
+
+/// A timeout over the tenant's maximum is over quota.
+fn check_timeout(
+    tenant: &str,
+    quotas: &Quotas,
+    timeout: Option<cove_types::Duration>,
+) -> Result<(), ApiError> {
+    match (quotas.max_timeout, timeout) {
+        (Some(max), Some(t)) if t > max => Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "quota_exceeded",
+            format!("tenant {tenant}: timeout {t} is over its maximum {max}"),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -445,6 +469,10 @@ pub struct Quotas {
     pub memory: cove_types::Size,
     /// Sum of their CPU quotas, in thousandths of a CPU.
     pub cpus_millis: u64,
+    /// Longest a sandbox may live (its timeout, from creation or from a later "set
+    /// timeout"); a sandbox created without a timeout gets this one. None: no maximum.
+    #[schema(value_type = Option<String>, example = "24h")]
+    pub max_timeout: Option<cove_types::Duration>,
 }
 
 impl Default for Quotas {
@@ -453,6 +481,7 @@ impl Default for Quotas {
             sandboxes: 100,
             memory: cove_types::Size::bytes(64 << 30),
             cpus_millis: 32_000,
+            max_timeout: None,
         }
     }
 }
@@ -707,7 +736,13 @@ async fn create_sandbox(
     let who = caller(&api.store, &headers).await?;
     let Query(q) = query.map_err(|e| ApiError::bad(format!("bad query: {}", e.body_text())))?;
     let req: CreateRequest = body(raw)?;
-    let (spec, labels, metadata) = req.spec(&api.default_limits)?;
+    let (mut spec, labels, metadata) = req.spec(&api.default_limits)?;
+    // A tenant with a maximum lifetime gets it as the timeout of a sandbox that names none.
+    if spec.limits.timeout.is_none()
+        && let Some(max) = api.quotas(&who.tenant).await?.and_then(|q| q.max_timeout)
+    {
+        spec.limits.timeout = Some(max);
+    }
     let id = new_id().map_err(|_| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -1050,6 +1085,9 @@ async fn set_timeout(
     let req: TimeoutRequest = body(raw)?;
     if req.timeout.as_std() > MAX_TIMEOUT {
         return Err(ApiError::bad("timeout is at most 30 days"));
+    }
+    if let Some(quotas) = api.quotas(&who.tenant).await? {
+        check_timeout(&who.tenant, &quotas, Some(req.timeout))?;
     }
     if req.timeout.as_std().is_zero() {
         return Err(ApiError::bad(

@@ -42,7 +42,7 @@ pub const CONFIG_FILE: &str = "/etc/cove/config.toml";
         [limits]     # sandboxes created without their own (the API's `limits` fields)\n  \
         memory = \"512M\"\n  cpus_millis = 1000\n  pids = 256\n  disk = \"256M\"\n  timeout = \"1h\"\n  \
         [quotas]     # tenants created without their own\n  \
-        sandboxes = 100\n  memory = \"64G\"\n  cpus_millis = 32000"
+        sandboxes = 100\n  memory = \"64G\"\n  cpus_millis = 32000\n  max_timeout = \"24h\""
 )]
 pub struct ServeArgs {
     /// TOML configuration file [default: /etc/cove/config.toml, if it exists].
@@ -71,6 +71,10 @@ pub struct ServeArgs {
     /// Default quota of a tenant: sum of its sandboxes' CPUs [default: 32].
     #[arg(long, value_name = "N", help_heading = "Tenant quotas")]
     quota_cpus: Option<String>,
+    /// Default quota of a tenant: longest a sandbox may live; also the timeout of one created
+    /// without [default: none].
+    #[arg(long, value_name = "DUR", help_heading = "Tenant quotas")]
+    quota_max_timeout: Option<cove_types::Duration>,
 }
 
 /// The server's settings, as the configuration file holds them.
@@ -131,6 +135,9 @@ impl ServeArgs {
         }
         if let Some(c) = &self.quota_cpus {
             config.quotas.cpus_millis = u64::from(cove_types::parse_cpus(c)?);
+        }
+        if let Some(d) = self.quota_max_timeout {
+            config.quotas.max_timeout = Some(d);
         }
         if config.domain.is_empty()
             || !config

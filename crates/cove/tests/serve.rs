@@ -962,3 +962,45 @@ fn a_configuration_file_sets_defaults_and_flags_override_it() {
     assert_eq!(out.status.code(), Some(125));
     assert!(err.contains("line 2") && err.contains("memroy"), "{err}");
 }
+
+#[test]
+fn a_tenant_maximum_lifetime_bounds_every_timeout() {
+    require_root();
+    let server = Server::start();
+    let (code, t) = server.curl(
+        Some(&server.token),
+        "POST",
+        "/v1/tenants",
+        Some(r#"{"name":"short","quotas":{"max_timeout":"2s"}}"#),
+    );
+    assert_eq!(code, 201, "{t}");
+    assert_eq!(t["quotas"]["max_timeout"], "2s");
+    let tenant = t["token"].as_str().unwrap();
+    // No timeout given: the maximum is its timeout.
+    let id = server.create_as(tenant, &["--", "sleep", "1000"]);
+    let v = server.inspect_as(tenant, &id);
+    assert_eq!(v["spec"]["limits"]["timeout"], "2s", "{v}");
+    // Longer than the maximum, at creation or later: over quota.
+    let out = server.cove_as(tenant, &["create", "--timeout", "1h", "--", "true"]);
+    assert!(
+        out.stderr.contains("timeout 1h is over its maximum 2s") && out.stderr.contains("429"),
+        "{}",
+        out.stderr
+    );
+    let out = server.cove_as(tenant, &["timeout", &id, "1m"]);
+    assert!(out.stderr.contains("over its maximum"), "{}", out.stderr);
+    assert_eq!(server.cove_as(tenant, &["timeout", &id, "1s"]).code, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = server.inspect_as(tenant, &id);
+        if v["state"] == "exited" {
+            assert_eq!(v["reason"], "timeout", "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server.cove_as(tenant, &["rm", "-f", &id]);
+    common::reap_orphans(&id);
+    common::assert_no_leaks(&id);
+}
