@@ -5,13 +5,14 @@
 #   scripts/deps.sh test      + what the test suite uses: busybox-static for images; a real
 #                             registry (docker-registry), skopeo to push to it, htpasswd,
 #                             openssl (certificates, token signing), zstd (zstd layers),
-#                             curl (raw HTTP against `cove serve`)
+#                             curl (raw HTTP against `cove serve`), a Prometheus text parser
 #   scripts/deps.sh bench     + the peers the benchmarks compare with (bubblewrap, crun,
 #                             hyperfine, umoci)
 # Installs only what is missing, so it costs nothing on a prepared machine.
 set -euo pipefail
 want=(iproute2 util-linux ca-certificates python3 curl)
-test_packages=(busybox-static docker-registry skopeo apache2-utils openssl zstd curl)
+test_packages=(busybox-static docker-registry skopeo apache2-utils openssl zstd curl
+  python3-prometheus-client)
 case "${1:-runtime}" in
   runtime) ;;
   test) want+=("${test_packages[@]}") ;;

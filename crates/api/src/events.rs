@@ -69,7 +69,7 @@ impl Filter {
 
 /// What the stream knows of a sandbox: enough to tell what changed.
 #[derive(Clone)]
-struct Seen {
+pub(crate) struct Seen {
     id: String,
     tenant: String,
     labels: BTreeMap<String, String>,
@@ -78,7 +78,7 @@ struct Seen {
 }
 
 impl Seen {
-    fn of(r: &SandboxRecord) -> Seen {
+    pub(crate) fn of(r: &SandboxRecord) -> Seen {
         Seen {
             id: r.id.to_string(),
             tenant: r.tenant.clone(),
@@ -90,7 +90,7 @@ impl Seen {
 }
 
 /// The events that take a sandbox from `before` (unknown: `None`) to `r`.
-fn changes(before: Option<&Seen>, r: &SandboxRecord) -> Vec<&'static str> {
+pub(crate) fn changes(before: Option<&Seen>, r: &SandboxRecord) -> Vec<&'static str> {
     let now = Seen::of(r);
     let mut out = Vec::new();
     let Some(before) = before else {

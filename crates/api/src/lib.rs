@@ -33,6 +33,7 @@ mod events;
 mod exec;
 mod files;
 mod logs;
+pub mod metrics;
 pub mod openapi;
 
 pub use exec::{
@@ -125,6 +126,8 @@ pub struct Api {
     pub default_limits: Limits,
     /// The domain sandboxes' ports are reached under.
     pub domain: String,
+    /// The metrics (`/metrics`); [`metrics::track`] keeps the lifecycle counters.
+    pub metrics: std::sync::Arc<metrics::Metrics>,
     /// Serialises quota checks per tenant (count, then record), so that concurrent creates
     /// cannot together pass a quota each of them alone respects.
     pub quota_locks: QuotaLocks,
@@ -260,6 +263,10 @@ pub fn router(api: Api) -> Router {
                 "method not allowed on this endpoint",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            api.clone(),
+            metrics::count_requests,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(api)
 }
@@ -288,6 +295,7 @@ pub(crate) fn api_router() -> utoipa_axum::router::OpenApiRouter<Api> {
         .routes(routes!(files::stat))
         .routes(routes!(files::mkdir))
         .routes(routes!(events::events))
+        .routes(routes!(metrics::metrics))
 }
 
 /// An error response.

@@ -230,8 +230,10 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
         default_quotas: config.quotas,
         default_limits: config.limits.clone(),
         domain: config.domain.clone(),
+        metrics: Default::default(),
         quota_locks: Default::default(),
     };
+    tokio::spawn(cove_api::metrics::track(api.clone()));
     let server = axum::serve(listener, router(api)).with_graceful_shutdown(shutdown);
     tokio::select! {
         served = server => served.context("serve the API")?,

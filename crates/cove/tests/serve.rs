@@ -1004,3 +1004,165 @@ fn a_tenant_maximum_lifetime_bounds_every_timeout() {
     common::reap_orphans(&id);
     common::assert_no_leaks(&id);
 }
+
+/// `/metrics` as a real Prometheus parser (the OpenMetrics one of Debian's
+/// python3-prometheus-client) reads it: sample name → [(labels, value)].
+fn scrape(
+    server: &Server,
+    token: &str,
+) -> (
+    u16,
+    std::collections::BTreeMap<String, Vec<(serde_json::Value, f64)>>,
+) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+        ])
+        .arg(format!("{}/metrics", server.url))
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    let code: u16 = code.parse().unwrap();
+    if code != 200 {
+        return (code, Default::default());
+    }
+    let mut parser = Command::new("/usr/bin/python3")
+        .args(["-c", "import json, sys\nfrom prometheus_client.openmetrics.parser import text_string_to_metric_families as parse\nout = {}\nfor fam in parse(sys.stdin.read()):\n    for s in fam.samples:\n        out.setdefault(s.name, []).append([s.labels, s.value])\nprint(json.dumps(out))"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    parser
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let parsed = parser.wait_with_output().unwrap();
+    assert!(
+        parsed.status.success(),
+        "not valid OpenMetrics: {}\n{body}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    (code, serde_json::from_slice(&parsed.stdout).unwrap())
+}
+
+fn sample(
+    m: &std::collections::BTreeMap<String, Vec<(serde_json::Value, f64)>>,
+    name: &str,
+    labels: serde_json::Value,
+) -> f64 {
+    m.get(name)
+        .and_then(|s| {
+            s.iter()
+                .find(|(l, _)| labels.as_object().unwrap().iter().all(|(k, v)| l[k] == *v))
+        })
+        .map_or(0.0, |(_, v)| *v)
+}
+
+#[test]
+fn metrics_count_sandboxes_their_starts_ends_and_api_requests() {
+    require_root();
+    let server = Server::start();
+    let (_, t) = server.curl(
+        Some(&server.token),
+        "POST",
+        "/v1/tenants",
+        Some(r#"{"name":"m"}"#),
+    );
+    let tenant = t["token"].as_str().unwrap();
+    // Only the admin reads them.
+    assert_eq!(scrape(&server, tenant).0, 403);
+    let (_, before) = scrape(&server, &server.token);
+    assert_eq!(
+        sample(&before, "cove_sandbox_starts_total", serde_json::json!({})),
+        0.0
+    );
+    let done = server.create_as(tenant, &["--", "sh", "-c", "exit 3"]);
+    assert_eq!(server.cove_as(tenant, &["wait", &done]).code, 3);
+    let running = server.create_as(tenant, &["--", "sleep", "100"]);
+    server.cove_as(tenant, &["inspect", "000000000000"]);
+    let (code, m) = scrape(&server, &server.token);
+    assert_eq!(code, 200);
+    assert_eq!(
+        sample(
+            &m,
+            "cove_sandboxes",
+            serde_json::json!({"state": "running"})
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&m, "cove_sandboxes", serde_json::json!({"state": "exited"})),
+        1.0
+    );
+    assert_eq!(
+        sample(&m, "cove_sandbox_starts_total", serde_json::json!({})),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "cove_sandbox_start_seconds_count",
+            serde_json::json!({})
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "cove_sandbox_ends_total",
+            serde_json::json!({"reason": "exited"})
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "cove_api_requests_total",
+            serde_json::json!({"route": "/v1/sandboxes", "method": "POST", "status": "2xx"})
+        ),
+        2.0
+    );
+    // A 404 is counted by its route's template, never by the id asked for.
+    assert_eq!(
+        sample(
+            &m,
+            "cove_api_requests_total",
+            serde_json::json!({"route": "/v1/sandboxes/{id}", "method": "GET", "status": "4xx"})
+        ),
+        1.0
+    );
+    assert!(
+        m["cove_api_requests_total"]
+            .iter()
+            .all(|(l, _)| !l["route"].as_str().unwrap().contains("0000"))
+    );
+    // Ends by reason, as they happen.
+    assert_eq!(server.cove_as(tenant, &["rm", "-f", &running]).code, 0);
+    let (_, m) = scrape(&server, &server.token);
+    assert_eq!(
+        sample(
+            &m,
+            "cove_sandbox_ends_total",
+            serde_json::json!({"reason": "killed"})
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "cove_sandboxes",
+            serde_json::json!({"state": "running"})
+        ),
+        0.0
+    );
+    server.cove_as(tenant, &["rm", "-f", &done]);
+}

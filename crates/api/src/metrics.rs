@@ -1,0 +1,288 @@
+//! `GET /metrics` (admin token): Prometheus text (OpenMetrics) of the control plane.
+//!
+//! | series | labels | what |
+//! |---|---|---|
+//! | `cove_sandboxes` | `state` (4 values) | sandboxes by state, counted at scrape |
+//! | `cove_sandbox_starts_total` | – | sandboxes whose command started |
+//! | `cove_sandbox_start_seconds` | – | creation to running |
+//! | `cove_sandbox_ends_total` | `reason` (8 values) | sandboxes that ended, by why |
+//! | `cove_api_requests_total` | `route`, `method`, `status` (class: `2xx` …) | API requests |
+//! | `cove_api_request_duration_seconds` | `route` | API request latency |
+//!
+//! Label values are bounded: `route` is the route's template (`/v1/sandboxes/{id}`, never an
+//! id), or `unmatched`; `method` is one of the standard methods or `other`. Counters count
+//! from the server's start; starts and ends are derived from the records' changes in the
+//! store, so they are seen whoever made them.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use cove_store::{Event, Kv};
+use cove_types::sandbox::RECORDS_PREFIX as PREFIX;
+use cove_types::{SandboxRecord, SandboxState};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::events::{Seen, changes};
+use crate::{Api, ApiError, caller, parse};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: &'static str,
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+/// The server's metrics.
+pub struct Metrics {
+    registry: Registry,
+    sandboxes: Family<StateLabel, Gauge>,
+    starts: Counter,
+    start_seconds: Histogram,
+    ends: Family<ReasonLabel, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteLabel, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let mut registry = Registry::default();
+        let sandboxes = Family::<StateLabel, Gauge>::default();
+        let starts = Counter::default();
+        let start_seconds = Histogram::new(exponential_buckets(0.002, 2.0, 14));
+        let ends = Family::<ReasonLabel, Counter>::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<RouteLabel, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.0005, 2.0, 16))) as fn() -> Histogram,
+        );
+        registry.register("cove_sandboxes", "Sandboxes by state", sandboxes.clone());
+        registry.register(
+            "cove_sandbox_starts",
+            "Sandboxes whose command started",
+            starts.clone(),
+        );
+        registry.register(
+            "cove_sandbox_start_seconds",
+            "Time from a sandbox's creation to its command running",
+            start_seconds.clone(),
+        );
+        registry.register(
+            "cove_sandbox_ends",
+            "Sandboxes that ended, by reason",
+            ends.clone(),
+        );
+        registry.register("cove_api_requests", "API requests", requests.clone());
+        registry.register(
+            "cove_api_request_duration_seconds",
+            "API request latency",
+            latency.clone(),
+        );
+        Metrics {
+            registry,
+            sandboxes,
+            starts,
+            start_seconds,
+            ends,
+            requests,
+            latency,
+        }
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// Counts what took a sandbox from `before` to `r`.
+    fn record(&self, before: Option<&Seen>, r: &SandboxRecord) {
+        for kind in changes(before, r) {
+            match kind {
+                "running" if before.is_some() || r.started_at_ms.is_some() => {
+                    self.starts.inc();
+                    if let Some(started) = r.started_at_ms {
+                        let secs = started.saturating_sub(r.created_at_ms) as f64 / 1000.0;
+                        self.start_seconds.observe(secs);
+                    }
+                }
+                "exited" => {
+                    let reason = r.reason.map_or_else(
+                        || "unknown".to_string(),
+                        |x| {
+                            serde_json::to_value(x)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_string))
+                                .unwrap_or_default()
+                        },
+                    );
+                    self.ends.get_or_create(&ReasonLabel { reason }).inc();
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Follows the records' changes for the start and end counters, until the store fails.
+pub async fn track(api: Api) {
+    let Ok(first) = api.store.list(PREFIX, None, 1).await else {
+        return;
+    };
+    // What exists already is not counted: counters start with the server.
+    let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let Ok(page) = api.store.list(PREFIX, after.as_deref(), 1000).await else {
+            return;
+        };
+        for e in &page.entries {
+            if let Ok(r) = parse(&e.value) {
+                seen.insert(e.key.clone(), Seen::of(&r));
+            }
+        }
+        if !page.more {
+            break;
+        }
+        after = page.entries.last().map(|e| e.key.clone());
+    }
+    let Ok(mut watch) = api.store.watch(PREFIX, first.revision).await else {
+        return;
+    };
+    while let Ok(change) = watch.next().await {
+        match change {
+            Event::Put(entry) => {
+                if let Ok(r) = parse(&entry.value) {
+                    api.metrics.record(seen.get(&entry.key), &r);
+                    seen.insert(entry.key.clone(), Seen::of(&r));
+                }
+            }
+            Event::Delete { key, .. } => {
+                seen.remove(&key);
+            }
+        }
+    }
+}
+
+/// Counts and times every request, by route template.
+pub(crate) async fn count_requests(State(api): State<Api>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = match req.method().as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    };
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let status = match response.status().as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    api.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route: route.clone(),
+            method,
+            status,
+        })
+        .inc();
+    api.metrics
+        .latency
+        .get_or_create(&RouteLabel { route })
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "server", description = "Prometheus text (OpenMetrics) of the control plane; admin token only.", responses((status = 200, description = "The metrics", body = String, content_type = "application/openmetrics-text"), (status = "4XX", description = "No token, or not the admin's", body = crate::openapi::ErrorBody)))]
+pub(crate) async fn metrics(
+    State(api): State<Api>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let who = caller(&api.store, &headers).await?;
+    if !who.admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only the admin token may read the metrics",
+        ));
+    }
+    let mut counts: BTreeMap<&'static str, i64> = [
+        SandboxState::Pending,
+        SandboxState::Running,
+        SandboxState::Paused,
+        SandboxState::Exited,
+    ]
+    .into_iter()
+    .map(|s| (s.as_str(), 0))
+    .collect();
+    let mut after: Option<String> = None;
+    loop {
+        let page = api.store.list(PREFIX, after.as_deref(), 1000).await?;
+        for e in &page.entries {
+            if let Ok(r) = parse(&e.value) {
+                *counts.entry(r.state.as_str()).or_default() += 1;
+            }
+        }
+        if !page.more {
+            break;
+        }
+        after = page.entries.last().map(|e| e.key.clone());
+    }
+    for (state, n) in counts {
+        api.metrics
+            .sandboxes
+            .get_or_create(&StateLabel { state })
+            .set(n);
+    }
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &api.metrics.registry).map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "encoding failed",
+        )
+    })?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
