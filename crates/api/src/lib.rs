@@ -128,9 +128,35 @@ pub struct Api {
     pub domain: String,
     /// The metrics (`/metrics`); [`metrics::track`] keeps the lifecycle counters.
     pub metrics: std::sync::Arc<metrics::Metrics>,
+    /// Reads a running sandbox's resource usage (its cgroup).
+    pub usage: std::sync::Arc<dyn Usage>,
     /// Serialises quota checks per tenant (count, then record), so that concurrent creates
     /// cannot together pass a quota each of them alone respects.
     pub quota_locks: QuotaLocks,
+}
+
+/// A sandbox's resource usage now.
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct SandboxUsage {
+    /// CPU time used so far, all its processes together, in seconds.
+    pub cpu_seconds: f64,
+    /// Memory in use (its cgroup's count: processes, page cache, tmpfs files), in bytes.
+    pub memory_bytes: u64,
+    /// The most memory it has used, in bytes (0 where the kernel does not keep it).
+    pub memory_peak_bytes: u64,
+    /// Its processes and threads now.
+    pub pids: u64,
+    /// Processes the OOM killer has killed in it.
+    pub oom_kills: u64,
+    /// Forks refused because it was at its pids limit.
+    pub pids_limit_hits: u64,
+}
+
+/// Reads sandboxes' resource usage; the binary provides it (from the cgroups), the API only
+/// knows the shape.
+pub trait Usage: Send + Sync + 'static {
+    /// The usage of the sandbox `id`, if it still has a cgroup.
+    fn read(&self, id: SandboxId) -> Option<SandboxUsage>;
 }
 
 /// One lock per tenant, made on first use.
@@ -283,6 +309,7 @@ pub(crate) fn api_router() -> utoipa_axum::router::OpenApiRouter<Api> {
         .routes(routes!(create_sandbox, list_sandboxes))
         .routes(routes!(get_sandbox, delete_sandbox))
         .routes(routes!(stop_sandbox))
+        .routes(routes!(sandbox_stats))
         .routes(routes!(set_timeout))
         .routes(routes!(pause_sandbox))
         .routes(routes!(resume_sandbox))
@@ -1123,6 +1150,35 @@ async fn set_timeout(
     })
     .await?;
     Ok(Json(view(&record)).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/stats", tag = "sandboxes", params(("id" = String, Path, description = "The sandbox id (12 lowercase hex characters)")), responses((status = 200, description = "Its usage now, and its limits", body = SandboxUsage), (status = "4XX", description = "No such sandbox, or not running (409)", body = crate::openapi::ErrorBody)))]
+async fn sandbox_stats(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = caller(&api.store, &headers).await?;
+    let (record, _) = load(&api, &who, &id).await?;
+    let not_running = || {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "not_running",
+            format!("sandbox {id} is {}, not running", record.state.as_str()),
+        )
+    };
+    if !matches!(record.state, SandboxState::Running | SandboxState::Paused) {
+        return Err(not_running());
+    }
+    let usage = api.usage.read(record.id).ok_or_else(not_running)?;
+    let mut v = serde_json::to_value(&usage).expect("usage serialises");
+    v["state"] = serde_json::json!(record.state.as_str());
+    v["limits"] = serde_json::json!({
+        "memory_bytes": record.spec.limits.memory.as_bytes(),
+        "pids": record.spec.limits.pids,
+        "cpus_millis": record.spec.limits.cpus_millis,
+    });
+    Ok(Json(v).into_response())
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/stop", tag = "sandboxes", params(("id" = String, Path, description = "The sandbox id (12 lowercase hex characters)")), responses((status = 202, description = "SIGTERM, then SIGKILL after 10 s; the record stays", body = crate::openapi::SandboxView), (status = "4XX", description = "Bad input, no token, no such sandbox, conflict, over quota", body = crate::openapi::ErrorBody)))]

@@ -72,6 +72,14 @@ pub enum ClientCommand {
         /// Its new time to live, from now (at most 30 days).
         duration: Duration,
     },
+    /// Show a running sandbox's resource usage now (CPU, memory, processes) against its limits.
+    Stats {
+        /// The sandbox id.
+        id: String,
+        /// The API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Pause sandboxes: their processes frozen, their memory kept.
     Pause {
         /// Sandbox ids.
@@ -551,6 +559,32 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(code.clamp(0, 255) as u8));
         }
         ClientCommand::Cp { src, dst } => crate::cp::cp(&c, &src, &dst)?,
+        ClientCommand::Stats { id, json } => {
+            let (_, v) = c.call(
+                reqwest::Method::GET,
+                &format!("/v1/sandboxes/{id}/stats"),
+                None,
+            )?;
+            if json {
+                println!("{v}");
+            } else {
+                let mib = |b: &serde_json::Value| b.as_f64().unwrap_or(0.0) / (1024.0 * 1024.0);
+                println!(
+                    "STATE     CPU TIME   MEMORY / LIMIT          PEAK       PIDS / LIMIT  OOM KILLS"
+                );
+                println!(
+                    "{:<9} {:>8.2}s  {:>8.1} / {:<8.1} MiB {:>7.1} MiB  {:>4} / {:<5}  {}",
+                    v["state"].as_str().unwrap_or("?"),
+                    v["cpu_seconds"].as_f64().unwrap_or(0.0),
+                    mib(&v["memory_bytes"]),
+                    mib(&v["limits"]["memory_bytes"]),
+                    mib(&v["memory_peak_bytes"]),
+                    v["pids"],
+                    v["limits"]["pids"],
+                    v["oom_kills"],
+                );
+            }
+        }
         ClientCommand::Timeout { id, duration } => {
             c.call(
                 reqwest::Method::POST,

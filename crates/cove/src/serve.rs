@@ -231,6 +231,7 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
         default_limits: config.limits.clone(),
         domain: config.domain.clone(),
         metrics: Default::default(),
+        usage: std::sync::Arc::new(CgroupUsage),
         quota_locks: Default::default(),
     };
     tokio::spawn(cove_api::metrics::track(api.clone()));
@@ -374,4 +375,25 @@ fn supervised_run(dir: &Path, id: SandboxId) -> anyhow::Result<RunReport> {
     let report = run_sandbox(&spec, &opts)?;
     drop(pinned);
     Ok(report)
+}
+
+/// Sandboxes' usage, from their cgroups.
+struct CgroupUsage;
+
+impl cove_api::Usage for CgroupUsage {
+    fn read(&self, id: SandboxId) -> Option<cove_api::SandboxUsage> {
+        let hierarchy = cove_jail::cgroup::Hierarchy::detect().ok()?;
+        let s = hierarchy
+            .open(&cove_jail::state::cgroup_name(&id))
+            .stats()
+            .ok()?;
+        Some(cove_api::SandboxUsage {
+            cpu_seconds: s.cpu_usage_ns as f64 / 1e9,
+            memory_bytes: s.memory_current_bytes,
+            memory_peak_bytes: s.memory_peak_bytes,
+            pids: s.pids_current,
+            oom_kills: s.oom_kills,
+            pids_limit_hits: s.pids_limit_hits,
+        })
+    }
 }

@@ -1166,3 +1166,62 @@ fn metrics_count_sandboxes_their_starts_ends_and_api_requests() {
     );
     server.cove_as(tenant, &["rm", "-f", &done]);
 }
+
+#[test]
+fn stats_show_a_running_sandboxs_usage_against_its_limits() {
+    require_root();
+    let server = Server::start();
+    // 40 MiB in a tmpfs file counts against its memory.
+    let id = server.create(&[
+        "--memory",
+        "128M",
+        "--pids",
+        "32",
+        "--",
+        "sh",
+        "-c",
+        "head -c 41943040 /dev/zero > /tmp/fill; exec sleep 1000",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let v = loop {
+        let out = server.cove(&["stats", "--json", &id]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        if v["memory_bytes"].as_u64().unwrap() >= 40 << 20 {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["limits"]["memory_bytes"], 128 << 20);
+    assert_eq!(v["limits"]["pids"], 32);
+    // Its init and `sleep`.
+    assert_eq!(v["pids"], 2, "{v}");
+    assert!(v["cpu_seconds"].as_f64().unwrap() > 0.0, "{v}");
+    let out = server.cove(&["stats", &id]);
+    assert!(
+        out.stdout.contains("running") && out.stdout.contains("128.0"),
+        "{}",
+        out.stdout
+    );
+    // Another tenant's is not there; an ended one has none.
+    let (_, t) = server.curl(
+        Some(&server.token),
+        "POST",
+        "/v1/tenants",
+        Some(r#"{"name":"s"}"#),
+    );
+    let (code, _) = server.curl(
+        t["token"].as_str(),
+        "GET",
+        &format!("/v1/sandboxes/{id}/stats"),
+        None,
+    );
+    assert_eq!(code, 404);
+    assert_eq!(server.cove(&["stop", &id]).code, 0);
+    server.wait_for_state(&id, "exited");
+    let out = server.cove(&["stats", &id]);
+    assert!(out.stderr.contains("not running"), "{}", out.stderr);
+    server.cove(&["rm", &id]);
+}
