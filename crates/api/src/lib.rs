@@ -402,6 +402,19 @@ fn websocket_token(headers: &HeaderMap) -> Option<&str> {
         .find_map(|p| p.trim().strip_prefix("cove.bearer."))
 }
 
+/// The caller, who must hold the admin token to `what`.
+async fn admin(store: &Embedded, headers: &HeaderMap, what: &str) -> Result<Caller, ApiError> {
+    let who = caller(store, headers).await?;
+    if !who.admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("only the admin token may {what}"),
+        ));
+    }
+    Ok(who)
+}
+
 async fn caller(store: &Embedded, headers: &HeaderMap) -> Result<Caller, ApiError> {
     let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
     let token = match headers.get(header::AUTHORIZATION) {
@@ -539,14 +552,7 @@ async fn create_tenant(
     headers: HeaderMap,
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let who = caller(&api.store, &headers).await?;
-    if !who.admin {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "only the admin token may create tenants",
-        ));
-    }
+    admin(&api.store, &headers, "create tenants").await?;
     let req: TenantRequest = body(raw)?;
     let ok = !req.name.is_empty()
         && req.name.len() <= 64

@@ -32,7 +32,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::events::{Seen, changes};
-use crate::{Api, ApiError, caller, parse};
+use crate::{Api, ApiError, admin, parse};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
@@ -233,14 +233,7 @@ pub(crate) async fn metrics(
     State(api): State<Api>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let who = caller(&api.store, &headers).await?;
-    if !who.admin {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "only the admin token may read the metrics",
-        ));
-    }
+    admin(&api.store, &headers, "read the metrics").await?;
     let mut counts: BTreeMap<&'static str, i64> = [
         SandboxState::Pending,
         SandboxState::Running,
