@@ -29,7 +29,7 @@ use cove_types::sandbox::RECORDS_PREFIX as PREFIX;
 use cove_types::{Desired, SandboxRecord, SandboxState};
 use serde::Deserialize;
 
-use crate::{Api, ApiError, caller, label_filter, parse};
+use crate::{Api, ApiError, all_records, caller, label_filter, parse};
 
 /// Every event type.
 const TYPES: &[&str] = &[
@@ -186,22 +186,9 @@ pub(crate) async fn events(
     let start = match q.since {
         Some(rev) => rev,
         None => {
-            let mut after: Option<String> = None;
-            let mut first_revision = None;
-            loop {
-                let page = api.store.list(PREFIX, after.as_deref(), 1000).await?;
-                first_revision.get_or_insert(page.revision);
-                for e in &page.entries {
-                    if let Ok(r) = parse(&e.value) {
-                        seen.insert(e.key.clone(), Seen::of(&r));
-                    }
-                }
-                if !page.more {
-                    break;
-                }
-                after = page.entries.last().map(|e| e.key.clone());
-            }
-            first_revision.unwrap_or(0)
+            let (revision, records) = all_records(&api.store).await?;
+            seen.extend(records.iter().map(|(k, r)| (k.clone(), Seen::of(r))));
+            revision
         }
     };
     let watch = api.store.watch(PREFIX, start).await?;

@@ -197,7 +197,7 @@ fn check(req: &ExecRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn not_running(id: &str, state: Option<SandboxState>) -> ApiError {
+pub(crate) fn not_running(id: &str, state: Option<SandboxState>) -> ApiError {
     let message = match state {
         Some(s) => format!("sandbox {id} is {}, not running", s.as_str()),
         None => format!("sandbox {id} is not running"),

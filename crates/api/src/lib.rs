@@ -106,6 +106,27 @@ pub async fn register_token(
         .map(drop)
 }
 
+/// Every sandbox record (key, record), page by page, and the store's revision when the first
+/// page was read: a watch from there misses no change made while the rest was read.
+async fn all_records(store: &Embedded) -> Result<(u64, Vec<(String, SandboxRecord)>), StoreError> {
+    let mut out = Vec::new();
+    let mut after: Option<String> = None;
+    let mut revision = None;
+    loop {
+        let page = store.list(PREFIX, after.as_deref(), MAX_PAGE).await?;
+        revision.get_or_insert(page.revision);
+        out.extend(
+            page.entries
+                .iter()
+                .filter_map(|e| parse(&e.value).ok().map(|r| (e.key.clone(), r))),
+        );
+        if !page.more {
+            return Ok((revision.unwrap_or(0), out));
+        }
+        after = page.entries.last().map(|e| e.key.clone());
+    }
+}
+
 /// A stored sandbox record.
 fn parse(value: &[u8]) -> Result<SandboxRecord, serde_json::Error> {
     serde_json::from_slice(value)
@@ -172,23 +193,13 @@ impl Api {
         };
         check_timeout(tenant, &quotas, spec.limits.timeout)?;
         let (mut count, mut memory, mut cpus) = (0u32, 0u64, 0u64);
-        let mut after: Option<String> = None;
-        loop {
-            let page = self.store.list(PREFIX, after.as_deref(), MAX_PAGE).await?;
-            for e in &page.entries {
-                if let Ok(r) = parse(&e.value)
-                    && r.tenant == tenant
-                    && !r.state.is_final()
-                {
-                    count += 1;
-                    memory += r.spec.limits.memory.as_bytes();
-                    cpus += u64::from(r.spec.limits.cpus_millis);
-                }
+        let (_, records) = all_records(&self.store).await?;
+        for (_, r) in records {
+            if r.tenant == tenant && !r.state.is_final() {
+                count += 1;
+                memory += r.spec.limits.memory.as_bytes();
+                cpus += u64::from(r.spec.limits.cpus_millis);
             }
-            if !page.more {
-                break;
-            }
-            after = page.entries.last().map(|e| e.key.clone());
         }
         let over = |what: String| {
             Err(ApiError::new(
@@ -1166,13 +1177,7 @@ async fn sandbox_stats(
 ) -> Result<Response, ApiError> {
     let who = caller(&api.store, &headers).await?;
     let (record, _) = load(&api, &who, &id).await?;
-    let not_running = || {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "not_running",
-            format!("sandbox {id} is {}, not running", record.state.as_str()),
-        )
-    };
+    let not_running = || exec::not_running(&id, Some(record.state));
     if !matches!(record.state, SandboxState::Running | SandboxState::Paused) {
         return Err(not_running());
     }

@@ -32,7 +32,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::events::{Seen, changes};
-use crate::{Api, ApiError, admin, parse};
+use crate::{Api, ApiError, admin, all_records, parse};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
@@ -150,27 +150,15 @@ impl Metrics {
 
 /// Follows the records' changes for the start and end counters, until the store fails.
 pub async fn track(api: Api) {
-    let Ok(first) = api.store.list(PREFIX, None, 1).await else {
+    // What exists already is not counted: counters start with the server.
+    let Ok((revision, records)) = all_records(&api.store).await else {
         return;
     };
-    // What exists already is not counted: counters start with the server.
-    let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
-    let mut after: Option<String> = None;
-    loop {
-        let Ok(page) = api.store.list(PREFIX, after.as_deref(), 1000).await else {
-            return;
-        };
-        for e in &page.entries {
-            if let Ok(r) = parse(&e.value) {
-                seen.insert(e.key.clone(), Seen::of(&r));
-            }
-        }
-        if !page.more {
-            break;
-        }
-        after = page.entries.last().map(|e| e.key.clone());
-    }
-    let Ok(mut watch) = api.store.watch(PREFIX, first.revision).await else {
+    let mut seen: BTreeMap<String, Seen> = records
+        .iter()
+        .map(|(k, r)| (k.clone(), Seen::of(r)))
+        .collect();
+    let Ok(mut watch) = api.store.watch(PREFIX, revision).await else {
         return;
     };
     while let Ok(change) = watch.next().await {
@@ -243,18 +231,8 @@ pub(crate) async fn metrics(
     .into_iter()
     .map(|s| (s.as_str(), 0))
     .collect();
-    let mut after: Option<String> = None;
-    loop {
-        let page = api.store.list(PREFIX, after.as_deref(), 1000).await?;
-        for e in &page.entries {
-            if let Ok(r) = parse(&e.value) {
-                *counts.entry(r.state.as_str()).or_default() += 1;
-            }
-        }
-        if !page.more {
-            break;
-        }
-        after = page.entries.last().map(|e| e.key.clone());
+    for (_, r) in all_records(&api.store).await?.1 {
+        *counts.entry(r.state.as_str()).or_default() += 1;
     }
     for (state, n) in counts {
         api.metrics
