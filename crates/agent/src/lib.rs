@@ -91,6 +91,8 @@ pub struct Agent {
     children: HashMap<SandboxId, tokio::process::Child>,
     /// Sandboxes already sent SIGTERM.
     signalled: HashSet<SandboxId>,
+    /// Each running sandbox's logs' last indexed sizes (see [`index_log`]).
+    log_sizes: HashMap<PathBuf, u64>,
     /// Supervisors report here when their sandbox's command runs.
     started_tx: tokio::sync::mpsc::UnboundedSender<SandboxId>,
     started_rx: Option<tokio::sync::mpsc::UnboundedReceiver<SandboxId>>,
@@ -111,6 +113,7 @@ impl Agent {
             cove,
             children: HashMap::new(),
             signalled: HashSet::new(),
+            log_sizes: HashMap::new(),
             started_tx,
             started_rx: Some(started_rx),
         })
@@ -379,8 +382,10 @@ impl Agent {
         let dir = self.dir(&id);
         for log in ["stdout.log", "stderr.log"] {
             let log = dir.join(log);
-            rotate_log(&log);
-            index_log(&log, now_ms());
+            if rotate_log(&log) {
+                self.log_sizes.remove(&log);
+            }
+            index_log(&log, now_ms(), &mut self.log_sizes);
         }
         let report_path = dir.join("report.json");
         if let Ok(bytes) = fs::read(&report_path) {
@@ -462,6 +467,9 @@ impl Agent {
         record.ended_at_ms = Some(now_ms());
         self.children.remove(&record.id);
         self.signalled.remove(&record.id);
+        let dir = self.dir(&record.id);
+        self.log_sizes
+            .retain(|log, _| log.parent() != Some(dir.as_path()));
         if let Some(new_rev) = self.update(&record, rev).await?
             && record.remove
         {
@@ -512,32 +520,38 @@ pub const LOG_KEEP: u64 = 4 << 20;
 /// `<log>.old` and the log is emptied (its writers append, so they carry on at the new end).
 /// Checked at every poll, so the bound is soft: a sandbox can write for one poll interval past
 /// it. Output written between the copy and the truncation is lost.
-pub fn rotate_log(log: &Path) {
+pub fn rotate_log(log: &Path) -> bool {
     use std::io::{Read, Seek, SeekFrom};
+    // A `stat` per log per poll; the file is opened only when it is due.
+    if fs::metadata(log).map_or(true, |m| m.len() <= LOG_MAX) {
+        return false;
+    }
     let Ok(mut file) = OpenOptions::new().read(true).write(true).open(log) else {
-        return;
+        return false;
     };
     let Ok(len) = file.metadata().map(|m| m.len()) else {
-        return;
+        return false;
     };
     if len <= LOG_MAX {
-        return;
+        return false;
     }
     let mut tail = Vec::with_capacity(LOG_KEEP as usize);
     if file.seek(SeekFrom::Start(len - LOG_KEEP)).is_err()
         || (&mut file).take(LOG_KEEP).read_to_end(&mut tail).is_err()
     {
-        return;
+        return false;
     }
     // Start the kept part at a line boundary when there is one.
     let start = tail.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
     let mut old = log.as_os_str().to_owned();
     old.push(".old");
-    if fs::write(&old, &tail[start..]).is_ok() {
-        let _ = file.set_len(0);
-        // The index's offsets were into the output now gone.
-        let _ = fs::remove_file(index_path(log));
+    if fs::write(&old, &tail[start..]).is_err() {
+        return false;
     }
+    let _ = file.set_len(0);
+    // The index's offsets were into the output now gone.
+    let _ = fs::remove_file(index_path(log));
+    true
 }
 
 /// The time index of `log`: lines `<ms since the epoch> <from> <to>`, appended at each poll
@@ -554,28 +568,32 @@ pub fn index_path(log: &Path) -> PathBuf {
 const INDEX_MAX: u64 = 256 << 10;
 
 /// Records the size of `log` at `now_ms` in its index if the log grew since the last entry.
-pub fn index_log(log: &Path, now_ms: u64) {
+/// `known` holds each log's last indexed size, so that a quiet log costs one `stat` per poll;
+/// the index itself is read only for a log not seen since this agent started.
+pub fn index_log(log: &Path, now_ms: u64, known: &mut HashMap<PathBuf, u64>) {
     let Ok(size) = fs::metadata(log).map(|m| m.len()) else {
         return;
     };
     let idx = index_path(log);
-    let text = fs::read_to_string(&idx).unwrap_or_default();
-    let last = text
-        .lines()
-        .last()
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|s| s.parse::<u64>().ok());
+    let last = match known.get(log) {
+        Some(&s) => Some(s),
+        None => last_indexed(&idx),
+    };
     if last == Some(size) || (last.is_none() && size == 0) {
+        known.insert(log.to_path_buf(), size);
         return;
     }
+    known.insert(log.to_path_buf(), size);
     if last.is_some_and(|l| l > size) {
         // Emptied by someone else than the rotation: start again.
         let _ = fs::write(&idx, format!("{now_ms} 0 {size}\n"));
         return;
     }
     let line = format!("{now_ms} {} {size}\n", last.unwrap_or(0));
-    if text.len() as u64 + line.len() as u64 > INDEX_MAX {
+    let idx_len = fs::metadata(&idx).map_or(0, |m| m.len());
+    if idx_len + line.len() as u64 > INDEX_MAX {
         // Coarser, still ordered: every other entry, then this one.
+        let text = fs::read_to_string(&idx).unwrap_or_default();
         let thinned: String = text
             .lines()
             .step_by(2)
@@ -593,6 +611,17 @@ pub fn index_log(log: &Path, now_ms: u64) {
     {
         let _ = io::Write::write_all(&mut f, line.as_bytes());
     }
+}
+
+/// The log size of an index's last entry (its last line's last number).
+fn last_indexed(idx: &Path) -> Option<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = File::open(idx).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(128))).ok()?;
+    let mut tail = String::new();
+    f.read_to_string(&mut tail).ok()?;
+    tail.lines().last()?.rsplit(' ').next()?.parse().ok()
 }
 
 /// Whether a supervisor holds the sandbox directory's lock.
