@@ -188,13 +188,16 @@ pub fn reap_orphans(id: &str) {
     loop {
         // SAFETY: waitpid with a NULL status pointer and WNOHANG only reaps.
         while unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } > 0 {}
-        // By name, or, for a child killed early in its setup (before init names itself), by
-        // its cgroup.
+        // By name; for a child killed early in its setup (before init names itself), by its
+        // cgroup; before it has even joined that (it still holds the supervisor's state lock,
+        // so `cove gc` rightly leaves the sandbox alone), by the id on its command line.
         let in_cgroup = format!("/cove/{id}\n");
         let alive = std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
             std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == comm)
                 || std::fs::read_to_string(e.path().join("cgroup"))
                     .is_ok_and(|c| c.contains(&in_cgroup))
+                || std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(id))
         });
         if !alive || std::time::Instant::now() > deadline {
             return;
