@@ -24,7 +24,7 @@ rm -rf "$WORK"; mkdir -p "$WORK"
 SERVER_PID=
 cleanup() { [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
-"$COVE" serve --listen 127.0.0.1:0 --data-dir "$WORK/data" 2>"$WORK/serve.log" &
+"$COVE" serve --listen 127.0.0.1:0 --proxy-listen 127.0.0.1:0 --proxy-tls-listen 127.0.0.1:0 --data-dir "$WORK/data" 2>"$WORK/serve.log" &
 SERVER_PID=$!
 for _ in $(seq 100); do grep -q "listening on" "$WORK/serve.log" 2>/dev/null && break; sleep 0.05; done
 URL=$(sed -n 's/^cove: listening on //p' "$WORK/serve.log")

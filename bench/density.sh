@@ -50,7 +50,7 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-"$COVE" serve --listen 127.0.0.1:0 --data-dir "$WORK/data" --quota-sandboxes 100000 \
+"$COVE" serve --listen 127.0.0.1:0 --proxy-listen 127.0.0.1:0 --proxy-tls-listen 127.0.0.1:0 --data-dir "$WORK/data" --quota-sandboxes 100000 \
   --quota-memory 1000T --quota-cpus 1024 2>"$WORK/serve.log" &
 SERVER_PID=$!
 for _ in $(seq 100); do grep -q "listening on" "$WORK/serve.log" 2>/dev/null && break; sleep 0.05; done

@@ -35,6 +35,7 @@ mod files;
 mod logs;
 pub mod metrics;
 pub mod openapi;
+pub mod urls;
 
 pub use exec::{
     ExecError, ExecOutput, ExecRequest, Executor, FileOp, Job, MAX_EXEC_OUTPUT, MAX_EXEC_TIMEOUT,
@@ -147,6 +148,8 @@ pub struct Api {
     pub default_limits: Limits,
     /// The domain sandboxes' ports are reached under.
     pub domain: String,
+    /// How the edge proxy is reached, and the key its credentials are signed with.
+    pub proxy: urls::ProxyUrls,
     /// The metrics (`/metrics`); [`metrics::track`] keeps the lifecycle counters.
     pub metrics: std::sync::Arc<metrics::Metrics>,
     /// Reads a running sandbox's resource usage (its cgroup).
@@ -322,6 +325,7 @@ pub(crate) fn api_router() -> utoipa_axum::router::OpenApiRouter<Api> {
         .routes(routes!(stop_sandbox))
         .routes(routes!(sandbox_stats))
         .routes(routes!(set_timeout))
+        .routes(routes!(urls::sandbox_url))
         .routes(routes!(pause_sandbox))
         .routes(routes!(resume_sandbox))
         .routes(routes!(wait_sandbox))
@@ -495,6 +499,8 @@ async fn info(State(api): State<Api>, headers: HeaderMap) -> Result<Response, Ap
     Ok(Json(serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "domain": api.domain,
+        "sandbox_url": api.proxy.url(&api.domain, &"0123456789ab".parse().expect("an id"), 8080)
+            .replace("8080-0123456789ab", "{port}-{id}"),
         "default_limits": api.default_limits,
     }))
     .into_response())
@@ -656,6 +662,10 @@ pub struct CreateRequest {
     /// Free-form metadata.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Anyone may reach its ports through the edge proxy, without its access token or a
+    /// signed URL (default: private).
+    #[serde(default)]
+    pub public: bool,
 }
 
 type Labels = BTreeMap<String, String>;
@@ -788,6 +798,7 @@ async fn create_sandbox(
     let who = caller(&api.store, &headers).await?;
     let Query(q) = query.map_err(|e| ApiError::bad(format!("bad query: {}", e.body_text())))?;
     let req: CreateRequest = body(raw)?;
+    let public = req.public;
     let (mut spec, labels, metadata) = req.spec(&api.default_limits)?;
     // A tenant with a maximum lifetime gets it as the timeout of a sandbox that names none.
     if spec.limits.timeout.is_none()
@@ -823,6 +834,7 @@ async fn create_sandbox(
         report: None,
         deadline_ms: spec_timeout.map(|t| now.saturating_add(t.as_std().as_millis() as u64)),
         stop_reason: None,
+        public,
     };
     let value = serde_json::to_vec(&record).expect("a record serialises");
     let lock = api.quota_lock(&record.tenant).await;

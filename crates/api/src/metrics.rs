@@ -8,6 +8,8 @@
 //! | `cove_sandbox_ends_total` | `reason` (8 values) | sandboxes that ended, by why |
 //! | `cove_api_requests_total` | `route`, `method`, `status` (class: `2xx` …) | API requests |
 //! | `cove_api_request_duration_seconds` | `route` | API request latency |
+//! | `cove_proxy_requests_total` | `status` (class) | edge proxy requests, the proxy's own answers included |
+//! | `cove_proxy_request_duration_seconds` | `status` (class) | time to the start of the answer |
 //!
 //! Label values are bounded: `route` is the route's template (`/v1/sandboxes/{id}`, never an
 //! id), or `unmatched`; `method` is one of the standard methods or `other`. Counters count
@@ -52,6 +54,11 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabel {
     route: String,
 }
@@ -65,6 +72,8 @@ pub struct Metrics {
     ends: Family<ReasonLabel, Counter>,
     requests: Family<RequestLabels, Counter>,
     latency: Family<RouteLabel, Histogram>,
+    proxy_requests: Family<StatusLabel, Counter>,
+    proxy_latency: Family<StatusLabel, Histogram>,
 }
 
 impl Default for Metrics {
@@ -77,6 +86,10 @@ impl Default for Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         let latency = Family::<RouteLabel, Histogram>::new_with_constructor(
             (|| Histogram::new(exponential_buckets(0.0005, 2.0, 16))) as fn() -> Histogram,
+        );
+        let proxy_requests = Family::<StatusLabel, Counter>::default();
+        let proxy_latency = Family::<StatusLabel, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.0001, 2.0, 18))) as fn() -> Histogram,
         );
         registry.register("cove_sandboxes", "Sandboxes by state", sandboxes.clone());
         registry.register(
@@ -100,6 +113,16 @@ impl Default for Metrics {
             "API request latency",
             latency.clone(),
         );
+        registry.register(
+            "cove_proxy_requests",
+            "Edge proxy requests, by status class",
+            proxy_requests.clone(),
+        );
+        registry.register(
+            "cove_proxy_request_duration_seconds",
+            "Edge proxy time to the start of the answer",
+            proxy_latency.clone(),
+        );
         Metrics {
             registry,
             sandboxes,
@@ -108,6 +131,8 @@ impl Default for Metrics {
             ends,
             requests,
             latency,
+            proxy_requests,
+            proxy_latency,
         }
     }
 }
@@ -118,7 +143,29 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+/// The class of a status: `2xx`, `4xx`, ….
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
 impl Metrics {
+    /// Counts one edge proxy request.
+    pub fn proxy_request(&self, status: u16, elapsed: std::time::Duration) {
+        let label = StatusLabel {
+            status: status_class(status),
+        };
+        self.proxy_requests.get_or_create(&label).inc();
+        self.proxy_latency
+            .get_or_create(&label)
+            .observe(elapsed.as_secs_f64());
+    }
+
     /// Counts what took a sandbox from `before` to `r`.
     fn record(&self, before: Option<&Seen>, r: &SandboxRecord) {
         for kind in changes(before, r) {
@@ -194,13 +241,7 @@ pub(crate) async fn count_requests(State(api): State<Api>, req: Request, next: N
     };
     let started = Instant::now();
     let response = next.run(req).await;
-    let status = match response.status().as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    };
+    let status = status_class(response.status().as_u16());
     api.metrics
         .requests
         .get_or_create(&RequestLabels {

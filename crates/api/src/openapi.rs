@@ -61,6 +61,8 @@ pub struct SandboxView {
     pub ended_at_ms: Option<u64>,
     /// When its timeout stops it.
     pub deadline_ms: Option<u64>,
+    /// Whether its ports are reachable through the edge proxy without credentials.
+    pub public: bool,
     /// The jail's report once it has ended: times, peak memory, signal.
     #[schema(value_type = Option<Object>)]
     pub report: Option<serde_json::Value>,
@@ -152,6 +154,8 @@ pub struct Info {
     /// Limits of sandboxes created without their own.
     #[schema(value_type = Object)]
     pub default_limits: serde_json::Value,
+    /// The form of sandbox URLs on the edge proxy, `{port}` and `{id}` to be filled in.
+    pub sandbox_url: String,
 }
 
 /// The document, with the bearer-token scheme every `/v1` route requires.
@@ -247,6 +251,7 @@ mod tests {
             report: None,
             deadline_ms: None,
             stop_reason: None,
+            public: false,
         };
         assert_eq!(keys(&crate::view(&record)), properties("SandboxView"));
     }

@@ -72,6 +72,30 @@ pub enum ClientCommand {
         /// Its new time to live, from now (at most 30 days).
         duration: Duration,
     },
+    /// Print the URL of a sandbox's port on the edge proxy (signed, for a private sandbox).
+    #[command(after_help = "Examples:\n  cove url 3f9a0c1b2d4e 8080\n  \
+        curl \"$(cove url 3f9a0c1b2d4e 8080)\"\n  \
+        cove url --expires 10m 3f9a0c1b2d4e 3000\n  \
+        curl -H \"Cove-Access-Token: $(cove url --access-token 3f9a0c1b2d4e 80)\" \"$(cove url --plain 3f9a0c1b2d4e 80)\"\n\n\
+        A private sandbox's URL carries a signature that works until it expires; a browser \
+        that opens it gets a cookie for the rest of the page. Clients that cannot use the \
+        sandbox's host name send the headers Cove-Sandbox-Id and Cove-Sandbox-Port, or use \
+        the path /proxy/ID/PORT/ on the proxy.")]
+    Url {
+        /// The sandbox id.
+        id: String,
+        /// The port inside the sandbox.
+        port: u16,
+        /// How long the signed URL works.
+        #[arg(long, value_name = "DUR", default_value = "1h")]
+        expires: Duration,
+        /// The URL without a signature (for use with the access token, or a public sandbox).
+        #[arg(long, conflicts_with = "access_token")]
+        plain: bool,
+        /// Print the sandbox's access token (for the Cove-Access-Token header) instead.
+        #[arg(long)]
+        access_token: bool,
+    },
     /// Show a running sandbox's resource usage now (CPU, memory, processes) against its limits.
     Stats {
         /// The sandbox id.
@@ -233,6 +257,10 @@ pub struct CreateArgs {
     /// Metadata KEY=VALUE, kept with the sandbox.
     #[arg(long, value_name = "KEY=VALUE")]
     meta: Vec<String>,
+    /// Let anyone reach its ports through the edge proxy, without its access token or a
+    /// signed URL (`cove url`).
+    #[arg(long)]
+    public: bool,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -429,6 +457,7 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
                 "limits": limits,
                 "labels": pairs("--label", &a.label)?,
                 "metadata": pairs("--meta", &a.meta)?,
+                "public": a.public,
             });
             let (_, v) = c.call(reqwest::Method::POST, "/v1/sandboxes", Some(body))?;
             let id = v["id"].as_str().unwrap_or("");
@@ -584,6 +613,25 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
                     v["oom_kills"],
                 );
             }
+        }
+        ClientCommand::Url {
+            id,
+            port,
+            expires,
+            plain,
+            access_token,
+        } => {
+            let (_, v) = c.call(
+                reqwest::Method::POST,
+                &format!("/v1/sandboxes/{id}/url"),
+                Some(serde_json::json!({ "port": port, "expires_in": expires })),
+            )?;
+            let field = match (plain, access_token) {
+                (_, true) => "access_token",
+                (true, _) => "plain_url",
+                _ => "url",
+            };
+            println!("{}", v[field].as_str().unwrap_or(""));
         }
         ClientCommand::Timeout { id, duration } => {
             c.call(

@@ -6,6 +6,7 @@
 mod attach;
 mod client;
 mod cp;
+mod edge;
 mod exec_in;
 mod files;
 mod image;

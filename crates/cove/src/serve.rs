@@ -27,7 +27,9 @@ pub const CONFIG_FILE: &str = "/etc/cove/config.toml";
 #[command(
     about = "Run the Cove server: the REST API, the state store and the node agent",
     long_about = "Run the Cove server on this machine: the REST API (default 127.0.0.1:7070), an \
-        embedded state store and the node agent that starts and supervises sandboxes. On first \
+        embedded state store, the node agent that starts and supervises sandboxes, and the edge \
+        proxy (default http://127.0.0.1:7080 and https://127.0.0.1:7443) that serves each \
+        sandbox's ports at <port>-<id>.<domain>. On first \
         start it creates an admin token in a root-only file and prints its path. Sandboxes are \
         not children of the server: stopping or restarting it (even kill -9) leaves them running, \
         and the next start adopts them.\n\n\
@@ -42,7 +44,13 @@ pub const CONFIG_FILE: &str = "/etc/cove/config.toml";
         [limits]     # sandboxes created without their own (the API's `limits` fields)\n  \
         memory = \"512M\"\n  cpus_millis = 1000\n  pids = 256\n  disk = \"256M\"\n  timeout = \"1h\"\n  \
         [quotas]     # tenants created without their own\n  \
-        sandboxes = 100\n  memory = \"64G\"\n  cpus_millis = 32000\n  max_timeout = \"24h\""
+        sandboxes = 100\n  memory = \"64G\"\n  cpus_millis = 32000\n  max_timeout = \"24h\"\n  \
+        [proxy]      # the edge proxy: <port>-<id>.<domain> to a port inside a sandbox\n  \
+        enabled = true\n  listen = \"127.0.0.1:7080\"\n  tls = true\n  tls_listen = \"127.0.0.1:7443\"\n  \
+        tls_cert = \"/etc/cove/wildcard.pem\"   # with tls_key; default: self-signed for *.<domain>\n  \
+        tls_key = \"/etc/cove/wildcard.key\"\n  upstream_timeout = \"60s\"\n  \
+        url_scheme = \"https\"   # of the URLs `cove url` prints (behind a load balancer)\n  \
+        url_port = 443"
 )]
 pub struct ServeArgs {
     /// TOML configuration file [default: /etc/cove/config.toml, if it exists].
@@ -59,7 +67,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR", env = "COVE_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// The domain sandboxes' ports are reached under (`<port>-<id>.<domain>`)
-    /// [default: localhost].
+    /// [default: cove.localhost].
     #[arg(long, value_name = "DOMAIN", env = "COVE_DOMAIN")]
     domain: Option<String>,
     /// Default quota of a tenant: sandboxes not yet ended [default: 100].
@@ -75,6 +83,36 @@ pub struct ServeArgs {
     /// without [default: none].
     #[arg(long, value_name = "DUR", help_heading = "Tenant quotas")]
     quota_max_timeout: Option<cove_types::Duration>,
+    /// Address of the edge proxy's cleartext listener [default: 127.0.0.1:7080].
+    #[arg(long, value_name = "ADDR:PORT", help_heading = "Edge proxy")]
+    proxy_listen: Option<SocketAddr>,
+    /// Address of the edge proxy's TLS listener [default: 127.0.0.1:7443].
+    #[arg(long, value_name = "ADDR:PORT", help_heading = "Edge proxy")]
+    proxy_tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain of the TLS listener [default: a self-signed one for *.DOMAIN,
+    /// made on first start].
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "proxy_tls_key",
+        help_heading = "Edge proxy"
+    )]
+    proxy_tls_cert: Option<PathBuf>,
+    /// PEM private key of --proxy-tls-cert.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "proxy_tls_cert",
+        help_heading = "Edge proxy"
+    )]
+    proxy_tls_key: Option<PathBuf>,
+    /// Longest a sandbox's port may take to start answering a proxied request (then 504)
+    /// [default: 60s].
+    #[arg(long, value_name = "DUR", help_heading = "Edge proxy")]
+    proxy_upstream_timeout: Option<cove_types::Duration>,
+    /// Serve no edge proxy.
+    #[arg(long, help_heading = "Edge proxy")]
+    no_proxy: bool,
 }
 
 /// The server's settings, as the configuration file holds them.
@@ -91,6 +129,8 @@ pub struct Config {
     pub limits: cove_types::Limits,
     /// Quotas of tenants created without their own.
     pub quotas: cove_api::Quotas,
+    /// The edge proxy.
+    pub proxy: crate::edge::ProxyConfig,
 }
 
 impl Default for Config {
@@ -98,9 +138,10 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:7070".parse().expect("a valid address"),
             data_dir: PathBuf::from(DATA_DIR),
-            domain: "localhost".into(),
+            domain: "cove.localhost".into(),
             limits: cove_types::Limits::default(),
             quotas: cove_api::Quotas::default(),
+            proxy: crate::edge::ProxyConfig::default(),
         }
     }
 }
@@ -139,6 +180,25 @@ impl ServeArgs {
         if let Some(d) = self.quota_max_timeout {
             config.quotas.max_timeout = Some(d);
         }
+        if let Some(l) = self.proxy_listen {
+            config.proxy.listen = l;
+        }
+        if let Some(l) = self.proxy_tls_listen {
+            config.proxy.tls_listen = l;
+        }
+        if let Some(c) = &self.proxy_tls_cert {
+            config.proxy.tls_cert = Some(c.clone());
+        }
+        if let Some(k) = &self.proxy_tls_key {
+            config.proxy.tls_key = Some(k.clone());
+        }
+        if let Some(d) = self.proxy_upstream_timeout {
+            config.proxy.upstream_timeout = d;
+        }
+        if self.no_proxy {
+            config.proxy.enabled = false;
+        }
+        config.proxy.check()?;
         if config.domain.is_empty()
             || !config
                 .domain
@@ -206,6 +266,7 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     .context("record the admin token")?;
     let cove = std::env::current_exe().context("find the cove binary")?;
     let agent = cove_agent::Agent::new(store.clone(), data.join("sandboxes"), cove)?;
+    let proxy = crate::edge::bind(&config.proxy, data, &config.domain).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
@@ -230,11 +291,13 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
         default_quotas: config.quotas,
         default_limits: config.limits.clone(),
         domain: config.domain.clone(),
+        proxy: proxy.urls.clone(),
         metrics: Default::default(),
         usage: std::sync::Arc::new(CgroupUsage),
         quota_locks: Default::default(),
     };
     tokio::spawn(cove_api::metrics::track(api.clone()));
+    proxy.spawn(api.store.clone(), api.metrics.clone())?;
     let server = axum::serve(listener, router(api)).with_graceful_shutdown(shutdown);
     tokio::select! {
         served = server => served.context("serve the API")?,
@@ -257,16 +320,23 @@ pub(crate) fn dir_id(dir: &Path) -> anyhow::Result<SandboxId> {
 
 /// The admin token, created (root-only) on first start.
 fn admin_token(path: &Path) -> anyhow::Result<String> {
+    root_only_secret(path, || {
+        cove_api::new_token().context("generate the admin token")
+    })
+}
+
+/// The secret kept in `path`, made by `make` and written (root-only) if it does not exist.
+pub(crate) fn root_only_secret(
+    path: &Path,
+    make: impl FnOnce() -> anyhow::Result<String>,
+) -> anyhow::Result<String> {
     match fs::read_to_string(path) {
         Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
-        Ok(_) => bail!(
-            "{} is empty; remove it to get a new admin token",
-            path.display()
-        ),
+        Ok(_) => bail!("{} is empty; remove it to get a new one", path.display()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
     }
-    let token = cove_api::new_token().context("generate the admin token")?;
+    let token = make()?;
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::require_root;
-use server_support::Server;
+use server_support::{Server, sample, scrape};
 
 #[test]
 fn create_wait_inspect_list_and_remove() {
@@ -1003,68 +1003,6 @@ fn a_tenant_maximum_lifetime_bounds_every_timeout() {
     server.cove_as(tenant, &["rm", "-f", &id]);
     common::reap_orphans(&id);
     common::assert_no_leaks(&id);
-}
-
-/// `/metrics` as a real Prometheus parser (the OpenMetrics one of Debian's
-/// python3-prometheus-client) reads it: sample name → [(labels, value)].
-fn scrape(
-    server: &Server,
-    token: &str,
-) -> (
-    u16,
-    std::collections::BTreeMap<String, Vec<(serde_json::Value, f64)>>,
-) {
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "-w",
-            "\n%{http_code}",
-            "-H",
-            &format!("Authorization: Bearer {token}"),
-        ])
-        .arg(format!("{}/metrics", server.url))
-        .output()
-        .unwrap();
-    let text = String::from_utf8(out.stdout).unwrap();
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    let code: u16 = code.parse().unwrap();
-    if code != 200 {
-        return (code, Default::default());
-    }
-    let mut parser = Command::new("/usr/bin/python3")
-        .args(["-c", "import json, sys\nfrom prometheus_client.openmetrics.parser import text_string_to_metric_families as parse\nout = {}\nfor fam in parse(sys.stdin.read()):\n    for s in fam.samples:\n        out.setdefault(s.name, []).append([s.labels, s.value])\nprint(json.dumps(out))"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    parser
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let parsed = parser.wait_with_output().unwrap();
-    assert!(
-        parsed.status.success(),
-        "not valid OpenMetrics: {}\n{body}",
-        String::from_utf8_lossy(&parsed.stderr)
-    );
-    (code, serde_json::from_slice(&parsed.stdout).unwrap())
-}
-
-fn sample(
-    m: &std::collections::BTreeMap<String, Vec<(serde_json::Value, f64)>>,
-    name: &str,
-    labels: serde_json::Value,
-) -> f64 {
-    m.get(name)
-        .and_then(|s| {
-            s.iter()
-                .find(|(l, _)| labels.as_object().unwrap().iter().all(|(k, v)| l[k] == *v))
-        })
-        .map_or(0.0, |(_, v)| *v)
 }
 
 #[test]

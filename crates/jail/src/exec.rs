@@ -29,7 +29,7 @@ use std::convert::Infallible as Never;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use cove_types::{EnvVar, SandboxId, Spec, User, frame};
 
@@ -119,8 +119,8 @@ fn enter(spec: &Spec, id: &SandboxId, exec: &ExecSpec) -> Result<ChildPlan, RunE
     spec.validate()?;
     let hierarchy = Hierarchy::detect()?;
     let cg = hierarchy.open(&state::cgroup_name(id));
-    let init_pid =
-        find_init(&cg.pids().map_err(|_| not_running(id))?).ok_or_else(|| not_running(id))?;
+    let init_pid = state::find_init(&cg.pids().map_err(|_| not_running(id))?)
+        .ok_or_else(|| not_running(id))?;
     // The root filesystem, image and mounts are the sandbox's already: only the command's part
     // of the plan is used.
     let opts = crate::run::RunOptions {
@@ -174,20 +174,6 @@ fn not_running(id: &SandboxId) -> RunError {
         what: format!("sandbox {id} is not running"),
         source: std::io::Error::from(std::io::ErrorKind::NotFound),
     }
-}
-
-/// The pid (on the host) of the process that is pid 1 of its own namespace.
-fn find_init(pids: &[i32]) -> Option<i32> {
-    pids.iter().copied().find(|pid| {
-        std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("status"))
-            .ok()
-            .and_then(|s| {
-                s.lines().find_map(|l| l.strip_prefix("NSpid:")).map(|v| {
-                    v.split_whitespace().last() == Some("1") && v.split_whitespace().count() > 1
-                })
-            })
-            .unwrap_or(false)
-    })
 }
 
 /// Signals that stop an exec (the server's timeout, or its caller going away): the command's

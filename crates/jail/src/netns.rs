@@ -46,6 +46,40 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// A new TCP socket (non-blocking, close-on-exec) of this namespace, made by the calling
+    /// thread, which enters the namespace and goes back to `home` (its own). A socket belongs
+    /// to the namespace it was made in for its whole life: connecting it later, from any
+    /// thread, reaches that namespace's addresses. Only a thread that does nothing else should
+    /// call this (if the way back fails, the thread is left in the sandbox's namespace and
+    /// this panics rather than let it do anything more).
+    pub fn tcp_socket(&self, home: &NetNs, family: libc::c_int) -> io::Result<OwnedFd> {
+        self.enter()?;
+        let made = sys::tcp_socket(family);
+        if let Err(e) = home.enter() {
+            panic!("cannot return to the home network namespace: {e}");
+        }
+        made
+    }
+}
+
+/// The network namespace of the running sandbox `id` (its init's), or `None` when it does not
+/// run. The init is found in the sandbox's cgroup and held by a pidfd while its namespace is
+/// opened, so a recycled pid never yields another process's namespace.
+pub fn of_sandbox(id: &cove_types::SandboxId) -> Option<NetNs> {
+    let hierarchy = crate::cgroup::Hierarchy::detect().ok()?;
+    let cg = hierarchy.open(&crate::state::cgroup_name(id));
+    let pid = crate::state::find_init(&cg.pids().ok()?)?;
+    let pidfd = sys::pidfd_open(pid).ok()?;
+    // The pid was the init's when found; held by the pidfd from here on, it is still the
+    // sandbox's if it is still in the cgroup.
+    if !cg.pids().ok()?.contains(&pid) {
+        return None;
+    }
+    let file = fs::File::open(format!("/proc/{pid}/ns/net")).ok()?;
+    sys::pidfd_alive(&pidfd).then(|| NetNs(file.into()))
+}
+
 /// The calling thread's current network namespace.
 pub fn current() -> io::Result<NetNs> {
     Ok(NetNs(fs::File::open("/proc/thread-self/ns/net")?.into()))

@@ -52,6 +52,21 @@ pub fn cgroup_name(id: &SandboxId) -> String {
     format!("{CGROUP_PARENT}/{id}")
 }
 
+/// The pid (on the host) of the process that is pid 1 of its own namespace: a sandbox's init,
+/// among the pids of its cgroup.
+pub fn find_init(pids: &[i32]) -> Option<i32> {
+    pids.iter().copied().find(|pid| {
+        std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("status"))
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| l.strip_prefix("NSpid:")).map(|v| {
+                    v.split_whitespace().last() == Some("1") && v.split_whitespace().count() > 1
+                })
+            })
+            .unwrap_or(false)
+    })
+}
+
 /// A sandbox's state directory, locked for as long as this value lives.
 pub struct StateDir {
     dir: PathBuf,

@@ -150,6 +150,9 @@ pub struct SandboxRecord {
     /// `killed`.
     #[serde(default)]
     pub stop_reason: Option<EndReason>,
+    /// Its ports are reachable through the edge proxy without credentials.
+    #[serde(default)]
+    pub public: bool,
 }
 
 /// Where sandbox records live in the state store.

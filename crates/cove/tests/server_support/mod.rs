@@ -15,6 +15,9 @@ use crate::common::{self, Out};
 pub struct Server {
     child: Option<Child>,
     pub url: String,
+    /// The edge proxy's cleartext and TLS addresses (`127.0.0.1:PORT`).
+    pub proxy_http: String,
+    pub proxy_https: String,
     pub data: PathBuf,
     pub token: String,
 }
@@ -34,7 +37,16 @@ impl Server {
     pub fn start_with(data: PathBuf, extra: &[&str]) -> Server {
         common::become_subreaper();
         let mut child = Command::new(common::cove_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--proxy-listen",
+                "127.0.0.1:0",
+                "--proxy-tls-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(&data)
             .args(extra)
             .stdin(Stdio::null())
@@ -44,6 +56,7 @@ impl Server {
             .unwrap();
         let mut stderr = BufReader::new(child.stderr.take().unwrap());
         let mut url = None;
+        let (mut proxy_http, mut proxy_https) = (String::new(), String::new());
         let mut seen = String::new();
         for _ in 0..10 {
             let mut line = String::new();
@@ -51,6 +64,12 @@ impl Server {
                 break;
             }
             seen.push_str(&line);
+            if let Some(a) = line.trim().strip_prefix("cove: proxy on http://") {
+                proxy_http = a.to_string();
+            }
+            if let Some(a) = line.trim().strip_prefix("cove: proxy on https://") {
+                proxy_https = a.to_string();
+            }
             if let Some(u) = line.trim().strip_prefix("cove: listening on ") {
                 url = Some(u.to_string());
                 break;
@@ -73,6 +92,8 @@ impl Server {
         Server {
             child: Some(child),
             url,
+            proxy_http,
+            proxy_https,
             data,
             token,
         }
@@ -174,6 +195,23 @@ impl Server {
         out.stdout.trim().to_string()
     }
 
+    /// The server's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the server runs").id()
+    }
+
+    /// How many sockets the server holds open.
+    pub fn sockets(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read_link(e.path())
+                    .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
+            })
+            .count()
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().unwrap();
@@ -201,4 +239,66 @@ impl Drop for Server {
             let _ = std::fs::remove_dir_all(&self.data);
         }
     }
+}
+
+/// `/metrics` as a real Prometheus parser (the OpenMetrics one of Debian's
+/// python3-prometheus-client) reads it: sample name → [(labels, value)].
+pub fn scrape(
+    server: &Server,
+    token: &str,
+) -> (
+    u16,
+    std::collections::BTreeMap<String, Vec<(serde_json::Value, f64)>>,
+) {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+        ])
+        .arg(format!("{}/metrics", server.url))
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    let code: u16 = code.parse().unwrap();
+    if code != 200 {
+        return (code, Default::default());
+    }
+    let mut parser = Command::new("/usr/bin/python3")
+        .args(["-c", "import json, sys\nfrom prometheus_client.openmetrics.parser import text_string_to_metric_families as parse\nout = {}\nfor fam in parse(sys.stdin.read()):\n    for s in fam.samples:\n        out.setdefault(s.name, []).append([s.labels, s.value])\nprint(json.dumps(out))"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    parser
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let parsed = parser.wait_with_output().unwrap();
+    assert!(
+        parsed.status.success(),
+        "not valid OpenMetrics: {}\n{body}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    (code, serde_json::from_slice(&parsed.stdout).unwrap())
+}
+
+pub fn sample(
+    m: &std::collections::BTreeMap<String, Vec<(serde_json::Value, f64)>>,
+    name: &str,
+    labels: serde_json::Value,
+) -> f64 {
+    m.get(name)
+        .and_then(|s| {
+            s.iter()
+                .find(|(l, _)| labels.as_object().unwrap().iter().all(|(k, v)| l[k] == *v))
+        })
+        .map_or(0.0, |(_, v)| *v)
 }

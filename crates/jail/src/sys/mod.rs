@@ -671,6 +671,44 @@ pub(crate) fn take_fd_of(pid: libc::pid_t, fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(got as RawFd) })
 }
 
+/// A pidfd of process `pid` (a handle that never refers to another process, even once the pid
+/// is recycled).
+pub(crate) fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: plain integer arguments; returns a new descriptor.
+    let pidfd = check_long(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })? as RawFd;
+    // SAFETY: `pidfd` is a new descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(pidfd) })
+}
+
+/// Whether the process of `pidfd` still runs (signal 0 through the pidfd).
+pub(crate) fn pidfd_alive(pidfd: &OwnedFd) -> bool {
+    // SAFETY: plain arguments; signal 0 only checks that the process exists.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            0,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    ret == 0
+}
+
+/// A new TCP socket (close-on-exec, non-blocking) of the calling thread's network namespace.
+pub(crate) fn tcp_socket(family: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: plain integer arguments; returns a new descriptor.
+    let fd = check(unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    })?;
+    // SAFETY: `fd` is a new descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// The calling thread's CLOCK_MONOTONIC time in nanoseconds.
 pub(crate) fn monotonic_ns() -> u64 {
     // SAFETY: timespec is plain data.

@@ -1,0 +1,231 @@
+//! The edge proxy inside `cove serve`: its settings, its key, and how it reaches sandboxes
+//! (records in the store, sockets made in their network namespaces by the jail).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use cove_api::urls::ProxyUrls;
+use cove_jail::netns::{self, NetNs};
+use cove_proxy::{Backend, BoxFuture, Proxy, SandboxInfo, Settings, SocketMaker};
+use cove_store::{Embedded, Kv};
+use cove_types::sandbox::record_key;
+use cove_types::{SandboxId, SandboxRecord};
+
+/// The proxy key's file name in the data directory.
+pub const KEY_FILE: &str = "proxy-key";
+/// Where the self-signed certificates are kept in the data directory.
+pub const TLS_DIR: &str = "proxy-tls";
+
+/// The `[proxy]` section of the configuration.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Serve the edge proxy at all.
+    pub enabled: bool,
+    /// Address of its cleartext listener (HTTP/1.1, and HTTP/2 with prior knowledge).
+    pub listen: SocketAddr,
+    /// Serve TLS too.
+    pub tls: bool,
+    /// Address of its TLS listener (HTTP/2 and HTTP/1.1 by ALPN).
+    pub tls_listen: SocketAddr,
+    /// PEM certificate chain for the TLS listener; without it (and `tls_key`), a self-signed
+    /// certificate for `*.<domain>` is made on first start.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Longest a sandbox's port may take to start answering a request (then 504).
+    pub upstream_timeout: cove_types::Duration,
+    /// Scheme of the URLs handed out [default: https with TLS, else http].
+    pub url_scheme: Option<String>,
+    /// Port of the URLs handed out [default: the listener's of that scheme].
+    pub url_port: Option<u16>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> ProxyConfig {
+        ProxyConfig {
+            enabled: true,
+            listen: "127.0.0.1:7080".parse().expect("a valid address"),
+            tls: true,
+            tls_listen: "127.0.0.1:7443".parse().expect("a valid address"),
+            tls_cert: None,
+            tls_key: None,
+            upstream_timeout: cove_types::Duration::from_millis(60_000),
+            url_scheme: None,
+            url_port: None,
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Checks what the flags and the file cannot.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            bail!("proxy: give both tls_cert and tls_key, or neither (for a self-signed one)");
+        }
+        if let Some(s) = &self.url_scheme
+            && s != "http"
+            && s != "https"
+        {
+            bail!("proxy: url_scheme {s:?}: use http or https");
+        }
+        if self.upstream_timeout.as_std().is_zero() {
+            bail!("proxy: upstream_timeout must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// Sandboxes as the proxy sees them: their records.
+struct Records {
+    store: Embedded,
+    metrics: Arc<cove_api::metrics::Metrics>,
+}
+
+impl Backend for Records {
+    fn lookup(&self, id: SandboxId) -> BoxFuture<'_, Option<SandboxInfo>> {
+        Box::pin(async move {
+            let entry = self.store.get(&record_key(&id)).await.ok()??;
+            let r: SandboxRecord = serde_json::from_slice(&entry.value).ok()?;
+            Some(SandboxInfo {
+                state: r.state,
+                public: r.public,
+            })
+        })
+    }
+
+    fn observe(&self, _id: Option<SandboxId>, status: hyper::StatusCode, elapsed: Duration) {
+        self.metrics.proxy_request(status.as_u16(), elapsed);
+    }
+}
+
+/// Sockets made in sandboxes' network namespaces, by the jail.
+struct JailSockets {
+    /// The server's own namespace, to come back to.
+    home: NetNs,
+}
+
+impl SocketMaker for JailSockets {
+    fn tcp_socket(
+        &self,
+        id: &SandboxId,
+        family: libc::c_int,
+    ) -> std::io::Result<Option<std::os::fd::OwnedFd>> {
+        match netns::of_sandbox(id) {
+            Some(ns) => ns.tcp_socket(&self.home, family).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The proxy's listeners, bound; the URLs the API hands out.
+pub struct Bound {
+    pub urls: ProxyUrls,
+    listeners: Vec<(tokio::net::TcpListener, Option<Arc<rustls::ServerConfig>>)>,
+    settings: Settings,
+}
+
+/// Binds the proxy's listeners (before anything else starts, so that a taken port is a clear
+/// failure) and prints where they are.
+pub async fn bind(config: &ProxyConfig, data: &Path, domain: &str) -> anyhow::Result<Bound> {
+    config.check()?;
+    let key_text = crate::serve::root_only_secret(&data.join(KEY_FILE), || {
+        cove_proxy::access::new_key_hex().map_err(|_| anyhow::anyhow!("no randomness"))
+    })?;
+    let key = cove_proxy::access::Key::from_hex(&key_text).with_context(|| {
+        format!(
+            "{} is not a proxy key (64 hex characters); remove it to get a new one",
+            data.join(KEY_FILE).display()
+        )
+    })?;
+    let mut listeners = Vec::new();
+    let (mut http_port, mut https_port) = (config.listen.port(), None);
+    if config.enabled {
+        let l = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listen on {} (the edge proxy)", config.listen))?;
+        let addr = l.local_addr()?;
+        http_port = addr.port();
+        eprintln!("cove: proxy on http://{addr}");
+        listeners.push((l, None));
+        if config.tls {
+            let (cert, key_path) = match (&config.tls_cert, &config.tls_key) {
+                (Some(c), Some(k)) => (c.clone(), k.clone()),
+                _ => {
+                    let made = cove_proxy::tls::ensure_self_signed(&data.join(TLS_DIR), domain)?;
+                    eprintln!(
+                        "cove: proxy TLS certificate (self-signed, *.{domain}) in {}",
+                        made.0.display()
+                    );
+                    made
+                }
+            };
+            let tls = cove_proxy::tls::server_config(&cert, &key_path)?;
+            let l = tokio::net::TcpListener::bind(config.tls_listen)
+                .await
+                .with_context(|| {
+                    format!("listen on {} (the edge proxy, TLS)", config.tls_listen)
+                })?;
+            let addr = l.local_addr()?;
+            https_port = Some(addr.port());
+            eprintln!("cove: proxy on https://{addr}");
+            listeners.push((l, Some(tls)));
+        }
+    }
+    let scheme = config.url_scheme.clone().unwrap_or_else(|| {
+        if https_port.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+        .to_string()
+    });
+    let port = config
+        .url_port
+        .unwrap_or(match (scheme.as_str(), https_port) {
+            ("https", Some(p)) => p,
+            ("https", None) => 443,
+            _ => http_port,
+        });
+    Ok(Bound {
+        urls: ProxyUrls {
+            key: key.clone(),
+            scheme,
+            port,
+        },
+        listeners,
+        settings: Settings {
+            domain: domain.to_string(),
+            key,
+            upstream_timeout: config.upstream_timeout.as_std(),
+            connect_timeout: Duration::from_secs(5),
+        },
+    })
+}
+
+impl Bound {
+    /// Serves the listeners until the process ends.
+    pub fn spawn(
+        self,
+        store: Embedded,
+        metrics: Arc<cove_api::metrics::Metrics>,
+    ) -> anyhow::Result<()> {
+        if self.listeners.is_empty() {
+            return Ok(());
+        }
+        let home = netns::current().context("open the server's network namespace")?;
+        let proxy = Proxy::new(
+            self.settings,
+            Arc::new(Records { store, metrics }),
+            Arc::new(JailSockets { home }),
+        )
+        .context("start the edge proxy")?;
+        for (listener, tls) in self.listeners {
+            tokio::spawn(proxy.clone().serve(listener, tls));
+        }
+        Ok(())
+    }
+}
