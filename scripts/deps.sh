@@ -7,7 +7,7 @@
 #                             openssl (certificates, token signing), zstd (zstd layers),
 #                             curl (raw HTTP against `cove serve`), a Prometheus text parser
 #   scripts/deps.sh bench     + the peers the benchmarks compare with (bubblewrap, crun,
-#                             hyperfine, umoci)
+#                             hyperfine, umoci, wrk and nginx for the proxy)
 # Installs only what is missing, so it costs nothing on a prepared machine.
 set -euo pipefail
 want=(iproute2 util-linux ca-certificates python3 curl)
@@ -16,7 +16,7 @@ test_packages=(busybox-static docker-registry skopeo apache2-utils openssl zstd 
 case "${1:-runtime}" in
   runtime) ;;
   test) want+=("${test_packages[@]}") ;;
-  bench) want+=("${test_packages[@]}" bubblewrap crun hyperfine umoci) ;;
+  bench) want+=("${test_packages[@]}" bubblewrap crun hyperfine umoci wrk nginx-light) ;;
   *) echo "deps.sh: unknown set ${1}; use runtime, test or bench" >&2; exit 2 ;;
 esac
 missing=()

@@ -109,7 +109,9 @@ pub async fn register_token(
 
 /// Every sandbox record (key, record), page by page, and the store's revision when the first
 /// page was read: a watch from there misses no change made while the rest was read.
-async fn all_records(store: &Embedded) -> Result<(u64, Vec<(String, SandboxRecord)>), StoreError> {
+pub async fn all_records(
+    store: &Embedded,
+) -> Result<(u64, Vec<(String, SandboxRecord)>), StoreError> {
     let mut out = Vec::new();
     let mut after: Option<String> = None;
     let mut revision = None;

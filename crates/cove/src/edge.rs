@@ -10,9 +10,11 @@ use anyhow::{Context, bail};
 use cove_api::urls::ProxyUrls;
 use cove_jail::netns::{self, NetNs};
 use cove_proxy::{Backend, BoxFuture, Proxy, SandboxInfo, Settings, SocketMaker};
-use cove_store::{Embedded, Kv};
-use cove_types::sandbox::record_key;
-use cove_types::{SandboxId, SandboxRecord};
+use std::collections::HashMap;
+
+use cove_store::{Embedded, Event, Kv};
+use cove_types::sandbox::{RECORDS_PREFIX, record_key};
+use cove_types::{SandboxId, SandboxRecord, SandboxState};
 
 /// The proxy key's file name in the data directory.
 pub const KEY_FILE: &str = "proxy-key";
@@ -79,15 +81,74 @@ impl ProxyConfig {
     }
 }
 
-/// Sandboxes as the proxy sees them: their records.
+/// Running sandboxes, kept from the records' changes.
+type Running = Arc<std::sync::RwLock<HashMap<SandboxId, SandboxInfo>>>;
+
+/// Sandboxes as the proxy sees them: their records. Those that run are kept in memory (a
+/// request to a running sandbox reads no record); any other is read from the store, which
+/// is the authority (a sandbox that has just started may not be in memory yet).
 struct Records {
     store: Embedded,
     metrics: Arc<cove_api::metrics::Metrics>,
+    running: Running,
+}
+
+/// Keeps `running` up to date with the records, from a full read then their changes; starts
+/// again (emptied, so nothing stale is trusted) if the store's watch fails.
+async fn follow(store: Embedded, running: Running) {
+    let info = |r: &SandboxRecord| SandboxInfo {
+        state: r.state,
+        public: r.public,
+    };
+    let set = |id: SandboxId, r: Option<SandboxInfo>| {
+        let mut map = running.write().unwrap_or_else(|p| p.into_inner());
+        match r {
+            Some(i) if i.state == SandboxState::Running => map.insert(id, i),
+            _ => map.remove(&id),
+        };
+    };
+    loop {
+        if let Ok((revision, records)) = cove_api::all_records(&store).await
+            && let Ok(mut watch) = store.watch(RECORDS_PREFIX, revision).await
+        {
+            for (_, r) in &records {
+                set(r.id, Some(info(r)));
+            }
+            while let Ok(change) = watch.next().await {
+                match change {
+                    Event::Put(entry) => {
+                        if let Ok(r) = serde_json::from_slice::<SandboxRecord>(&entry.value) {
+                            set(r.id, Some(info(&r)));
+                        }
+                    }
+                    Event::Delete { key, .. } => {
+                        if let Some(id) = key
+                            .strip_prefix(RECORDS_PREFIX)
+                            .and_then(|s| s.parse().ok())
+                        {
+                            set(id, None);
+                        }
+                    }
+                }
+            }
+        }
+        running.write().unwrap_or_else(|p| p.into_inner()).clear();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 impl Backend for Records {
     fn lookup(&self, id: SandboxId) -> BoxFuture<'_, Option<SandboxInfo>> {
+        let known = self
+            .running
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .copied();
         Box::pin(async move {
+            if known.is_some() {
+                return known;
+            }
             let entry = self.store.get(&record_key(&id)).await.ok()??;
             let r: SandboxRecord = serde_json::from_slice(&entry.value).ok()?;
             Some(SandboxInfo {
@@ -217,9 +278,15 @@ impl Bound {
             return Ok(());
         }
         let home = netns::current().context("open the server's network namespace")?;
+        let running = Running::default();
+        tokio::spawn(follow(store.clone(), running.clone()));
         let proxy = Proxy::new(
             self.settings,
-            Arc::new(Records { store, metrics }),
+            Arc::new(Records {
+                store,
+                metrics,
+                running,
+            }),
             Arc::new(JailSockets { home }),
         )
         .context("start the edge proxy")?;
