@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Cove needs.
 #   scripts/deps.sh runtime   what Cove needs at run time (python3 for the first demo, curl
-#                             to wait for `cove serve`)
+#                             to wait for `cove serve`, nftables for --net egress)
 #   scripts/deps.sh test      + what the test suite uses: busybox-static for images; a real
 #                             registry (docker-registry), skopeo to push to it, htpasswd,
 #                             openssl (certificates, token signing), zstd (zstd layers),
@@ -10,7 +10,7 @@
 #                             hyperfine, umoci, wrk and nginx for the proxy)
 # Installs only what is missing, so it costs nothing on a prepared machine.
 set -euo pipefail
-want=(iproute2 util-linux ca-certificates python3 curl)
+want=(iproute2 util-linux ca-certificates python3 curl nftables)
 test_packages=(busybox-static docker-registry skopeo apache2-utils openssl zstd curl
   python3-prometheus-client)
 case "${1:-runtime}" in

@@ -96,6 +96,8 @@ pub struct Agent {
     /// Supervisors report here when their sandbox's command runs.
     started_tx: tokio::sync::mpsc::UnboundedSender<SandboxId>,
     started_rx: Option<tokio::sync::mpsc::UnboundedReceiver<SandboxId>>,
+    /// More environment for supervisors (over the server's own).
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -116,7 +118,14 @@ impl Agent {
             log_sizes: HashMap::new(),
             started_tx,
             started_rx: Some(started_rx),
+            env: Vec::new(),
         })
+    }
+
+    /// Gives supervisors `key=value` in their environment.
+    pub fn with_env(mut self, key: &str, value: &str) -> Agent {
+        self.env.push((key.into(), value.into()));
+        self
     }
 
     /// The directory of sandbox `id`.
@@ -333,9 +342,13 @@ impl Agent {
             // Its own process group: a Ctrl-C meant for `cove serve` is not meant for it.
             .process_group(0)
             .kill_on_drop(false);
-        if let Some(store) = std::env::var_os("COVE_IMAGE_STORE") {
-            cmd.env("COVE_IMAGE_STORE", store);
+        // The server's settings for supervisors: its image store, its sandboxes' resolver.
+        for var in ["COVE_IMAGE_STORE", "COVE_EGRESS_DNS"] {
+            if let Some(v) = std::env::var_os(var) {
+                cmd.env(var, v);
+            }
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut child = cmd.spawn().map_err(io_err("start", &self.cove))?;
         if let Some(out) = child.stdout.take() {
             let (tx, id) = (self.started_tx.clone(), record.id);

@@ -668,6 +668,16 @@ pub struct CreateRequest {
     /// signed URL (default: private).
     #[serde(default)]
     pub public: bool,
+    /// `none` (default: loopback only) or `egress` (a route out through the host, never to
+    /// cloud metadata, the host or private ranges).
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "egress")]
+    pub net: Option<cove_types::NetMode>,
+    /// With `net: egress`: `allow` (only these destinations) and `deny` lists of
+    /// `A.B.C.D[/N][:PORT[-PORT]]`.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub egress: Option<cove_types::egress::EgressPolicy>,
 }
 
 type Labels = BTreeMap<String, String>;
@@ -718,6 +728,8 @@ impl CreateRequest {
             .map(|(key, value)| EnvVar { key, value })
             .collect();
         spec.workdir = self.workdir.map(Into::into);
+        spec.net = self.net.unwrap_or_default();
+        spec.egress = self.egress.unwrap_or_default();
         if let Some(user) = self.user {
             spec.user = user;
         }

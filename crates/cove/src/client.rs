@@ -261,6 +261,16 @@ pub struct CreateArgs {
     /// signed URL (`cove url`).
     #[arg(long)]
     public: bool,
+    /// Network: `none` (its own loopback only) or `egress` (a route out through the host and
+    /// DNS; never to cloud metadata, the host itself or private ranges).
+    #[arg(long, value_name = "MODE", default_value = "none")]
+    net: cove_types::NetMode,
+    /// With --net egress: only these destinations, A.B.C.D[/N][:PORT[-PORT]] (repeatable).
+    #[arg(long, value_name = "RULE")]
+    allow: Vec<cove_types::egress::EgressRule>,
+    /// With --net egress: never these destinations, A.B.C.D[/N][:PORT[-PORT]] (repeatable).
+    #[arg(long, value_name = "RULE")]
+    deny: Vec<cove_types::egress::EgressRule>,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -458,6 +468,8 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
                 "labels": pairs("--label", &a.label)?,
                 "metadata": pairs("--meta", &a.meta)?,
                 "public": a.public,
+                "net": a.net,
+                "egress": {"allow": a.allow, "deny": a.deny},
             });
             let (_, v) = c.call(reqwest::Method::POST, "/v1/sandboxes", Some(body))?;
             let id = v["id"].as_str().unwrap_or("");

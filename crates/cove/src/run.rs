@@ -84,9 +84,17 @@ pub struct RunArgs {
     /// Keep stdin attached (it always is; accepted for `docker run -i` habits).
     #[arg(short = 'i', long)]
     interactive: bool,
-    /// Network: `none` gives the sandbox only its own loopback.
+    /// Network: `none` gives the sandbox only its own loopback; `egress` adds eth0 with a
+    /// route out through the host (NAT) and DNS, never to cloud metadata, the host itself or
+    /// private ranges.
     #[arg(long, value_name = "MODE", default_value = "none")]
     net: String,
+    /// With --net egress: only these destinations, A.B.C.D[/N][:PORT[-PORT]] (repeatable).
+    #[arg(long, value_name = "RULE")]
+    allow: Vec<cove_types::egress::EgressRule>,
+    /// With --net egress: never these destinations, A.B.C.D[/N][:PORT[-PORT]] (repeatable).
+    #[arg(long, value_name = "RULE")]
+    deny: Vec<cove_types::egress::EgressRule>,
     /// After exit, print one JSON object (exit code, signal, reason, times, peak memory) as the
     /// last line of stdout.
     #[arg(long)]
@@ -123,6 +131,8 @@ impl RunArgs {
         let mut spec = Spec::new(self.cmd.clone());
         spec.image = self.image.parse::<Image>()?;
         spec.net = self.net.parse::<NetMode>()?;
+        spec.egress.allow = self.allow.clone();
+        spec.egress.deny = self.deny.clone();
         spec.limits.memory = self.memory;
         spec.limits.cpus_millis = parse_cpus(&self.cpus)?;
         spec.limits.pids = self.pids;

@@ -110,6 +110,15 @@ pub struct ServeArgs {
     /// [default: 60s].
     #[arg(long, value_name = "DUR", help_heading = "Edge proxy")]
     proxy_upstream_timeout: Option<cove_types::Duration>,
+    /// The resolver that sandboxes with egress have their DNS sent to [default: the host's
+    /// first IPv4 nameserver].
+    #[arg(
+        long,
+        value_name = "IPV4",
+        env = "COVE_EGRESS_DNS",
+        help_heading = "Egress"
+    )]
+    egress_dns: Option<std::net::Ipv4Addr>,
     /// Serve no edge proxy.
     #[arg(long, help_heading = "Edge proxy")]
     no_proxy: bool,
@@ -131,6 +140,16 @@ pub struct Config {
     pub quotas: cove_api::Quotas,
     /// The edge proxy.
     pub proxy: crate::edge::ProxyConfig,
+    /// Sandboxes with `net: egress`.
+    pub egress: EgressConfig,
+}
+
+/// The `[egress]` section of the configuration.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    /// The resolver sandboxes' DNS is sent to [default: the host's first IPv4 nameserver].
+    pub dns: Option<std::net::Ipv4Addr>,
 }
 
 impl Default for Config {
@@ -142,6 +161,7 @@ impl Default for Config {
             limits: cove_types::Limits::default(),
             quotas: cove_api::Quotas::default(),
             proxy: crate::edge::ProxyConfig::default(),
+            egress: EgressConfig::default(),
         }
     }
 }
@@ -194,6 +214,9 @@ impl ServeArgs {
         }
         if let Some(d) = self.proxy_upstream_timeout {
             config.proxy.upstream_timeout = d;
+        }
+        if let Some(d) = self.egress_dns {
+            config.egress.dns = Some(d);
         }
         if self.no_proxy {
             config.proxy.enabled = false;
@@ -265,7 +288,10 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     .await
     .context("record the admin token")?;
     let cove = std::env::current_exe().context("find the cove binary")?;
-    let agent = cove_agent::Agent::new(store.clone(), data.join("sandboxes"), cove)?;
+    let mut agent = cove_agent::Agent::new(store.clone(), data.join("sandboxes"), cove)?;
+    if let Some(dns) = config.egress.dns {
+        agent = agent.with_env("COVE_EGRESS_DNS", &dns.to_string());
+    }
     let proxy = crate::edge::bind(&config.proxy, data, &config.domain).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -378,6 +404,7 @@ pub fn supervise(dir: PathBuf) -> anyhow::Result<ExitCode> {
             wall_time_ms: 0.0,
             cpu_time_ms: 0.0,
             peak_memory_bytes: 0,
+            egress_denied_packets: None,
         },
     };
     let tmp = dir.join("report.json.tmp");

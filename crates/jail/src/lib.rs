@@ -9,6 +9,7 @@
 //! - [`cgroup`], [`seccomp`], `rootfs`, [`state`]: one kernel concern each.
 
 pub mod cgroup;
+pub mod egress;
 pub mod exec;
 mod init;
 pub mod netns;

@@ -39,6 +39,12 @@ pub fn pool_dir(state_root: &Path) -> PathBuf {
 /// A configured network namespace, held open.
 pub struct NetNs(OwnedFd);
 
+impl std::os::fd::AsRawFd for NetNs {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
 impl NetNs {
     /// Makes it the calling thread's network namespace (children created afterwards share it).
     pub fn enter(&self) -> io::Result<()> {

@@ -61,6 +61,9 @@ pub(crate) struct RootPlan {
     /// Inner uid/gid of the command, for `/etc/passwd` and its home directory.
     pub uid: u32,
     pub gid: u32,
+    /// `/etc/resolv.conf`, when the sandbox has a resolver (egress); otherwise the `host`
+    /// image's is empty and an image keeps its own.
+    pub resolv_conf: Option<String>,
 }
 
 /// Host directories the `host` image exposes read-only (those that exist).
@@ -238,7 +241,18 @@ pub(crate) fn enter(plan: &RootPlan) -> Result<(), RootfsError> {
             host_image(staging, plan)?;
             staging.clone()
         }
-        RootImage::Layers(layers) => overlay_image(staging, layers)?,
+        RootImage::Layers(layers) => {
+            let root = overlay_image(staging, layers)?;
+            if let Some(conf) = &plan.resolv_conf {
+                // In the writable layer; an image's own (often a symlink into /run) goes.
+                let etc = root.join("etc");
+                mkdir(&etc, 0o755)?;
+                let path = etc.join("resolv.conf");
+                let _ = fs::remove_file(&path);
+                write(&path, conf)?;
+            }
+            root
+        }
     };
     mount_proc(&root)?;
     mount_dev(&root, plan.dev_template.as_deref())?;
@@ -317,7 +331,10 @@ fn host_image(root: &Path, plan: &RootPlan) -> Result<(), RootfsError> {
             plan.hostname
         ),
     )?;
-    write(&etc.join("resolv.conf"), "")?;
+    write(
+        &etc.join("resolv.conf"),
+        plan.resolv_conf.as_deref().unwrap_or(""),
+    )?;
     write(
         &etc.join("nsswitch.conf"),
         "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n",

@@ -13,9 +13,10 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use cove_types::{Image, Reason, RunReport, SandboxId, Spec, SpecError};
+use cove_types::{Image, NetMode, Reason, RunReport, SandboxId, Spec, SpecError};
 
 use crate::cgroup::{self, Cgroup, Hierarchy};
+use crate::egress;
 use crate::init::{self, ChildFds, ChildPlan};
 use crate::netns;
 use crate::rootfs::{RootImage, RootPlan};
@@ -257,6 +258,8 @@ pub(crate) fn plan(
             },
             disk_bytes: l.disk.as_bytes(),
             binds: spec.mounts.clone(),
+            resolv_conf: (spec.net == NetMode::Egress)
+                .then(|| format!("nameserver {}\n", egress::GATEWAY)),
             hostname,
             dev_template: if opts.no_dev_template {
                 None
@@ -323,6 +326,25 @@ fn supervise(
     // with the sandbox (its teardown then overlaps the supervisor's cleanup).
     let home_net = netns::current().map_err(prep("open the network namespace"))?;
     let net = netns::take_or_create(state_root).map_err(prep("prepare a network namespace"))?;
+    // Removed when dropped, on every way out of here.
+    let mut egress = match spec.net {
+        NetMode::None => None,
+        NetMode::Egress => {
+            let id: SandboxId = plan.id.parse().map_err(|_| RunError::Setup {
+                step: "set up egress networking".into(),
+                message: format!("{:?} is not a sandbox id", plan.id),
+            })?;
+            let set_up = egress::setup(&id, &spec.egress, &net, &home_net);
+            // The sandbox is created in its own namespace, whatever happened.
+            let back = net.enter();
+            let e = set_up.map_err(|e| RunError::Setup {
+                step: "set up egress networking".into(),
+                message: e.to_string(),
+            })?;
+            back.map_err(prep("enter the sandbox's network namespace"))?;
+            Some(e)
+        }
+    };
     let flags = libc::CLONE_NEWUSER
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWNS
@@ -401,7 +423,9 @@ fn supervise(
     if let Some((step, message)) = init_report.setup_error {
         return Err(RunError::Setup { step, message });
     }
-    Ok(sup.report(&init_report, init_status))
+    let mut report = sup.report(&init_report, init_status);
+    report.egress_denied_packets = egress.as_mut().and_then(egress::Egress::finish);
+    Ok(report)
 }
 
 /// Writes the id maps and lets the child go (it joins its cgroup itself).
@@ -643,6 +667,7 @@ impl Supervisor<'_> {
             wall_time_ms: self.started.elapsed().as_secs_f64() * 1000.0,
             cpu_time_ms: stats.cpu_usage_ns as f64 / 1e6,
             peak_memory_bytes: stats.memory_peak_bytes,
+            egress_denied_packets: None,
         }
     }
 }

@@ -188,6 +188,16 @@ pub fn gc(root: &Path, cgroups: &Hierarchy, scope: Scope) -> GcReport {
         }
         Err(e) => report.failed.push(format!("list cgroups: {e}")),
     }
+    // Egress objects (veths, nftables chains and counters) of sandboxes whose cgroup holds no
+    // process any more: after a crash, or a supervisor killed before its teardown.
+    let (removed, failed) = crate::egress::reap(|id| {
+        cgroups
+            .open(&cgroup_name(id))
+            .pids()
+            .is_ok_and(|p| !p.is_empty())
+    });
+    report.removed.extend(removed);
+    report.failed.extend(failed);
     // The parent directories themselves, once nothing is left in them.
     if cgroups.remove_if_empty(CGROUP_PARENT) > 0 {
         report

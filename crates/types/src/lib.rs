@@ -24,6 +24,7 @@ macro_rules! serde_via_str {
     };
 }
 
+pub mod egress;
 pub mod frame;
 mod id;
 mod reason;

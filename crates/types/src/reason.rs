@@ -63,6 +63,9 @@ pub struct RunReport {
     pub cpu_time_ms: f64,
     /// Peak memory use of the sandbox (its cgroup), in bytes.
     pub peak_memory_bytes: u64,
+    /// With `--net egress`: packets the egress policy dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_denied_packets: Option<u64>,
 }
 
 #[cfg(test)]

@@ -55,13 +55,15 @@ impl std::str::FromStr for Image {
     }
 }
 
-/// Network mode. Only `none` (loopback only) exists today.
+/// Network mode.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NetMode {
     /// A private network namespace with only `lo`, up.
     #[default]
     None,
+    /// `lo`, and `eth0` with a route out through the host (NAT), under the egress policy.
+    Egress,
 }
 
 impl std::str::FromStr for NetMode {
@@ -69,6 +71,7 @@ impl std::str::FromStr for NetMode {
     fn from_str(s: &str) -> Result<NetMode, SpecError> {
         match s {
             "none" => Ok(NetMode::None),
+            "egress" => Ok(NetMode::Egress),
             other => Err(SpecError::Net {
                 value: other.to_string(),
             }),
@@ -279,6 +282,9 @@ pub struct Spec {
     /// Network mode.
     #[serde(default)]
     pub net: NetMode,
+    /// With `net: egress`, the allow and deny lists.
+    #[serde(default, skip_serializing_if = "crate::egress::EgressPolicy::is_empty")]
+    pub egress: crate::egress::EgressPolicy,
     /// Allocate a pseudo-terminal for the command.
     #[serde(default)]
     pub tty: bool,
@@ -299,8 +305,10 @@ pub enum SpecError {
     Env { entry: String, reason: String },
     #[error("bad image: {reason}")]
     Image { reason: String },
-    #[error("bad --net {value:?}: only \"none\" (loopback only) is supported")]
+    #[error("bad --net {value:?}: use \"none\" (loopback only) or \"egress\" (a route out)")]
     Net { value: String },
+    #[error("{0}")]
+    Egress(String),
     #[error("bad user {value:?}: expected UID or UID:GID, each 0..=65535")]
     User { value: String },
     #[error("bad mount {value:?}: {reason}")]
@@ -352,8 +360,39 @@ impl Spec {
             mounts: Vec::new(),
             limits: Limits::default(),
             net: NetMode::None,
+            egress: Default::default(),
             tty: false,
         }
+    }
+
+    /// The egress lists: only with `net: egress`, bounded, never opening an always-blocked
+    /// range.
+    fn validate_egress(&self) -> Result<(), SpecError> {
+        let lists = &self.egress;
+        if !lists.is_empty() && self.net != NetMode::Egress {
+            return Err(SpecError::Egress(
+                "allow and deny lists need --net egress".into(),
+            ));
+        }
+        if lists.allow.len() > crate::egress::MAX_RULES
+            || lists.deny.len() > crate::egress::MAX_RULES
+        {
+            return Err(SpecError::Egress(format!(
+                "at most {} allow and {} deny rules",
+                crate::egress::MAX_RULES,
+                crate::egress::MAX_RULES
+            )));
+        }
+        if let Some((r, why)) = lists
+            .allow
+            .iter()
+            .find_map(|r| r.always_blocked().map(|why| (r, why)))
+        {
+            return Err(SpecError::Egress(format!(
+                "--allow {r}: {why} addresses are always blocked and cannot be allowed"
+            )));
+        }
+        Ok(())
     }
 
     /// Checks everything that can be checked without touching the host.
@@ -376,6 +415,7 @@ impl Spec {
                 });
             }
         }
+        self.validate_egress()?;
         if let Image::Path(p) = &self.image
             && !p.is_absolute()
         {

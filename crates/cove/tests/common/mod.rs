@@ -138,7 +138,11 @@ pub fn assert_no_leaks(id: &str) {
             }
         }
     }
-    for p in [format!("/run/cove/{id}"), format!("/run/cove/.new-{id}")] {
+    for p in [
+        format!("/run/cove/{id}"),
+        format!("/run/cove/.new-{id}"),
+        format!("/sys/class/net/cv{id}"),
+    ] {
         if Path::new(&p).exists() {
             leaks.push(p);
         }

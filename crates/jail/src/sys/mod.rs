@@ -7,6 +7,7 @@
 //! `CLOSE_RANGE_CLOEXEC`, capability bounding-set drops); one dependency (`libc`) keeps the
 //! whole unsafe surface in one reviewable file.
 
+pub(crate) mod netlink;
 pub(crate) mod seccomp;
 
 use std::ffi::{CStr, CString};
