@@ -192,9 +192,11 @@ fn egress_through_the_api_and_nothing_left_after() {
     assert_eq!(found["web8080"], "timeout", "{found}");
     assert_eq!(found["name"], WEB, "{found}");
     assert_eq!(found["host"], "timeout", "{found}");
-    assert!(
-        !egress_support::egress_leftovers(&id).is_empty(),
-        "it has egress state now"
+    assert!(std::path::Path::new(&format!("/sys/class/net/cv{id}")).exists());
+    assert_eq!(
+        egress_support::policy_leftovers(&id).len(),
+        2,
+        "its chain and map entry"
     );
     assert_eq!(server.cove(&["rm", "-f", &id]).code, 0);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -230,7 +232,7 @@ fn cove_gc_removes_the_egress_state_of_a_crashed_sandbox() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while egress_support::egress_leftovers(&id).len() < 2 {
+    while egress_support::policy_leftovers(&id).len() < 2 {
         assert!(Instant::now() < deadline, "egress was not set up");
         std::thread::sleep(Duration::from_millis(20));
     }

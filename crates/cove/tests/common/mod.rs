@@ -128,6 +128,13 @@ pub fn run(args: &[&str]) -> Out {
 
 /// Every host object a sandbox creates carries its id; none may remain after `cove run` exits.
 pub fn assert_no_leaks(id: &str) {
+    // A sandbox's egress link goes with its network namespace, which the kernel tears down
+    // asynchronously after its last process: give it a moment.
+    let link = format!("/sys/class/net/cv{id}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while Path::new(&link).exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let mut leaks = Vec::new();
     if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
         for e in entries.flatten() {

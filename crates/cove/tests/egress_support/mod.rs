@@ -178,19 +178,33 @@ pub fn denied_log_lines(id: &str) -> usize {
         .count()
 }
 
-/// Whether the host has link `cv<id>`, or an nftables chain `sb_<id>`.
+/// The egress objects of sandbox `id` still on the host: its link `cv<id>` (which the kernel
+/// removes with the sandbox's network namespace, asynchronously: given a few seconds), and its
+/// nftables chain `sb_<id>` with its map entry. (Its drop counters expire on their own.)
 pub fn egress_leftovers(id: &str) -> Vec<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::path::Path::new(&format!("/sys/class/net/cv{id}")).exists()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let mut left = Vec::new();
     if ip(&["link", "show", &format!("cv{id}")]) {
         left.push(format!("link cv{id}"));
     }
+    left.extend(policy_leftovers(id));
+    left
+}
+
+/// The nftables chain `sb_<id>` and its map entry, if still there.
+pub fn policy_leftovers(id: &str) -> Vec<String> {
     let out = Command::new("nft")
         .args(["list", "table", "inet", "cove"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    if text.contains(&format!("sb_{id}")) || text.contains(&format!("cv{id}")) {
-        left.push(format!("nftables state of {id}"));
-    }
-    left
+    text.lines()
+        .filter(|l| l.contains(&format!("sb_{id}")))
+        .map(|l| l.trim().to_string())
+        .collect()
 }
