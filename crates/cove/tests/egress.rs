@@ -192,6 +192,57 @@ fn egress_through_the_api_and_nothing_left_after() {
     assert_eq!(found["web8080"], "timeout", "{found}");
     assert_eq!(found["name"], WEB, "{found}");
     assert_eq!(found["host"], "timeout", "{found}");
+    // Two more sandboxes with egress and no lists: one serves on its address, which it reaches
+    // itself; the other cannot reach it.
+    let b = server.create(&[
+        "--net",
+        "egress",
+        "--",
+        "/usr/bin/python3",
+        "-m",
+        "http.server",
+        "8000",
+    ]);
+    let c = server.create(&["--net", "egress", "--", "sleep", "300"]);
+    let out = server.cove(&[
+        "exec", &b, "--", "ip", "-4", "-o", "addr", "show", "dev", "eth0",
+    ]);
+    let addr = out
+        .stdout
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_else(|| panic!("no address: {} {}", out.stdout, out.stderr))
+        .to_string();
+    assert!(addr.starts_with("10.88."), "{addr}");
+    let probe_from = |who: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = server.cove(&[
+                "exec",
+                who,
+                "--",
+                "/usr/bin/python3",
+                "-c",
+                PROBE,
+                &format!("b={addr}:8000"),
+            ]);
+            let found: serde_json::Value = serde_json::from_str(out.stdout.trim())
+                .unwrap_or_else(|e| panic!("{e}: {} {}", out.stdout, out.stderr));
+            // The server may still be starting (refused): ask again.
+            if found["b"] != "refused" || Instant::now() > deadline {
+                return found["b"].as_str().unwrap_or("").to_string();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert!(probe_from(&b).starts_with("open"), "it serves on {addr}");
+    assert_eq!(probe_from(&c), "timeout", "another sandbox cannot reach it");
+    for s in [&b, &c] {
+        assert_eq!(server.cove(&["rm", "-f", s]).code, 0);
+        common::assert_no_leaks(s);
+    }
     assert!(std::path::Path::new(&format!("/sys/class/net/cv{id}")).exists());
     assert_eq!(
         egress_support::policy_leftovers(&id).len(),
