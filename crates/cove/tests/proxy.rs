@@ -307,14 +307,7 @@ fn proxy_reaches_a_sandbox_port_by_host_header_and_path() {
 fn private_sandboxes_need_their_own_credentials() {
     require_root();
     let server = Server::start();
-    let (code, t) = server.curl(
-        Some(&server.token),
-        "POST",
-        "/v1/tenants",
-        Some(r#"{"name":"other"}"#),
-    );
-    assert_eq!(code, 201, "{t}");
-    let other = t["token"].as_str().unwrap().to_string();
+    let other = server.new_tenant("other");
     let id = upstream(&server, &server.token, &[]);
     let theirs = upstream(&server, &other, &[]);
     let public = upstream(&server, &other, &["--public"]);

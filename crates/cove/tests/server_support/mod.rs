@@ -152,6 +152,14 @@ impl Server {
         (code.parse().unwrap(), json)
     }
 
+    /// A new tenant `name` with the default quotas (made with the admin token); its token.
+    pub fn new_tenant(&self, name: &str) -> String {
+        let body = serde_json::json!({ "name": name }).to_string();
+        let (code, t) = self.curl(Some(&self.token), "POST", "/v1/tenants", Some(&body));
+        assert_eq!(code, 201, "{t}");
+        t["token"].as_str().unwrap().to_string()
+    }
+
     pub fn inspect_as(&self, token: &str, id: &str) -> serde_json::Value {
         let out = self.cove_as(token, &["inspect", id]);
         assert_eq!(out.code, 0, "{}", out.stderr);
