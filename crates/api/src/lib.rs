@@ -176,6 +176,20 @@ pub struct SandboxUsage {
     pub oom_kills: u64,
     /// Forks refused because it was at its pids limit.
     pub pids_limit_hits: u64,
+    /// With `net: egress`: its traffic through the host; `null` otherwise.
+    pub network: Option<NetworkUsage>,
+}
+
+/// A sandbox's egress traffic.
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct NetworkUsage {
+    /// Bytes it received.
+    pub rx_bytes: u64,
+    /// Bytes it sent.
+    pub tx_bytes: u64,
+    /// Packets it sent that the egress policy dropped (a count that expires an hour after
+    /// the last drop).
+    pub egress_denied_packets: u64,
 }
 
 /// Reads sandboxes' resource usage; the binary provides it (from the cgroups), the API only

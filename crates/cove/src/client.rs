@@ -624,6 +624,15 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
                     v["limits"]["pids"],
                     v["oom_kills"],
                 );
+                if v["network"].is_object() {
+                    let kib = |b: &serde_json::Value| b.as_f64().unwrap_or(0.0) / 1024.0;
+                    println!(
+                        "egress: received {:.1} KiB, sent {:.1} KiB, {} packets dropped by the policy",
+                        kib(&v["network"]["rx_bytes"]),
+                        kib(&v["network"]["tx_bytes"]),
+                        v["network"]["egress_denied_packets"],
+                    );
+                }
             }
         }
         ClientCommand::Url {

@@ -491,6 +491,11 @@ impl cove_api::Usage for CgroupUsage {
             pids: s.pids_current,
             oom_kills: s.oom_kills,
             pids_limit_hits: s.pids_limit_hits,
+            network: cove_jail::egress::usage(&id).map(|(rx, tx, denied)| cove_api::NetworkUsage {
+                rx_bytes: rx,
+                tx_bytes: tx,
+                egress_denied_packets: denied,
+            }),
         })
     }
 }

@@ -192,6 +192,21 @@ fn egress_through_the_api_and_nothing_left_after() {
     assert_eq!(found["web8080"], "timeout", "{found}");
     assert_eq!(found["name"], WEB, "{found}");
     assert_eq!(found["host"], "timeout", "{found}");
+    // Its traffic and its drops, live.
+    let (code, stats) = server.curl(
+        Some(&server.token),
+        "GET",
+        &format!("/v1/sandboxes/{id}/stats"),
+        None,
+    );
+    assert_eq!(code, 200, "{stats}");
+    let net = &stats["network"];
+    assert!(net["tx_bytes"].as_u64().unwrap() > 0, "{stats}");
+    assert!(net["rx_bytes"].as_u64().unwrap() > 0, "{stats}");
+    assert!(
+        net["egress_denied_packets"].as_u64().unwrap() >= 2,
+        "{stats}"
+    );
     // Two more sandboxes with egress and no lists: one serves on its address, which it reaches
     // itself; the other cannot reach it.
     let b = server.create(&[

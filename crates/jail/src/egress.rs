@@ -481,6 +481,28 @@ impl Egress {
     }
 }
 
+/// A running sandbox's egress traffic: (bytes it received, bytes it sent, its packets that the
+/// policy dropped), or `None` without egress. Read from its host-side link's counters and the
+/// `denied` set (one netlink request).
+pub fn usage(id: &SandboxId) -> Option<(u64, u64, u64)> {
+    let link = host_link(id);
+    let stat = |name: &str| -> Option<u64> {
+        fs::read_to_string(format!("/sys/class/net/{link}/statistics/{name}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    // The host side sends what the sandbox receives, and the other way round.
+    let (received, sent) = (stat("tx_bytes")?, stat("rx_bytes")?);
+    let denied = Netlink::open_netfilter()
+        .and_then(|mut nf| nf.nft_ifname_counters(TABLE, "denied"))
+        .ok()
+        .and_then(|all| all.into_iter().find(|(l, _)| *l == link))
+        .map_or(0, |(_, n)| n);
+    Some((received, sent, denied))
+}
+
 /// Removes the egress objects of sandboxes that `is_live` says are gone: `cv<id>` links,
 /// `sb_<id>` chains with their map entries, and `denied` counters. One line per object.
 pub fn reap(is_live: impl Fn(&SandboxId) -> bool) -> (Vec<String>, Vec<String>) {
