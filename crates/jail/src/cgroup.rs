@@ -371,20 +371,27 @@ impl Hierarchy {
     pub fn create(&self, name: &str, limits: &Limits) -> Result<Cgroup> {
         check_name(name)?;
         let cgroup = self.open(name);
-        let mut made: Vec<&Path> = Vec::with_capacity(cgroup.dirs.len());
-        let result = self
-            .make_dirs(&cgroup, &mut made)
-            .and_then(|()| cgroup.apply(limits, self.memsw));
-        match result {
-            Ok(()) => Ok(cgroup),
-            Err(e) => {
-                // Undo. Fresh cgroups hold no processes, so rmdir succeeds; if it does not,
-                // the original error is the one worth reporting, and GC removes the rest.
-                for dir in made.iter().rev() {
-                    let _ = fs::remove_dir(dir);
-                }
-                Err(e)
+        let mut attempt = 0;
+        loop {
+            let mut made: Vec<&Path> = Vec::with_capacity(cgroup.dirs.len());
+            let result = self
+                .make_dirs(&cgroup, &mut made)
+                .and_then(|()| cgroup.apply(limits, self.memsw));
+            let Err(e) = result else {
+                return Ok(cgroup);
+            };
+            // Undo. Fresh cgroups hold no processes, so rmdir succeeds; if it does not,
+            // the original error is the one worth reporting, and GC removes the rest.
+            for dir in made.iter().rev() {
+                let _ = fs::remove_dir(dir);
             }
+            // The last sandbox to end removes the shared parent (see `remove_if_empty`): if
+            // that happened between two of our steps, the parent is made again.
+            attempt += 1;
+            if attempt < 5 && e.is_missing_directory() {
+                continue;
+            }
+            return Err(e);
         }
     }
 
@@ -992,6 +999,17 @@ fn write_error(path: &Path, value: &str, source: io::Error) -> CgroupError {
         path: path.to_owned(),
         value: value.to_owned(),
         source,
+    }
+}
+
+impl CgroupError {
+    /// Whether a directory was missing (`ENOENT` creating or writing in it).
+    fn is_missing_directory(&self) -> bool {
+        matches!(
+            self,
+            CgroupError::Mkdir { source, .. } | CgroupError::Write { source, .. }
+                if source.kind() == ErrorKind::NotFound
+        )
     }
 }
 

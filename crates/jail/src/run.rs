@@ -142,6 +142,11 @@ pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunReport, RunError> {
         let cleaned = cg
             .remove()
             .or_else(|_| cg.kill_all(&mut kill).and_then(|()| cg.remove()));
+        // The shared parent goes with the last sandbox (an rmdir that fails while others
+        // remain, a few microseconds); a start racing with it makes it again.
+        if cleaned.is_ok() {
+            layout.remove_if_empty(state::CGROUP_PARENT);
+        }
         let report = outcome?;
         cleaned?;
         Ok(report)
