@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fails (and lists them) if any host object of a Cove sandbox is left: cgroups named cove,
-# state directories under /run/cove, mounts with cove in their path, processes named cove-*.
+# state directories under /run/cove, mounts with cove in their path, processes named cove-*,
+# egress links cv<id> and the egress table (which `cove gc --pool` removes once unused).
 set -uo pipefail
 found=0
 report() { echo "leak: $*" >&2; found=1; }
@@ -10,6 +11,10 @@ for d in /sys/fs/cgroup/*/cove /sys/fs/cgroup/cove; do
 done
 if [ -d /run/cove ]; then
   while IFS= read -r s; do report "state $s"; done < <(find /run/cove -mindepth 1 -maxdepth 1)
+fi
+while IFS= read -r l; do report "link $l"; done < <(ip -o link show 2>/dev/null | grep -oE '^[0-9]+: cv[0-9a-f]{12}[@:]' | cut -d' ' -f2 | tr -d '@:')
+if command -v nft >/dev/null && nft list table inet cove >/dev/null 2>&1; then
+  report "nftables table inet cove"
 fi
 while IFS= read -r m; do report "mount $m"; done < <(awk '$5 ~ /cove/ {print $5}' /proc/self/mountinfo)
 while IFS= read -r p; do report "process $p"; done < <(ps -eo pid=,comm= | awk '$2 ~ /^cove-/ {print $1" "$2}')

@@ -66,7 +66,9 @@ enum Command {
         /// Print what was removed as JSON.
         #[arg(long)]
         json: bool,
-        /// Also empty the pool of ready network namespaces.
+        /// Also remove Cove's stock: the pool of ready network namespaces, and the egress
+        /// set-up (the nftables table `inet cove`, IPv4 forwarding as it was) when no sandbox
+        /// has egress.
         #[arg(long)]
         pool: bool,
     },

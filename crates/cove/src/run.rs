@@ -240,6 +240,9 @@ pub fn gc(json: bool, pool: bool) -> anyhow::Result<ExitCode> {
                 .removed
                 .push(format!("{n} pooled network namespaces"));
         }
+        report
+            .removed
+            .extend(cove_jail::egress::remove_host_setup());
     }
     if json {
         println!(

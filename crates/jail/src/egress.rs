@@ -228,6 +228,12 @@ pub fn ensure_host(dns: Ipv4Addr) -> Result<(), EgressError> {
     if is_ready(&mut nl)? {
         return Ok(());
     }
+    // What forwarding was before Cove turned it on, for `remove_host_setup`.
+    let before = Path::new(HOST_STATE).join("ip_forward.before");
+    if !before.exists() {
+        let was = fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap_or_default();
+        fs::write(&before, was.trim()).map_err(io_err(format!("write {}", before.display())))?;
+    }
     fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(io_err("turn on IPv4 forwarding"))?;
     let mut script = String::new();
     if !exists(&mut nl).map_err(io_err("look for the nftables table"))? {
@@ -501,6 +507,47 @@ pub fn usage(id: &SandboxId) -> Option<(u64, u64, u64)> {
         .and_then(|all| all.into_iter().find(|(l, _)| *l == link))
         .map_or(0, |(_, n)| n);
     Some((received, sent, denied))
+}
+
+/// Undoes [`ensure_host`] when no sandbox has egress (no `cv*` link is left): removes the
+/// table, puts IPv4 forwarding back as it was, and removes the host state. Returns what it
+/// removed; nothing while a sandbox still uses egress.
+pub fn remove_host_setup() -> Vec<String> {
+    let mut removed = Vec::new();
+    let in_use = Netlink::open()
+        .and_then(|mut nl| nl.link_names())
+        .map(|names| {
+            names.iter().any(|n| {
+                n.strip_prefix("cv")
+                    .is_some_and(|id| id.parse::<SandboxId>().is_ok())
+            })
+        })
+        .unwrap_or(true);
+    if in_use {
+        return removed;
+    }
+    let exists = Netlink::open_netfilter()
+        .and_then(|mut nf| nf.nft_inet_table_exists(TABLE))
+        .unwrap_or(false);
+    if exists
+        && nft(
+            &format!("delete table inet {TABLE}\n"),
+            "remove the egress table",
+        )
+        .is_ok()
+    {
+        removed.push(format!("nftables table inet {TABLE}"));
+    }
+    let dir = Path::new(HOST_STATE);
+    if let Ok(was) = fs::read_to_string(dir.join("ip_forward.before"))
+        && fs::write("/proc/sys/net/ipv4/ip_forward", was.trim()).is_ok()
+    {
+        removed.push(format!("IPv4 forwarding set back to {}", was.trim()));
+    }
+    if fs::remove_dir_all(dir).is_ok() {
+        removed.push(format!("egress state {HOST_STATE}"));
+    }
+    removed
 }
 
 /// Removes the egress objects of sandboxes that `is_live` says are gone: `cv<id>` links,
