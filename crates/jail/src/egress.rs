@@ -23,9 +23,11 @@
 //! - NAT: DNS to the gateway is translated to the host's resolver; the subnet is masqueraded
 //!   on its way out.
 //!
-//! Its lists are the only per-sandbox firewall state (one `nft` run, about 5 ms); a sandbox
-//! without lists costs none. The pair dies with the sandbox's network namespace; the rest is
-//! removed by [`Egress::teardown`], or by [`reap`] after a crash.
+//! Its lists are the only per-sandbox firewall state (one `nft` run at start and one at the
+//! end); a sandbox without lists costs none. The pair dies with the sandbox's network
+//! namespace; its counters expire ([`COUNTER_TTL`]); its lists' chain is removed by
+//! [`Egress::finish`], or by [`reap`] after a crash. [`remove_host_setup`] undoes the rest
+//! once no sandbox has egress.
 
 use std::fs;
 use std::io::{self, Write};
