@@ -10,6 +10,16 @@
 //! | `cove_api_request_duration_seconds` | `route` | API request latency |
 //! | `cove_proxy_requests_total` | `status` (class) | edge proxy requests, the proxy's own answers included |
 //! | `cove_proxy_request_duration_seconds` | `status` (class) | time to the start of the answer |
+//! | `cove_sandbox_cpu_seconds_total` | `id`, `user_id` | CPU time of a running or paused sandbox |
+//! | `cove_sandbox_memory_bytes` | `id`, `user_id` | its memory in use |
+//! | `cove_sandbox_pids` | `id`, `user_id` | its processes and threads |
+//! | `cove_sandbox_network_receive_bytes_total`, `…_transmit_bytes_total` | `id`, `user_id` | its egress traffic (sandboxes with egress) |
+//! | `cove_sandbox_egress_denied_packets` | `id`, `user_id` | packets its egress policy dropped |
+//!
+//! Per-sandbox series exist while the sandbox runs or is paused: they are made afresh at every
+//! scrape from the sandboxes there are, so a removed sandbox's series are gone at the next
+//! one. `user_id` is the sandbox's label of that name (empty without one); there is one
+//! series per sandbox and metric, so their number is bounded by the sandboxes a node holds.
 //!
 //! Label values are bounded: `route` is the route's template (`/v1/sandboxes/{id}`, never an
 //! id), or `unmatched`; `method` is one of the standard methods or `other`. Counters count
@@ -59,6 +69,82 @@ struct StatusLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SandboxLabels {
+    id: String,
+    user_id: String,
+}
+
+/// The per-sandbox series, rebuilt at every scrape.
+#[derive(Default)]
+struct PerSandbox {
+    cpu: Family<SandboxLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    memory: Family<SandboxLabels, Gauge>,
+    pids: Family<SandboxLabels, Gauge>,
+    rx: Family<SandboxLabels, Counter>,
+    tx: Family<SandboxLabels, Counter>,
+    denied: Family<SandboxLabels, Gauge>,
+}
+
+impl PerSandbox {
+    fn register(&self, registry: &mut Registry) {
+        let r = registry;
+        r.register(
+            "cove_sandbox_cpu_seconds",
+            "CPU time of a sandbox",
+            self.cpu.clone(),
+        );
+        r.register(
+            "cove_sandbox_memory_bytes",
+            "Memory a sandbox uses",
+            self.memory.clone(),
+        );
+        r.register(
+            "cove_sandbox_pids",
+            "Processes and threads of a sandbox",
+            self.pids.clone(),
+        );
+        r.register(
+            "cove_sandbox_network_receive_bytes",
+            "Bytes a sandbox received over egress",
+            self.rx.clone(),
+        );
+        r.register(
+            "cove_sandbox_network_transmit_bytes",
+            "Bytes a sandbox sent over egress",
+            self.tx.clone(),
+        );
+        r.register(
+            "cove_sandbox_egress_denied_packets",
+            "Packets of a sandbox its egress policy dropped",
+            self.denied.clone(),
+        );
+    }
+
+    /// Replaces every series with those of `now`.
+    fn set(&self, now: &[(SandboxLabels, crate::SandboxUsage)]) {
+        self.cpu.clear();
+        self.memory.clear();
+        self.pids.clear();
+        self.rx.clear();
+        self.tx.clear();
+        self.denied.clear();
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for (l, u) in now {
+            self.cpu.get_or_create(l).inc_by(u.cpu_seconds);
+            self.memory.get_or_create(l).set(gauge(u.memory_bytes));
+            self.pids.get_or_create(l).set(gauge(u.pids));
+            if let Some(n) = &u.network {
+                self.rx.get_or_create(l).inc_by(n.rx_bytes);
+                self.tx.get_or_create(l).inc_by(n.tx_bytes);
+                self.denied
+                    .get_or_create(l)
+                    .set(gauge(n.egress_denied_packets));
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabel {
     route: String,
 }
@@ -74,6 +160,9 @@ pub struct Metrics {
     latency: Family<RouteLabel, Histogram>,
     proxy_requests: Family<StatusLabel, Counter>,
     proxy_latency: Family<StatusLabel, Histogram>,
+    per_sandbox: PerSandbox,
+    /// One scrape at a time rebuilds the per-sandbox series and encodes.
+    scrape: tokio::sync::Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -123,7 +212,11 @@ impl Default for Metrics {
             "Edge proxy time to the start of the answer",
             proxy_latency.clone(),
         );
+        let per_sandbox = PerSandbox::default();
+        per_sandbox.register(&mut registry);
         Metrics {
+            per_sandbox,
+            scrape: tokio::sync::Mutex::new(()),
             registry,
             sandboxes,
             starts,
@@ -272,9 +365,29 @@ pub(crate) async fn metrics(
     .into_iter()
     .map(|s| (s.as_str(), 0))
     .collect();
-    for (_, r) in all_records(&api.store).await?.1 {
+    let records = all_records(&api.store).await?.1;
+    let mut live = Vec::new();
+    for (_, r) in &records {
         *counts.entry(r.state.as_str()).or_default() += 1;
+        if matches!(r.state, SandboxState::Running | SandboxState::Paused) {
+            let labels = SandboxLabels {
+                id: r.id.to_string(),
+                user_id: r.labels.get("user_id").cloned().unwrap_or_default(),
+            };
+            live.push((labels, r.id));
+        }
     }
+    // Cgroup files to read for every sandbox: off the async threads.
+    let usage = api.usage.clone();
+    let now: Vec<_> = tokio::task::spawn_blocking(move || {
+        live.into_iter()
+            .filter_map(|(l, id)| usage.read(id).map(|u| (l, u)))
+            .collect()
+    })
+    .await
+    .unwrap_or_default();
+    let _one_at_a_time = api.metrics.scrape.lock().await;
+    api.metrics.per_sandbox.set(&now);
     for (state, n) in counts {
         api.metrics
             .sandboxes

@@ -207,6 +207,16 @@ fn egress_through_the_api_and_nothing_left_after() {
         net["egress_denied_packets"].as_u64().unwrap() >= 2,
         "{stats}"
     );
+    let (_, m) = server_support::scrape(&server, &server.token);
+    let mine = serde_json::json!({ "id": id });
+    assert!(
+        server_support::sample(
+            &m,
+            "cove_sandbox_network_transmit_bytes_total",
+            mine.clone()
+        ) > 0.0
+    );
+    assert!(server_support::sample(&m, "cove_sandbox_egress_denied_packets", mine) >= 2.0);
     // Two more sandboxes with egress and no lists: one serves on its address, which it reaches
     // itself; the other cannot reach it.
     let b = server.create(&[

@@ -1083,16 +1083,47 @@ fn metrics_count_sandboxes_their_starts_ends_and_api_requests() {
             .iter()
             .all(|(l, _)| !l["route"].as_str().unwrap().contains("0000"))
     );
-    // Ends by reason, as they happen.
+    // Its own series while it runs, by id and user_id.
+    let labelled = server.create_as(tenant, &["--label", "user_id=42", "--", "sleep", "100"]);
+    let (_, m) = scrape(&server, &server.token);
+    let mine = serde_json::json!({"id": labelled, "user_id": "42"});
+    assert!(
+        sample(&m, "cove_sandbox_memory_bytes", mine.clone()) > 0.0,
+        "{m:?}"
+    );
+    assert!(sample(&m, "cove_sandbox_pids", mine.clone()) >= 1.0);
+    assert!(
+        m["cove_sandbox_cpu_seconds_total"]
+            .iter()
+            .any(|(l, _)| l == &mine)
+    );
+    assert!(
+        m["cove_sandbox_pids"]
+            .iter()
+            .any(|(l, _)| l["id"] == running.as_str() && l["user_id"] == "")
+    );
+    assert_eq!(server.cove_as(tenant, &["rm", "-f", &labelled]).code, 0);
+    // Ends by reason, as they happen; a removed sandbox's series are gone.
     assert_eq!(server.cove_as(tenant, &["rm", "-f", &running]).code, 0);
     let (_, m) = scrape(&server, &server.token);
+    for name in [
+        "cove_sandbox_memory_bytes",
+        "cove_sandbox_pids",
+        "cove_sandbox_cpu_seconds_total",
+    ] {
+        assert!(
+            m.get(name).is_none_or(|s| s.is_empty()),
+            "{name}: {:?}",
+            m.get(name)
+        );
+    }
     assert_eq!(
         sample(
             &m,
             "cove_sandbox_ends_total",
             serde_json::json!({"reason": "killed"})
         ),
-        1.0
+        2.0
     );
     assert_eq!(
         sample(
