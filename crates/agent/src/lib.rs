@@ -469,6 +469,15 @@ impl Agent {
                     Some(format!("killed: timeout{limit} reached")),
                 )
             }
+            (EndReason::Killed, Some(EndReason::IdleLimit)) => {
+                let hard = record
+                    .idle
+                    .map_or_else(String::new, |p| format!(" for {}", p.hard));
+                (
+                    EndReason::IdleLimit,
+                    Some(format!("stopped: unused{hard} (its idle limit)")),
+                )
+            }
             (EndReason::Killed, Some(r)) => (r, message),
             _ => (reason, message),
         };

@@ -12,6 +12,7 @@
 //! | `running` | the main command started |
 //! | `paused` / `resumed` | the freezer froze or thawed it |
 //! | `stopping` | a stop (or a delete) was asked for while it runs |
+//! | `idle_warning` | unused past its soft idle limit; with `idle_action` and `idle_action_at_ms` |
 //! | `exited` | it ended; with `reason`, `exit_code`, `message` |
 //! | `removed` | its record was deleted |
 
@@ -33,7 +34,14 @@ use crate::{Api, ApiError, all_records, caller, label_filter, parse};
 
 /// Every event type.
 const TYPES: &[&str] = &[
-    "created", "running", "paused", "resumed", "stopping", "exited", "removed",
+    "created",
+    "running",
+    "paused",
+    "resumed",
+    "stopping",
+    "idle_warning",
+    "exited",
+    "removed",
 ];
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -75,6 +83,7 @@ pub(crate) struct Seen {
     labels: BTreeMap<String, String>,
     state: SandboxState,
     stopping: bool,
+    idle_warned: bool,
 }
 
 impl Seen {
@@ -85,6 +94,7 @@ impl Seen {
             labels: r.labels.clone(),
             state: r.state,
             stopping: r.desired == Desired::Stopped && !r.state.is_final(),
+            idle_warned: r.idle_warned_at_ms.is_some(),
         }
     }
 }
@@ -106,6 +116,9 @@ pub(crate) fn changes(before: Option<&Seen>, r: &SandboxRecord) -> Vec<&'static 
     if now.stopping && !before.stopping {
         out.push("stopping");
     }
+    if now.idle_warned && !before.idle_warned {
+        out.push("idle_warning");
+    }
     if now.state != before.state {
         out.push(match (before.state, now.state) {
             (SandboxState::Paused, SandboxState::Running) => "resumed",
@@ -124,6 +137,7 @@ fn event(kind: &str, r: &SandboxRecord, revision: u64) -> serde_json::Value {
         "created" => Some(r.created_at_ms),
         "running" => r.started_at_ms,
         "exited" => r.ended_at_ms,
+        "idle_warning" => r.idle_warned_at_ms,
         _ => None,
     };
     let mut v = serde_json::json!({
@@ -134,6 +148,13 @@ fn event(kind: &str, r: &SandboxRecord, revision: u64) -> serde_json::Value {
         "revision": revision,
         "at_ms": at.unwrap_or_else(cove_types::sandbox::now_ms),
     });
+    if let ("idle_warning", Some(p), Some(warned)) = (kind, r.idle, r.idle_warned_at_ms) {
+        // Warned at the soft limit: the hard one is the difference later.
+        let soft = p.soft.map_or(0, |s| s.as_std().as_millis() as u64);
+        let hard = p.hard.as_std().as_millis() as u64;
+        v["idle_action"] = serde_json::json!(p.action);
+        v["idle_action_at_ms"] = serde_json::json!(warned + hard.saturating_sub(soft));
+    }
     if kind == "exited" {
         v["reason"] = serde_json::json!(r.reason);
         v["exit_code"] = serde_json::json!(r.exit_code);

@@ -216,6 +216,8 @@ pub(crate) async fn running(
     if record.state != SandboxState::Running {
         return Err(not_running(id, Some(record.state)));
     }
+    // Every exec and file operation starts here: use, for the idle limits.
+    api.activity.touch(record.id);
     Ok(record)
 }
 
@@ -473,6 +475,8 @@ async fn stream(
         if exit.is_some() && !out_open && !err_open {
             break;
         }
+        // Each message either way is use.
+        api.activity.touch(sandbox);
         tokio::select! {
             r = &mut s.done, if exit.is_none() => {
                 exit = Some(r);

@@ -32,6 +32,7 @@ use sha2::Digest as _;
 mod events;
 mod exec;
 mod files;
+pub mod idle;
 mod logs;
 pub mod metrics;
 pub mod openapi;
@@ -156,6 +157,8 @@ pub struct Api {
     pub metrics: std::sync::Arc<metrics::Metrics>,
     /// Reads a running sandbox's resource usage (its cgroup).
     pub usage: std::sync::Arc<dyn Usage>,
+    /// When each sandbox was last used (idle limits).
+    pub activity: std::sync::Arc<idle::Activity>,
     /// Serialises quota checks per tenant (count, then record), so that concurrent creates
     /// cannot together pass a quota each of them alone respects.
     pub quota_locks: QuotaLocks,
@@ -692,6 +695,12 @@ pub struct CreateRequest {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub egress: Option<cove_types::egress::EgressPolicy>,
+    /// What happens when nothing uses it: `{"soft": "10m", "hard": "30m", "action": "stop"}`
+    /// (`soft` optional: an `idle_warning` event then; `action` `stop`, the default, or
+    /// `pause`). Use is proxied requests, execs and their I/O, file operations, resuming.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub idle: Option<cove_types::sandbox::IdlePolicy>,
 }
 
 type Labels = BTreeMap<String, String>;
@@ -827,6 +836,10 @@ async fn create_sandbox(
     let Query(q) = query.map_err(|e| ApiError::bad(format!("bad query: {}", e.body_text())))?;
     let req: CreateRequest = body(raw)?;
     let public = req.public;
+    let idle = req.idle;
+    if let Some(i) = &idle {
+        i.check().map_err(ApiError::bad)?;
+    }
     let (mut spec, labels, metadata) = req.spec(&api.default_limits)?;
     // A tenant with a maximum lifetime gets it as the timeout of a sandbox that names none.
     if spec.limits.timeout.is_none()
@@ -863,6 +876,8 @@ async fn create_sandbox(
         deadline_ms: spec_timeout.map(|t| now.saturating_add(t.as_std().as_millis() as u64)),
         stop_reason: None,
         public,
+        idle,
+        idle_warned_at_ms: None,
     };
     let value = serde_json::to_vec(&record).expect("a record serialises");
     let lock = api.quota_lock(&record.tenant).await;
@@ -1118,6 +1133,10 @@ async fn pause_or_resume(
         Ok(true)
     })
     .await?;
+    if !pause {
+        // Resuming is use: the idle time counts from now.
+        api.activity.touch(record.id);
+    }
     let Some(rev) = rev else {
         return Ok(Json(view(&record)).into_response());
     };

@@ -63,6 +63,11 @@ pub struct SandboxView {
     pub deadline_ms: Option<u64>,
     /// Whether its ports are reachable through the edge proxy without credentials.
     pub public: bool,
+    /// Its idle policy: `{"soft"?, "hard", "action": "stop"|"pause"}`.
+    #[schema(value_type = Option<Object>)]
+    pub idle: Option<serde_json::Value>,
+    /// When the idle warning was given (cleared when it is used again).
+    pub idle_warned_at_ms: Option<u64>,
     /// The jail's report once it has ended: times, peak memory, signal.
     #[schema(value_type = Option<Object>)]
     pub report: Option<serde_json::Value>,
@@ -111,7 +116,8 @@ pub struct FileList {
 /// A lifecycle event.
 #[derive(Serialize, ToSchema)]
 pub struct LifecycleEvent {
-    /// `created`, `running`, `paused`, `resumed`, `stopping`, `exited`, `removed`.
+    /// `created`, `running`, `paused`, `resumed`, `stopping`, `idle_warning`, `exited`,
+    /// `removed`.
     #[serde(rename = "type")]
     pub kind: String,
     /// The sandbox.
@@ -131,6 +137,11 @@ pub struct LifecycleEvent {
     pub exit_code: Option<i32>,
     /// `exited` only: a sentence about the end.
     pub message: Option<String>,
+    /// `idle_warning` only: what the hard idle limit will do, `stop` or `pause`.
+    pub idle_action: Option<String>,
+    /// `idle_warning` only: when it will, unless the sandbox is used before (milliseconds
+    /// since the Unix epoch).
+    pub idle_action_at_ms: Option<u64>,
 }
 
 /// A new tenant.
@@ -252,6 +263,8 @@ mod tests {
             deadline_ms: None,
             stop_reason: None,
             public: false,
+            idle: None,
+            idle_warned_at_ms: None,
         };
         assert_eq!(keys(&crate::view(&record)), properties("SandboxView"));
     }

@@ -38,7 +38,7 @@ pub enum ClientCommand {
     #[command(after_help = "Examples:\n  cove create -- sleep 300\n  \
         cove create --image localhost:5000/app:v1 --label user_id=42 --timeout 10m\n  \
         cove create --memory 1G --cpus 2 -e MODE=test -- python3 -m http.server")]
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List sandboxes (yours, newest last).
     Ls {
         /// Only sandboxes with this label (key=value; repeatable, all must match).
@@ -184,7 +184,8 @@ pub enum ClientCommand {
         /// Only this sandbox's events.
         #[arg(long, value_name = "ID")]
         id: Option<String>,
-        /// Only these types (created, running, paused, resumed, stopping, exited, removed).
+        /// Only these types (created, running, paused, resumed, stopping, idle_warning, exited,
+        /// removed).
         #[arg(long = "type", value_name = "TYPE", value_delimiter = ',')]
         types: Vec<String>,
         /// Only sandboxes with this label (key=value; repeatable, all must match).
@@ -271,6 +272,28 @@ pub struct CreateArgs {
     /// With --net egress: never these destinations, A.B.C.D[/N][:PORT[-PORT]] (repeatable).
     #[arg(long, value_name = "RULE")]
     deny: Vec<cove_types::egress::EgressRule>,
+    /// Unused for this long (no proxied request, exec or file operation), it is stopped
+    /// (reason idle_limit), or paused with --idle-action pause.
+    #[arg(long, value_name = "DUR", help_heading = "Idle limits")]
+    idle: Option<Duration>,
+    /// Unused for this long (shorter than --idle), an idle_warning event says when --idle
+    /// acts.
+    #[arg(
+        long,
+        value_name = "DUR",
+        requires = "idle",
+        help_heading = "Idle limits"
+    )]
+    idle_warn: Option<Duration>,
+    /// What --idle does: stop or pause.
+    #[arg(
+        long,
+        value_name = "ACTION",
+        default_value = "stop",
+        value_parser = ["stop", "pause"],
+        help_heading = "Idle limits"
+    )]
+    idle_action: String,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -470,6 +493,9 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
                 "public": a.public,
                 "net": a.net,
                 "egress": {"allow": a.allow, "deny": a.deny},
+                "idle": a.idle.map(|hard| serde_json::json!({
+                    "hard": hard, "soft": a.idle_warn, "action": a.idle_action,
+                })),
             });
             let (_, v) = c.call(reqwest::Method::POST, "/v1/sandboxes", Some(body))?;
             let id = v["id"].as_str().unwrap_or("");

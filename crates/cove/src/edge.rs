@@ -90,6 +90,7 @@ type Running = Arc<std::sync::RwLock<HashMap<SandboxId, SandboxInfo>>>;
 struct Records {
     store: Embedded,
     metrics: Arc<cove_api::metrics::Metrics>,
+    activity: Arc<cove_api::idle::Activity>,
     running: Running,
 }
 
@@ -158,8 +159,11 @@ impl Backend for Records {
         })
     }
 
-    fn observe(&self, _id: Option<SandboxId>, status: hyper::StatusCode, elapsed: Duration) {
+    fn observe(&self, id: Option<SandboxId>, status: hyper::StatusCode, elapsed: Duration) {
         self.metrics.proxy_request(status.as_u16(), elapsed);
+        if let Some(id) = id {
+            self.activity.touch(id);
+        }
     }
 }
 
@@ -273,6 +277,7 @@ impl Bound {
         self,
         store: Embedded,
         metrics: Arc<cove_api::metrics::Metrics>,
+        activity: Arc<cove_api::idle::Activity>,
     ) -> anyhow::Result<()> {
         if self.listeners.is_empty() {
             return Ok(());
@@ -283,6 +288,7 @@ impl Bound {
         let backend: Arc<dyn Backend> = Arc::new(Records {
             store,
             metrics,
+            activity,
             running,
         });
         let sockets: Arc<dyn SocketMaker> = Arc::new(JailSockets { home });

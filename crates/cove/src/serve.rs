@@ -321,9 +321,11 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
         metrics: Default::default(),
         usage: std::sync::Arc::new(CgroupUsage),
         quota_locks: Default::default(),
+        activity: Default::default(),
     };
     tokio::spawn(cove_api::metrics::track(api.clone()));
-    proxy.spawn(api.store.clone(), api.metrics.clone())?;
+    proxy.spawn(api.store.clone(), api.metrics.clone(), api.activity.clone())?;
+    tokio::spawn(cove_api::idle::watch(api.clone()));
     let server = axum::serve(listener, router(api)).with_graceful_shutdown(shutdown);
     tokio::select! {
         served = server => served.context("serve the API")?,

@@ -52,8 +52,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait Backend: Send + Sync + 'static {
     /// The sandbox `id`, or `None` if there is none.
     fn lookup(&self, id: SandboxId) -> BoxFuture<'_, Option<SandboxInfo>>;
-    /// Called once per request when its answer starts: the sandbox it was for (if one was
-    /// named), the status, and how long the answer took to start. Requests are activity.
+    /// Called once per request when its answer starts: the sandbox it was forwarded to (`None`
+    /// when the proxy answered itself: no route, no credentials, not running), the status,
+    /// and how long the answer took to start. A forwarded request is use of the sandbox.
     fn observe(&self, id: Option<SandboxId>, status: StatusCode, elapsed: Duration);
 }
 
@@ -353,10 +354,7 @@ impl Proxy {
         let id = target.id;
         let Some(info) = self.backend.lookup(id).await else {
             let m = format!("no sandbox {id}");
-            return (
-                answer(StatusCode::NOT_FOUND, "sandbox_not_found", &m),
-                Some(id),
-            );
+            return (answer(StatusCode::NOT_FOUND, "sandbox_not_found", &m), None);
         };
         let cookie = match self.authorize(&req, &target, info.public, tls) {
             Ok(c) => c,
@@ -366,7 +364,7 @@ impl Proxy {
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Cove-Access-Token"),
                 );
-                return (r, Some(id));
+                return (r, None);
             }
         };
         let unavailable = |code: &str, m: String| {
@@ -379,15 +377,15 @@ impl Proxy {
             SandboxState::Running => {}
             SandboxState::Pending => {
                 let m = format!("sandbox {id} is starting; try again in a moment");
-                return (unavailable("starting", m), Some(id));
+                return (unavailable("starting", m), None);
             }
             SandboxState::Paused => {
                 let m = format!("sandbox {id} is paused; resume it to reach its ports");
-                return (unavailable("paused", m), Some(id));
+                return (unavailable("paused", m), None);
             }
             SandboxState::Exited => {
                 let m = format!("sandbox {id} has ended");
-                return (answer(StatusCode::GONE, "sandbox_ended", &m), Some(id));
+                return (answer(StatusCode::GONE, "sandbox_ended", &m), None);
             }
         }
         let mut response = self.forward(req, &target, peer, tls).await;

@@ -89,6 +89,8 @@ pub enum EndReason {
     StartFailure,
     /// Its supervisor vanished without a report (host crash, `kill -9`).
     Lost,
+    /// Its idle policy's hard limit stopped it.
+    IdleLimit,
 }
 
 impl From<Reason> for EndReason {
@@ -153,6 +155,57 @@ pub struct SandboxRecord {
     /// Its ports are reachable through the edge proxy without credentials.
     #[serde(default)]
     pub public: bool,
+    /// What happens when nothing uses it for a while.
+    #[serde(default)]
+    pub idle: Option<IdlePolicy>,
+    /// When the control plane warned that it is idle (the soft limit); cleared when it is used
+    /// again.
+    #[serde(default)]
+    pub idle_warned_at_ms: Option<u64>,
+}
+
+/// What the hard idle limit does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdleAction {
+    /// End it (reason `idle_limit`).
+    #[default]
+    Stop,
+    /// Freeze it (cgroup freezer), memory kept; resuming it counts as use.
+    Pause,
+}
+
+/// A sandbox's idle policy. Use is: requests through the edge proxy, execs and their
+/// streams' input and output, file operations, resuming it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdlePolicy {
+    /// After this long unused, an `idle_warning` event says when `hard` acts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft: Option<crate::Duration>,
+    /// After this long unused, `action` is taken.
+    pub hard: crate::Duration,
+    /// What the hard limit does.
+    #[serde(default)]
+    pub action: IdleAction,
+}
+
+impl IdlePolicy {
+    /// Checks that the limits make sense: a positive hard limit, a soft one below it.
+    pub fn check(&self) -> Result<(), String> {
+        if self.hard.as_std().is_zero() {
+            return Err("idle: hard must be positive".into());
+        }
+        if let Some(s) = self.soft
+            && (s.as_std().is_zero() || s.as_std() >= self.hard.as_std())
+        {
+            return Err(format!(
+                "idle: soft ({s}) must be positive and shorter than hard ({})",
+                self.hard
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Where sandbox records live in the state store.

@@ -1,0 +1,182 @@
+//! Idle limits: what happens to a sandbox nobody uses.
+//!
+//! Use is recorded in memory ([`Activity`]) by what a person or a program does with a sandbox:
+//! requests through the edge proxy, execs (and every message of a streaming exec, both ways),
+//! file operations, resuming it. [`watch`] checks the running sandboxes that have a policy
+//! twice a second: past the soft limit it records `idle_warned_at_ms`, which the events stream
+//! reports as `idle_warning` (with when the hard limit acts); use clears it; past the hard
+//! limit it stops the sandbox (reason `idle_limit`) or pauses it.
+//!
+//! After a server restart nothing is known of earlier use: idle time counts from the start.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cove_types::sandbox::{IdleAction, now_ms};
+use cove_types::{Desired, EndReason, SandboxId, SandboxRecord, SandboxState};
+
+use crate::{Api, Caller, all_records, update_record};
+
+/// When each sandbox was last used, in milliseconds since the Unix epoch.
+#[derive(Debug, Default)]
+pub struct Activity(std::sync::Mutex<HashMap<SandboxId, u64>>);
+
+impl Activity {
+    /// Sandbox `id` is being used now.
+    pub fn touch(&self, id: SandboxId) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, now_ms());
+    }
+
+    fn last(&self, id: &SandboxId) -> Option<u64> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied()
+    }
+
+    /// Keeps only the sandboxes in `live`.
+    fn retain(&self, live: &std::collections::HashSet<SandboxId>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| live.contains(id));
+    }
+}
+
+/// How often the policies are checked.
+const TICK: Duration = Duration::from_millis(500);
+
+/// What a sandbox's idleness calls for now.
+#[derive(Debug, PartialEq, Eq)]
+enum Due {
+    Nothing,
+    Warn,
+    /// Used again since the warning.
+    Unwarn,
+    Act(IdleAction),
+}
+
+/// What is due for `r`, last used at `last` (ms), at `now`.
+fn due(r: &SandboxRecord, last: u64, now: u64) -> Due {
+    let Some(policy) = r.idle else {
+        return Due::Nothing;
+    };
+    if r.state != SandboxState::Running || r.desired != Desired::Running {
+        return Due::Nothing;
+    }
+    let idle = Duration::from_millis(now.saturating_sub(last));
+    if idle >= policy.hard.as_std() {
+        return Due::Act(policy.action);
+    }
+    match (policy.soft, r.idle_warned_at_ms) {
+        (Some(soft), None) if idle >= soft.as_std() => Due::Warn,
+        (_, Some(warned)) if last > warned => Due::Unwarn,
+        _ => Due::Nothing,
+    }
+}
+
+/// Applies the idle policies until the store fails.
+pub async fn watch(api: Api) {
+    let started = now_ms();
+    loop {
+        tokio::time::sleep(TICK).await;
+        let Ok((_, records)) = all_records(&api.store).await else {
+            continue;
+        };
+        let mut live = std::collections::HashSet::new();
+        for (_, r) in records {
+            if r.state.is_final() {
+                continue;
+            }
+            live.insert(r.id);
+            let last = api
+                .activity
+                .last(&r.id)
+                .unwrap_or(0)
+                .max(r.started_at_ms.unwrap_or(r.created_at_ms))
+                .max(started);
+            let now = now_ms();
+            let todo = due(&r, last, now);
+            if todo == Due::Nothing {
+                continue;
+            }
+            let who = Caller {
+                tenant: r.tenant.clone(),
+                admin: false,
+            };
+            // Applied only if it still holds for the record as it is when written.
+            let _ = update_record(&api, &who, r.id.as_str(), |cur| {
+                let last = last.max(api.activity.last(&cur.id).unwrap_or(0));
+                Ok(match due(cur, last, now_ms()) {
+                    Due::Nothing => false,
+                    Due::Warn => {
+                        cur.idle_warned_at_ms = Some(now);
+                        true
+                    }
+                    Due::Unwarn => {
+                        cur.idle_warned_at_ms = None;
+                        true
+                    }
+                    Due::Act(IdleAction::Stop) => {
+                        cur.desired = Desired::Stopped;
+                        cur.stop_reason = Some(EndReason::IdleLimit);
+                        true
+                    }
+                    Due::Act(IdleAction::Pause) => {
+                        cur.desired = Desired::Paused;
+                        cur.idle_warned_at_ms = None;
+                        true
+                    }
+                })
+            })
+            .await;
+        }
+        api.activity.retain(&live);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cove_types::sandbox::IdlePolicy;
+
+    fn record(idle: Option<IdlePolicy>) -> SandboxRecord {
+        let mut r: SandboxRecord = serde_json::from_value(serde_json::json!({
+            "schema": 1, "id": "0123456789ab", "tenant": "t",
+            "spec": cove_types::Spec::new(vec!["true".into()]),
+            "labels": {}, "metadata": {}, "desired": "running", "state": "running",
+            "reason": null, "message": null, "exit_code": null, "created_at_ms": 0,
+            "started_at_ms": 0, "ended_at_ms": null, "report": null,
+        }))
+        .unwrap();
+        r.idle = idle;
+        r
+    }
+
+    #[test]
+    fn soft_then_hard_and_use_clears_the_warning() {
+        let policy = IdlePolicy {
+            soft: Some("10s".parse().unwrap()),
+            hard: "30s".parse().unwrap(),
+            action: IdleAction::Stop,
+        };
+        let mut r = record(Some(policy));
+        assert_eq!(due(&r, 0, 9_999), Due::Nothing);
+        assert_eq!(due(&r, 0, 10_000), Due::Warn);
+        r.idle_warned_at_ms = Some(10_000);
+        assert_eq!(due(&r, 0, 20_000), Due::Nothing, "warned once");
+        assert_eq!(due(&r, 15_000, 20_000), Due::Unwarn, "used since");
+        assert_eq!(due(&r, 0, 30_000), Due::Act(IdleAction::Stop));
+        // Only a running sandbox that should run is acted on.
+        r.desired = Desired::Stopped;
+        assert_eq!(due(&r, 0, 60_000), Due::Nothing);
+        r.desired = Desired::Running;
+        r.state = SandboxState::Paused;
+        assert_eq!(due(&r, 0, 60_000), Due::Nothing);
+        assert_eq!(due(&record(None), 0, u64::MAX), Due::Nothing);
+    }
+}
