@@ -32,7 +32,7 @@ use sha2::Digest as _;
 mod events;
 mod exec;
 mod files;
-pub mod idle;
+pub mod lifecycle;
 mod logs;
 pub mod metrics;
 pub mod openapi;
@@ -157,8 +157,10 @@ pub struct Api {
     pub metrics: std::sync::Arc<metrics::Metrics>,
     /// Reads a running sandbox's resource usage (its cgroup).
     pub usage: std::sync::Arc<dyn Usage>,
+    /// How long an ended sandbox's record and logs are kept (`None`: until deleted).
+    pub retention: Option<std::time::Duration>,
     /// When each sandbox was last used (idle limits).
-    pub activity: std::sync::Arc<idle::Activity>,
+    pub activity: std::sync::Arc<lifecycle::Activity>,
     /// Serialises quota checks per tenant (count, then record), so that concurrent creates
     /// cannot together pass a quota each of them alone respects.
     pub quota_locks: QuotaLocks,

@@ -90,7 +90,7 @@ type Running = Arc<std::sync::RwLock<HashMap<SandboxId, SandboxInfo>>>;
 struct Records {
     store: Embedded,
     metrics: Arc<cove_api::metrics::Metrics>,
-    activity: Arc<cove_api::idle::Activity>,
+    activity: Arc<cove_api::lifecycle::Activity>,
     running: Running,
 }
 
@@ -277,7 +277,7 @@ impl Bound {
         self,
         store: Embedded,
         metrics: Arc<cove_api::metrics::Metrics>,
-        activity: Arc<cove_api::idle::Activity>,
+        activity: Arc<cove_api::lifecycle::Activity>,
     ) -> anyhow::Result<()> {
         if self.listeners.is_empty() {
             return Ok(());

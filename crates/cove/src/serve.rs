@@ -41,6 +41,7 @@ pub const CONFIG_FILE: &str = "/etc/cove/config.toml";
         COVE_TOKEN=$(cat /var/lib/cove/admin-token) cove create -- sleep 60\n\n\
         A configuration file (every key optional):\n  \
         listen = \"127.0.0.1:7070\"\n  data_dir = \"/var/lib/cove\"\n  domain = \"sandbox.example.com\"\n  \
+        retention = \"24h\"   # ended sandboxes' records and logs; \"0s\": until deleted\n  \
         [limits]     # sandboxes created without their own (the API's `limits` fields)\n  \
         memory = \"512M\"\n  cpus_millis = 1000\n  pids = 256\n  disk = \"256M\"\n  timeout = \"1h\"\n  \
         [quotas]     # tenants created without their own\n  \
@@ -119,6 +120,10 @@ pub struct ServeArgs {
         help_heading = "Egress"
     )]
     egress_dns: Option<std::net::Ipv4Addr>,
+    /// How long an ended sandbox's record and logs are kept before they are deleted
+    /// [default: 24h].
+    #[arg(long, value_name = "DUR")]
+    retention: Option<cove_types::Duration>,
     /// Serve no edge proxy.
     #[arg(long, help_heading = "Edge proxy")]
     no_proxy: bool,
@@ -142,6 +147,8 @@ pub struct Config {
     pub proxy: crate::edge::ProxyConfig,
     /// Sandboxes with `net: egress`.
     pub egress: EgressConfig,
+    /// How long an ended sandbox's record and logs are kept before they are deleted.
+    pub retention: cove_types::Duration,
 }
 
 /// The `[egress]` section of the configuration.
@@ -162,6 +169,7 @@ impl Default for Config {
             quotas: cove_api::Quotas::default(),
             proxy: crate::edge::ProxyConfig::default(),
             egress: EgressConfig::default(),
+            retention: cove_types::Duration::from_millis(86_400_000),
         }
     }
 }
@@ -217,6 +225,9 @@ impl ServeArgs {
         }
         if let Some(d) = self.egress_dns {
             config.egress.dns = Some(d);
+        }
+        if let Some(r) = self.retention {
+            config.retention = r;
         }
         if self.no_proxy {
             config.proxy.enabled = false;
@@ -322,10 +333,11 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
         usage: std::sync::Arc::new(CgroupUsage),
         quota_locks: Default::default(),
         activity: Default::default(),
+        retention: Some(config.retention.as_std()).filter(|r| !r.is_zero()),
     };
     tokio::spawn(cove_api::metrics::track(api.clone()));
     proxy.spawn(api.store.clone(), api.metrics.clone(), api.activity.clone())?;
-    tokio::spawn(cove_api::idle::watch(api.clone()));
+    tokio::spawn(cove_api::lifecycle::watch(api.clone()));
     let server = axum::serve(listener, router(api)).with_graceful_shutdown(shutdown);
     tokio::select! {
         served = server => served.context("serve the API")?,

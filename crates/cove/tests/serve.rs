@@ -1194,3 +1194,27 @@ fn stats_show_a_running_sandboxs_usage_against_its_limits() {
     assert!(out.stderr.contains("not running"), "{}", out.stderr);
     server.cove(&["rm", &id]);
 }
+
+#[test]
+fn ended_sandboxes_go_after_the_retention_and_running_ones_stay() {
+    require_root();
+    let data = std::env::temp_dir().join(format!("cove-serve-{}", common::new_id()));
+    let server = Server::start_with(data, &["--retention", "2s"]);
+    let ended = server.create(&["--", "true"]);
+    let running = server.create(&["--", "sleep", "100"]);
+    assert_eq!(server.cove(&["wait", &ended]).code, 0);
+    // Still there right after its end, with its logs.
+    assert_eq!(server.cove(&["inspect", &ended]).code, 0);
+    let dir = server.data.join("sandboxes").join(&ended);
+    assert!(dir.exists());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while server.cove(&["inspect", &ended]).code == 0 {
+        assert!(Instant::now() < deadline, "the ended sandbox was kept");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!dir.exists(), "its files went with its record");
+    assert_eq!(server.inspect(&running)["state"], "running");
+    server.cove(&["rm", "-f", &running]);
+    common::assert_no_leaks(&ended);
+    common::assert_no_leaks(&running);
+}

@@ -1,4 +1,5 @@
-//! Idle limits: what happens to a sandbox nobody uses.
+//! The lifecycle policies the control plane applies to records: idle limits (what happens to
+//! a sandbox nobody uses) and retention (how long an ended sandbox's record and logs stay).
 //!
 //! Use is recorded in memory ([`Activity`]) by what a person or a program does with a sandbox:
 //! requests through the edge proxy, execs (and every message of a streaming exec, both ways),
@@ -8,6 +9,9 @@
 //! limit it stops the sandbox (reason `idle_limit`) or pauses it.
 //!
 //! After a server restart nothing is known of earlier use: idle time counts from the start.
+//!
+//! An ended sandbox whose end is older than the server's retention is marked for removal; the
+//! agent then deletes its files and its record (as `DELETE` does).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -79,7 +83,15 @@ fn due(r: &SandboxRecord, last: u64, now: u64) -> Due {
     }
 }
 
-/// Applies the idle policies until the store fails.
+/// Whether `r` has ended longer than `retention` before `now` and is not yet to be removed.
+fn expired(r: &SandboxRecord, retention: Duration, now: u64) -> bool {
+    r.state.is_final()
+        && !r.remove
+        && r.ended_at_ms
+            .is_some_and(|end| now.saturating_sub(end) >= retention.as_millis() as u64)
+}
+
+/// Applies the lifecycle policies, forever (a store error is retried at the next tick).
 pub async fn watch(api: Api) {
     let started = now_ms();
     loop {
@@ -89,6 +101,23 @@ pub async fn watch(api: Api) {
         };
         let mut live = std::collections::HashSet::new();
         for (_, r) in records {
+            if let Some(retention) = api.retention
+                && expired(&r, retention, now_ms())
+            {
+                let who = Caller {
+                    tenant: r.tenant.clone(),
+                    admin: false,
+                };
+                let _ = update_record(&api, &who, r.id.as_str(), |cur| {
+                    let due = expired(cur, retention, now_ms());
+                    if due {
+                        cur.remove = true;
+                    }
+                    Ok(due)
+                })
+                .await;
+                continue;
+            }
             if r.state.is_final() {
                 continue;
             }
@@ -178,5 +207,18 @@ mod tests {
         r.state = SandboxState::Paused;
         assert_eq!(due(&r, 0, 60_000), Due::Nothing);
         assert_eq!(due(&record(None), 0, u64::MAX), Due::Nothing);
+    }
+
+    #[test]
+    fn only_ended_records_past_retention_expire() {
+        let day = Duration::from_secs(86400);
+        let mut r = record(None);
+        assert!(!expired(&r, day, u64::MAX), "running");
+        r.state = SandboxState::Exited;
+        r.ended_at_ms = Some(1000);
+        assert!(!expired(&r, day, 1000 + 86_399_999));
+        assert!(expired(&r, day, 1000 + 86_400_000));
+        r.remove = true;
+        assert!(!expired(&r, day, u64::MAX), "already being removed");
     }
 }
