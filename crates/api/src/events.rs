@@ -33,7 +33,7 @@ use serde::Deserialize;
 use crate::{Api, ApiError, all_records, caller, label_filter, parse};
 
 /// Every event type.
-const TYPES: &[&str] = &[
+pub(crate) const TYPES: &[&str] = &[
     "created",
     "running",
     "paused",
@@ -79,7 +79,7 @@ impl Filter {
 #[derive(Clone)]
 pub(crate) struct Seen {
     id: String,
-    tenant: String,
+    pub(crate) tenant: String,
     labels: BTreeMap<String, String>,
     state: SandboxState,
     stopping: bool,
@@ -238,6 +238,41 @@ pub(crate) async fn events(
 }
 
 /// Turns the watch's changes into the events the filter wants, until the consumer goes.
+/// The events of one change of the records, with the sandbox they are about (its tenant and
+/// labels); `seen` follows along.
+pub(crate) fn events_of(
+    seen: &mut BTreeMap<String, Seen>,
+    change: &Event,
+) -> Vec<(&'static str, Seen, serde_json::Value)> {
+    match change {
+        Event::Put(entry) => {
+            let Ok(r) = parse(&entry.value) else {
+                return Vec::new();
+            };
+            let now = Seen::of(&r);
+            let out = changes(seen.get(&entry.key), &r)
+                .into_iter()
+                .map(|k| (k, now.clone(), event(k, &r, entry.mod_revision)))
+                .collect();
+            seen.insert(entry.key.clone(), now);
+            out
+        }
+        Event::Delete { key, revision } => match seen.remove(key) {
+            Some(before) => {
+                let e = serde_json::json!({
+                    "type": "removed",
+                    "id": before.id,
+                    "labels": before.labels,
+                    "revision": revision,
+                    "at_ms": cove_types::sandbox::now_ms(),
+                });
+                vec![("removed", before, e)]
+            }
+            None => Vec::new(),
+        },
+    }
+}
+
 async fn follow(
     mut watch: cove_store::Watch,
     mut seen: BTreeMap<String, Seen>,
@@ -253,32 +288,8 @@ async fn follow(
             // A watch that fails (compacted history) ends the stream; the client resumes.
             return;
         };
-        let out = match &change {
-            Event::Put(entry) => {
-                let Ok(r) = parse(&entry.value) else { continue };
-                let kinds = changes(seen.get(&entry.key), &r);
-                let now = Seen::of(&r);
-                let events: Vec<_> = kinds
-                    .into_iter()
-                    .filter(|k| filter.wants(k, &now))
-                    .map(|k| event(k, &r, entry.mod_revision))
-                    .collect();
-                seen.insert(entry.key.clone(), now);
-                events
-            }
-            Event::Delete { key, revision } => match seen.remove(key) {
-                Some(before) if filter.wants("removed", &before) => vec![serde_json::json!({
-                    "type": "removed",
-                    "id": before.id,
-                    "labels": before.labels,
-                    "revision": revision,
-                    "at_ms": cove_types::sandbox::now_ms(),
-                })],
-                _ => Vec::new(),
-            },
-        };
-        for e in out {
-            if tx.send(e).await.is_err() {
+        for (kind, who, e) in events_of(&mut seen, &change) {
+            if filter.wants(kind, &who) && tx.send(e).await.is_err() {
                 return;
             }
         }

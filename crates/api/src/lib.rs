@@ -37,6 +37,7 @@ mod logs;
 pub mod metrics;
 pub mod openapi;
 pub mod urls;
+pub mod webhooks;
 
 pub use exec::{
     ExecError, ExecOutput, ExecRequest, Executor, FileOp, Job, MAX_EXEC_OUTPUT, MAX_EXEC_TIMEOUT,
@@ -157,6 +158,8 @@ pub struct Api {
     pub metrics: std::sync::Arc<metrics::Metrics>,
     /// Reads a running sandbox's resource usage (its cgroup).
     pub usage: std::sync::Arc<dyn Usage>,
+    /// Deliver webhooks to loopback and private addresses too (tests, trusted networks).
+    pub webhooks_allow_private: bool,
     /// How long an ended sandbox's record and logs are kept (`None`: until deleted).
     pub retention: Option<std::time::Duration>,
     /// When each sandbox was last used (idle limits).
@@ -347,6 +350,8 @@ pub(crate) fn api_router() -> utoipa_axum::router::OpenApiRouter<Api> {
         .routes(routes!(sandbox_stats))
         .routes(routes!(set_timeout))
         .routes(routes!(urls::sandbox_url))
+        .routes(routes!(webhooks::create_webhook, webhooks::list_webhooks))
+        .routes(routes!(webhooks::delete_webhook))
         .routes(routes!(pause_sandbox))
         .routes(routes!(resume_sandbox))
         .routes(routes!(wait_sandbox))

@@ -124,6 +124,10 @@ pub struct ServeArgs {
     /// [default: 24h].
     #[arg(long, value_name = "DUR")]
     retention: Option<cove_types::Duration>,
+    /// Deliver webhooks to loopback, private and link-local addresses too (refused by default:
+    /// a tenant could otherwise make the server reach internal services).
+    #[arg(long)]
+    webhooks_allow_private: bool,
     /// Serve no edge proxy.
     #[arg(long, help_heading = "Edge proxy")]
     no_proxy: bool,
@@ -149,6 +153,8 @@ pub struct Config {
     pub egress: EgressConfig,
     /// How long an ended sandbox's record and logs are kept before they are deleted.
     pub retention: cove_types::Duration,
+    /// Deliver webhooks to internal addresses too.
+    pub webhooks_allow_private: bool,
 }
 
 /// The `[egress]` section of the configuration.
@@ -170,6 +176,7 @@ impl Default for Config {
             proxy: crate::edge::ProxyConfig::default(),
             egress: EgressConfig::default(),
             retention: cove_types::Duration::from_millis(86_400_000),
+            webhooks_allow_private: false,
         }
     }
 }
@@ -228,6 +235,9 @@ impl ServeArgs {
         }
         if let Some(r) = self.retention {
             config.retention = r;
+        }
+        if self.webhooks_allow_private {
+            config.webhooks_allow_private = true;
         }
         if self.no_proxy {
             config.proxy.enabled = false;
@@ -334,10 +344,12 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
         quota_locks: Default::default(),
         activity: Default::default(),
         retention: Some(config.retention.as_std()).filter(|r| !r.is_zero()),
+        webhooks_allow_private: config.webhooks_allow_private,
     };
     tokio::spawn(cove_api::metrics::track(api.clone()));
     proxy.spawn(api.store.clone(), api.metrics.clone(), api.activity.clone())?;
     tokio::spawn(cove_api::lifecycle::watch(api.clone()));
+    tokio::spawn(cove_api::webhooks::deliver(api.clone()));
     let server = axum::serve(listener, router(api)).with_graceful_shutdown(shutdown);
     tokio::select! {
         served = server => served.context("serve the API")?,
