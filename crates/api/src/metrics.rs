@@ -411,3 +411,74 @@ pub(crate) async fn metrics(
     )
         .into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every family, with one series each, as OpenMetrics text.
+    fn everything() -> String {
+        let m = Metrics::default();
+        m.sandboxes
+            .get_or_create(&StateLabel { state: "running" })
+            .set(1);
+        m.starts.inc();
+        m.start_seconds.observe(0.01);
+        m.ends
+            .get_or_create(&ReasonLabel {
+                reason: "exited".into(),
+            })
+            .inc();
+        let route = RouteLabel {
+            route: "/v1/sandboxes".into(),
+        };
+        m.requests
+            .get_or_create(&RequestLabels {
+                route: route.route.clone(),
+                method: "GET",
+                status: "2xx",
+            })
+            .inc();
+        m.latency.get_or_create(&route).observe(0.001);
+        m.proxy_request(200, std::time::Duration::from_millis(1));
+        let usage = crate::SandboxUsage {
+            network: Some(crate::NetworkUsage::default()),
+            ..Default::default()
+        };
+        let labels = SandboxLabels {
+            id: "0123456789ab".into(),
+            user_id: "42".into(),
+        };
+        m.per_sandbox.set(&[(labels, usage)]);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &m.registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn the_grafana_dashboard_asks_only_for_series_that_exist() {
+        let text = everything();
+        let samples: std::collections::HashSet<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let dashboard = include_str!("../../../deploy/grafana/cove.json");
+        let mut names: Vec<&str> = dashboard
+            .match_indices("cove_")
+            .map(|(i, _)| {
+                let rest = &dashboard[i..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                    .unwrap_or(rest.len());
+                &rest[..end]
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        assert!(names.len() >= 12, "{names:?}");
+        for name in names {
+            assert!(samples.contains(name), "{name} is not served: {samples:?}");
+        }
+    }
+}
