@@ -254,10 +254,12 @@ impl Agent {
         });
         if let Err(e) = done {
             // Gone already (it ended): the next check records how.
-            eprintln!(
-                "cove: agent: cannot {} {}: {e}",
-                if freeze { "pause" } else { "resume" },
-                record.id
+            tracing::warn!(
+                sandbox = %record.id,
+                tenant = %record.tenant,
+                error = %e,
+                "cannot {} the sandbox",
+                if freeze { "pause" } else { "resume" }
             );
             return self.check(record, rev).await;
         }

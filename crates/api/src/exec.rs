@@ -226,7 +226,7 @@ pub(crate) fn job_failure(id: &str, e: ExecError) -> ApiError {
     match e {
         ExecError::NotRunning => not_running(id, None),
         ExecError::Internal(detail) => {
-            eprintln!("cove: job in {id}: {detail}");
+            tracing::error!(sandbox = %id, error = %detail, "a job in the sandbox failed");
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",

@@ -413,7 +413,7 @@ impl From<StoreError> for ApiError {
             ),
             // The detail goes to the server's log, not to the tenant.
             other => {
-                eprintln!("cove: api: state store: {other}");
+                tracing::error!(error = %other, "state store");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "unavailable",
@@ -489,6 +489,8 @@ async fn caller(store: &Embedded, headers: &HeaderMap) -> Result<Caller, ApiErro
             "token store damaged",
         )
     })?;
+    // For the request's log line.
+    let _ = metrics::REQUEST_TENANT.try_with(|t| *t.borrow_mut() = Some(record.tenant.clone()));
     Ok(Caller {
         tenant: record.tenant,
         admin: record.admin,

@@ -259,9 +259,22 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// Counts what took a sandbox from `before` to `r`.
+    /// Counts (and logs) what took a sandbox from `before` to `r`.
     fn record(&self, before: Option<&Seen>, r: &SandboxRecord) {
         for kind in changes(before, r) {
+            tracing::info!(
+                sandbox = %r.id,
+                tenant = %r.tenant,
+                user_id = r.labels.get("user_id").map_or("", String::as_str),
+                state = r.state.as_str(),
+                reason = r
+                    .reason
+                    .and_then(|x| serde_json::to_value(x).ok())
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                exit_code = r.exit_code,
+                "sandbox {kind}"
+            );
             match kind {
                 "running" if before.is_some() || r.started_at_ms.is_some() => {
                     self.starts.inc();
@@ -316,8 +329,39 @@ pub async fn track(api: Api) {
     }
 }
 
-/// Counts and times every request, by route template.
+tokio::task_local! {
+    /// The tenant of the request being served, once its token has been checked.
+    pub(crate) static REQUEST_TENANT: std::cell::RefCell<Option<String>>;
+}
+
+/// A request id: the client's `X-Request-Id` if it is a short token, or a new one.
+fn request_id(req: &Request) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        })
+        .map(str::to_string)
+        .or_else(|| crate::new_id().ok().map(|id| id.to_string()))
+        .unwrap_or_default()
+}
+
+/// Counts and times every request, by route template, and logs it (with its request id,
+/// which the response carries as `X-Request-Id`, its tenant and its sandbox).
 pub(crate) async fn count_requests(State(api): State<Api>, req: Request, next: Next) -> Response {
+    let rid = request_id(&req);
+    let sandbox = req
+        .uri()
+        .path()
+        .strip_prefix("/v1/sandboxes/")
+        .and_then(|rest| rest.split('/').next())
+        .filter(|s| s.parse::<cove_types::SandboxId>().is_ok())
+        .map(str::to_string);
+    let method_name = req.method().to_string();
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -333,7 +377,26 @@ pub(crate) async fn count_requests(State(api): State<Api>, req: Request, next: N
         _ => "other",
     };
     let started = Instant::now();
-    let response = next.run(req).await;
+    let (mut response, tenant) = REQUEST_TENANT
+        .scope(std::cell::RefCell::new(None), async {
+            let response = next.run(req).await;
+            let tenant = REQUEST_TENANT.with(|t| t.borrow().clone());
+            (response, tenant)
+        })
+        .await;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&rid) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    tracing::info!(
+        request_id = %rid,
+        method = %method_name,
+        route = %route,
+        status = response.status().as_u16(),
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        tenant = tenant.as_deref().unwrap_or(""),
+        sandbox = sandbox.as_deref().unwrap_or(""),
+        "request"
+    );
     let status = status_class(response.status().as_u16());
     api.metrics
         .requests

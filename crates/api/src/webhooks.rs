@@ -306,15 +306,19 @@ async fn worker(mut rx: tokio::sync::mpsc::Receiver<Delivery>, allow_private: bo
                 }
                 Ok(false) => {}
                 Err(e) => {
-                    eprintln!("cove: webhook {}: {e}", d.hook.id);
+                    tracing::warn!(webhook = %d.hook.id, tenant = %d.hook.tenant, error = %e, "webhook not sent");
                     break;
                 }
             }
         }
         if !delivered {
-            eprintln!(
-                "cove: webhook {} ({}): {} event of revision {} not delivered",
-                d.hook.id, d.hook.url, d.kind, d.revision
+            tracing::warn!(
+                webhook = %d.hook.id,
+                tenant = %d.hook.tenant,
+                url = %d.hook.url,
+                event = d.kind,
+                revision = d.revision,
+                "webhook delivery given up after its retries"
             );
         }
     }
@@ -357,7 +361,7 @@ pub async fn deliver(api: Api) {
                     body: body.clone(),
                 };
                 if tx.try_send(d).is_err() {
-                    eprintln!("cove: webhook {id}: its queue is full; a {kind} event is dropped");
+                    tracing::warn!(webhook = %id, event = kind, "webhook queue full; event dropped");
                 }
             }
         }

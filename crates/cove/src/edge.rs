@@ -214,17 +214,17 @@ pub async fn bind(config: &ProxyConfig, data: &Path, domain: &str) -> anyhow::Re
             .with_context(|| format!("listen on {} (the edge proxy)", config.listen))?;
         let addr = l.local_addr()?;
         http_port = addr.port();
-        eprintln!("cove: proxy on http://{addr}");
+        crate::serve::announce(&format!("proxy on http://{addr}"));
         listeners.push((l, None));
         if config.tls {
             let (cert, key_path) = match (&config.tls_cert, &config.tls_key) {
                 (Some(c), Some(k)) => (c.clone(), k.clone()),
                 _ => {
                     let made = cove_proxy::tls::ensure_self_signed(&data.join(TLS_DIR), domain)?;
-                    eprintln!(
-                        "cove: proxy TLS certificate (self-signed, *.{domain}) in {}",
+                    crate::serve::announce(&format!(
+                        "proxy TLS certificate (self-signed, *.{domain}) in {}",
                         made.0.display()
-                    );
+                    ));
                     made
                 }
             };
@@ -236,7 +236,7 @@ pub async fn bind(config: &ProxyConfig, data: &Path, domain: &str) -> anyhow::Re
                 })?;
             let addr = l.local_addr()?;
             https_port = Some(addr.port());
-            eprintln!("cove: proxy on https://{addr}");
+            crate::serve::announce(&format!("proxy on https://{addr}"));
             listeners.push((l, Some(tls)));
         }
     }
@@ -326,7 +326,9 @@ impl Bound {
                                 Ok(l) => {
                                     serving.spawn(proxy.clone().serve(l, tls));
                                 }
-                                Err(e) => eprintln!("cove: a proxy worker cannot listen: {e}"),
+                                Err(e) => {
+                                    tracing::error!(error = %e, "a proxy worker cannot listen")
+                                }
                             }
                         }
                         while serving.join_next().await.is_some() {}

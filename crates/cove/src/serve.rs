@@ -128,6 +128,11 @@ pub struct ServeArgs {
     /// a tenant could otherwise make the server reach internal services).
     #[arg(long)]
     webhooks_allow_private: bool,
+    /// How the server logs, on stderr: `text` (lines for a person) or `json` (one object per
+    /// line: time, level, message and fields such as request_id, tenant, sandbox). `COVE_LOG`
+    /// filters, e.g. `COVE_LOG=debug` or `COVE_LOG=cove_api=warn` [default: text].
+    #[arg(long, value_name = "FORMAT", env = "COVE_LOG_FORMAT", value_parser = ["text", "json"])]
+    log_format: Option<String>,
     /// Serve no edge proxy.
     #[arg(long, help_heading = "Edge proxy")]
     no_proxy: bool,
@@ -155,6 +160,8 @@ pub struct Config {
     pub retention: cove_types::Duration,
     /// Deliver webhooks to internal addresses too.
     pub webhooks_allow_private: bool,
+    /// `text` or `json`.
+    pub log_format: String,
 }
 
 /// The `[egress]` section of the configuration.
@@ -177,6 +184,7 @@ impl Default for Config {
             egress: EgressConfig::default(),
             retention: cove_types::Duration::from_millis(86_400_000),
             webhooks_allow_private: false,
+            log_format: "text".into(),
         }
     }
 }
@@ -239,6 +247,12 @@ impl ServeArgs {
         if self.webhooks_allow_private {
             config.webhooks_allow_private = true;
         }
+        if let Some(f) = &self.log_format {
+            config.log_format = f.clone();
+        }
+        if config.log_format != "text" && config.log_format != "json" {
+            bail!("log_format {:?}: use text or json", config.log_format);
+        }
         if self.no_proxy {
             config.proxy.enabled = false;
         }
@@ -273,6 +287,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
+    init_logs(config.log_format == "json");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -317,8 +332,8 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
-    eprintln!("cove: listening on http://{}", listener.local_addr()?);
-    eprintln!("cove: admin token in {}", token_path.display());
+    announce(&format!("listening on http://{}", listener.local_addr()?));
+    announce(&format!("admin token in {}", token_path.display()));
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("a SIGTERM handler");
@@ -357,8 +372,40 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
             ended.context("the node agent failed")?;
         }
     }
-    eprintln!("cove: stopped; running sandboxes keep running and are adopted at the next start");
+    announce("stopped; running sandboxes keep running and are adopted at the next start");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether the server logs JSON.
+static JSON_LOGS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Sets up the server's logs on stderr: text or JSON, filtered by `COVE_LOG` (default `info`).
+fn init_logs(json: bool) {
+    let _ = JSON_LOGS.set(json);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("COVE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init();
+    } else {
+        logs.with_target(false).init();
+    }
+}
+
+/// A line for whoever started the server (where it listens, where the token is): `cove: …`
+/// in text, an `info` event in JSON.
+pub(crate) fn announce(message: &str) {
+    if JSON_LOGS.get().copied().unwrap_or(false) {
+        tracing::info!("{message}");
+    } else {
+        eprintln!("cove: {message}");
+    }
 }
 
 /// The sandbox id a sandbox directory is named by.

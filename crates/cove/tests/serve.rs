@@ -1218,3 +1218,114 @@ fn ended_sandboxes_go_after_the_retention_and_running_ones_stay() {
     common::assert_no_leaks(&ended);
     common::assert_no_leaks(&running);
 }
+
+#[test]
+fn json_logs_carry_request_ids_tenants_and_sandboxes() {
+    require_root();
+    common::become_subreaper();
+    let data = std::env::temp_dir().join(format!("cove-serve-{}", common::new_id()));
+    let mut child = Command::new(common::cove_bin())
+        .args(["serve", "--log-format", "json", "--listen", "127.0.0.1:0"])
+        .args([
+            "--proxy-listen",
+            "127.0.0.1:0",
+            "--proxy-tls-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            let v = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            if tx.send(v).is_err() {
+                return;
+            }
+        }
+    });
+    let next = |what: &dyn Fn(&serde_json::Value) -> bool| loop {
+        let v = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a log line");
+        if what(&v) {
+            return v;
+        }
+    };
+    let listening = next(&|v| {
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("listening on "))
+    });
+    let url = listening["message"].as_str().unwrap()["listening on ".len()..].to_string();
+    let token = std::fs::read_to_string(data.join("admin-token")).unwrap();
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "-X",
+            "POST",
+            "-d",
+            r#"{"cmd":["true"]}"#,
+        ])
+        .args(["-H", &format!("Authorization: Bearer {}", token.trim())])
+        .args(["-H", "X-Request-Id: req-42"])
+        .arg(format!("{url}/v1/sandboxes"))
+        .output()
+        .unwrap();
+    let headers = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(headers.contains("x-request-id: req-42"), "{headers}");
+    let request = next(&|v| v["message"] == "request" && v["request_id"] == "req-42");
+    assert_eq!(
+        (
+            &request["method"],
+            &request["route"],
+            &request["status"],
+            &request["tenant"]
+        ),
+        (
+            &serde_json::json!("POST"),
+            &serde_json::json!("/v1/sandboxes"),
+            &serde_json::json!(201),
+            &serde_json::json!("admin")
+        ),
+        "{request}"
+    );
+    let exited = next(&|v| v["message"] == "sandbox exited");
+    assert_eq!(
+        (&exited["tenant"], &exited["reason"]),
+        (&serde_json::json!("admin"), &serde_json::json!("exited")),
+        "{exited}"
+    );
+    let id = exited["sandbox"].as_str().unwrap().to_string();
+    // Its request lines name it too.
+    Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-H",
+            &format!("Authorization: Bearer {}", token.trim()),
+        ])
+        .arg(format!("{url}/v1/sandboxes/{id}"))
+        .status()
+        .unwrap();
+    let get = next(&|v| v["message"] == "request" && v["method"] == "GET");
+    assert_eq!(get["sandbox"], id.as_str(), "{get}");
+    assert!(
+        get["request_id"].as_str().unwrap().len() >= 12,
+        "a request id is made: {get}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    Command::new(common::cove_bin()).arg("gc").output().unwrap();
+    let _ = std::fs::remove_dir_all(&data);
+    common::assert_no_leaks(&id);
+}
