@@ -202,17 +202,11 @@ pub(crate) async fn events(
         types,
         labels: label_filter(q.label.as_deref())?,
     };
-    // What is there now (unless replaying), and where the watch starts.
-    let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
-    let start = match q.since {
-        Some(rev) => rev,
-        None => {
-            let (revision, records) = all_records(&api.store).await?;
-            seen.extend(records.iter().map(|(k, r)| (k.clone(), Seen::of(r))));
-            revision
-        }
+    // What is there now, unless replaying from a revision.
+    let (seen, watch) = match q.since {
+        Some(rev) => (BTreeMap::new(), api.store.watch(PREFIX, rev).await?),
+        None => now_and_after(&api.store).await?,
     };
-    let watch = api.store.watch(PREFIX, start).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<serde_json::Value>(64);
     tokio::spawn(follow(watch, seen, filter, tx));
     Ok(match ws {
@@ -238,6 +232,19 @@ pub(crate) async fn events(
 }
 
 /// Turns the watch's changes into the events the filter wants, until the consumer goes.
+/// What the records are now, as the streams know them, and a watch of every change after
+/// that (missing none made meanwhile).
+pub(crate) async fn now_and_after(
+    store: &cove_store::Embedded,
+) -> Result<(BTreeMap<String, Seen>, cove_store::Watch), cove_store::StoreError> {
+    let (revision, records) = all_records(store).await?;
+    let seen = records
+        .iter()
+        .map(|(k, r)| (k.clone(), Seen::of(r)))
+        .collect();
+    Ok((seen, store.watch(PREFIX, revision).await?))
+}
+
 /// The events of one change of the records, with the sandbox they are about (its tenant and
 /// labels); `seen` follows along.
 pub(crate) fn events_of(

@@ -33,8 +33,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use cove_store::{Event, Kv};
-use cove_types::sandbox::RECORDS_PREFIX as PREFIX;
+use cove_store::Event;
 use cove_types::{SandboxRecord, SandboxState};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -304,14 +303,7 @@ impl Metrics {
 /// Follows the records' changes for the start and end counters, until the store fails.
 pub async fn track(api: Api) {
     // What exists already is not counted: counters start with the server.
-    let Ok((revision, records)) = all_records(&api.store).await else {
-        return;
-    };
-    let mut seen: BTreeMap<String, Seen> = records
-        .iter()
-        .map(|(k, r)| (k.clone(), Seen::of(r)))
-        .collect();
-    let Ok(mut watch) = api.store.watch(PREFIX, revision).await else {
+    let Ok((mut seen, mut watch)) = crate::events::now_and_after(&api.store).await else {
         return;
     };
     while let Ok(change) = watch.next().await {

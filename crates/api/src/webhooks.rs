@@ -17,7 +17,7 @@
 //! internal addresses, whether the URL names one or its host name resolves to one, unless it
 //! runs with `--webhooks-allow-private`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -28,12 +28,12 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use cove_store::{Expect, Kv};
-use cove_types::sandbox::{RECORDS_PREFIX, now_ms};
+use cove_types::sandbox::now_ms;
 use ring::hmac;
 use serde::{Deserialize, Serialize};
 
-use crate::events::{Seen, TYPES, events_of};
-use crate::{Api, ApiError, all_records, body, caller};
+use crate::events::{TYPES, events_of};
+use crate::{Api, ApiError, body, caller};
 
 /// Where webhooks are stored: `<prefix><tenant>/<id>`.
 const PREFIX: &str = "/cove/webhooks/";
@@ -326,14 +326,7 @@ async fn worker(mut rx: tokio::sync::mpsc::Receiver<Delivery>, allow_private: bo
 
 /// Sends every lifecycle event to the webhooks that want it, until the store fails.
 pub async fn deliver(api: Api) {
-    let Ok((revision, records)) = all_records(&api.store).await else {
-        return;
-    };
-    let mut seen: BTreeMap<String, Seen> = records
-        .iter()
-        .map(|(k, r)| (k.clone(), Seen::of(r)))
-        .collect();
-    let Ok(mut watch) = api.store.watch(RECORDS_PREFIX, revision).await else {
+    let Ok((mut seen, mut watch)) = crate::events::now_and_after(&api.store).await else {
         return;
     };
     let mut queues: HashMap<String, tokio::sync::mpsc::Sender<Delivery>> = HashMap::new();
