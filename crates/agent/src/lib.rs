@@ -494,6 +494,12 @@ impl Agent {
         let dir = self.dir(&record.id);
         self.log_sizes
             .retain(|log, _| log.parent() != Some(dir.as_path()));
+        if record.spec.net == cove_types::NetMode::Egress {
+            // Its drop counters, which the supervisor leaves (removing them takes
+            // milliseconds of nftables transactions): off the agent's loop.
+            let id = record.id;
+            tokio::task::spawn_blocking(move || cove_jail::egress::forget_counters(&id));
+        }
         if let Some(new_rev) = self.update(&record, rev).await?
             && record.remove
         {

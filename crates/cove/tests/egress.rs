@@ -276,7 +276,9 @@ fn egress_through_the_api_and_nothing_left_after() {
     );
     assert_eq!(server.cove(&["rm", "-f", &id]).code, 0);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !egress_support::egress_leftovers(&id).is_empty() {
+    while !egress_support::egress_leftovers(&id).is_empty()
+        || !egress_support::counter_leftovers(&id).is_empty()
+    {
         assert!(
             Instant::now() < deadline,
             "{:?}",

@@ -323,6 +323,36 @@ impl Netlink {
         Ok(out.into_iter().flatten().collect())
     }
 
+    /// Removes the element `ifname` of an `inet` set keyed by interface name, in a
+    /// transaction of its own (which waits for an RCU grace period: milliseconds). `ENOENT`
+    /// when there is none.
+    pub(crate) fn nft_delete_ifname(
+        &mut self,
+        table: &str,
+        set: &str,
+        ifname: &str,
+    ) -> io::Result<()> {
+        let mut key = [0u8; 16];
+        let n = ifname.len().min(15);
+        key[..n].copy_from_slice(&ifname.as_bytes()[..n]);
+        let mut b = vec![NFPROTO_INET, 0, 0, 0];
+        attr(&mut b, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
+        attr(&mut b, NFTA_SET_ELEM_LIST_SET, &cstr(set));
+        nest(&mut b, NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
+            nest(b, NFTA_LIST_ELEM, |b| {
+                nest(b, NFTA_SET_ELEM_KEY, |b| attr(b, NFTA_DATA_VALUE, &key));
+            });
+        });
+        // A batch: begin, the change, end; begin names the subsystem in its res_id.
+        let batch = [0u8, 0, 0, 10];
+        let mut msg = Vec::new();
+        self.message(&mut msg, NFNL_MSG_BATCH_BEGIN, 0, &batch);
+        let seq = self.message(&mut msg, NFT_MSG_DELSETELEM, NLM_F_ACK, &b);
+        self.message(&mut msg, NFNL_MSG_BATCH_END, 0, &batch);
+        self.send_bytes(&msg)?;
+        self.replies(seq, |_, _| {})
+    }
+
     /// Adds `addr/prefix` to link `index`.
     pub(crate) fn add_addr4(&mut self, index: i32, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
         let mut b = vec![libc::AF_INET as u8, prefix, 0, RT_SCOPE_UNIVERSE];
@@ -369,6 +399,9 @@ impl Netlink {
 }
 
 const NFPROTO_INET: u8 = 1;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_DELSETELEM: u16 = (10 << 8) | 14;
 const NFT_MSG_NEWSETELEM: u16 = (10 << 8) | 12;
 const NFT_MSG_GETSETELEM: u16 = (10 << 8) | 13;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
