@@ -411,8 +411,8 @@ fn configure(
     Ok(())
 }
 
-/// The elements of set `set` in a `nft -j list table` answer: (interface name, packets).
-fn elements(table: &serde_json::Value, set: &str) -> Vec<(String, u64)> {
+/// The interface names in set `set` of a `nft -j list table` answer.
+fn elements(table: &serde_json::Value, set: &str) -> Vec<String> {
     table["nftables"]
         .as_array()
         .into_iter()
@@ -420,32 +420,10 @@ fn elements(table: &serde_json::Value, set: &str) -> Vec<(String, u64)> {
         .filter(|o| o["set"]["name"] == set)
         .filter_map(|o| o["set"]["elem"].as_array())
         .flatten()
-        .filter_map(|e| {
-            // A plain element is its value; one with a counter or an expiry is an object.
-            let name = e.as_str().or_else(|| e["elem"]["val"].as_str())?;
-            Some((
-                name.to_string(),
-                e["elem"]["counter"]["packets"].as_u64().unwrap_or(0),
-            ))
-        })
+        // A plain element is its value; one with a counter or an expiry is an object.
+        .filter_map(|e| e.as_str().or_else(|| e["elem"]["val"].as_str()))
+        .map(str::to_string)
         .collect()
-}
-
-/// The nft commands removing link `link`'s elements from the sets, and its packet count.
-fn forget_link(table: &serde_json::Value, link: &str) -> (String, u64) {
-    let mut script = String::new();
-    let mut denied = 0;
-    for set in ["denied", "deny_log"] {
-        if let Some((_, n)) = elements(table, set).into_iter().find(|(l, _)| l == link) {
-            script.push_str(&format!(
-                "delete element inet {TABLE} {set} {{ \"{link}\" }}\n"
-            ));
-            if set == "denied" {
-                denied = n;
-            }
-        }
-    }
-    (script, denied)
 }
 
 impl Drop for Egress {
@@ -469,11 +447,10 @@ impl Egress {
         // Straight over netfilter's netlink: an `nft` run costs about 5 ms here.
         let mut denied = None;
         if let Ok(mut nf) = Netlink::open_netfilter() {
-            denied = nf.nft_ifname_counters(TABLE, "denied").ok().map(|all| {
-                all.into_iter()
-                    .find(|(l, _)| *l == link)
-                    .map_or(0, |(_, n)| n)
-            });
+            denied = nf
+                .nft_ifname_counter(TABLE, "denied", &link)
+                .ok()
+                .map(|n| n.unwrap_or(0));
         }
         if self.has_policy {
             let _ = nft(
@@ -504,10 +481,10 @@ pub fn usage(id: &SandboxId) -> Option<(u64, u64, u64)> {
     // The host side sends what the sandbox receives, and the other way round.
     let (received, sent) = (stat("tx_bytes")?, stat("rx_bytes")?);
     let denied = Netlink::open_netfilter()
-        .and_then(|mut nf| nf.nft_ifname_counters(TABLE, "denied"))
+        .and_then(|mut nf| nf.nft_ifname_counter(TABLE, "denied", &link))
         .ok()
-        .and_then(|all| all.into_iter().find(|(l, _)| *l == link))
-        .map_or(0, |(_, n)| n);
+        .flatten()
+        .unwrap_or(0);
     Some((received, sent, denied))
 }
 
@@ -600,17 +577,15 @@ pub fn reap(is_live: impl Fn(&SandboxId) -> bool) -> (Vec<String>, Vec<String>) 
             what.push(format!("nftables chain {name}"));
         }
     }
-    let mut links: Vec<String> = ["denied", "deny_log"]
-        .iter()
-        .flat_map(|s| elements(&table, s))
-        .map(|(l, _)| l)
-        .filter(|l| dead(l, "cv").is_some())
-        .collect();
-    links.sort();
-    links.dedup();
-    for link in links {
-        script.push_str(&forget_link(&table, &link).0);
-        what.push(format!("nftables counters of {link}"));
+    for set in ["denied", "deny_log"] {
+        for link in elements(&table, set) {
+            if dead(&link, "cv").is_some() {
+                script.push_str(&format!(
+                    "delete element inet {TABLE} {set} {{ \"{link}\" }}\n"
+                ));
+                what.push(format!("nftables {set} entry of {link}"));
+            }
+        }
     }
     if !script.is_empty() {
         match nft(&script, "remove stale egress state") {

@@ -196,28 +196,25 @@ pub fn egress_leftovers(id: &str) -> Vec<String> {
     left
 }
 
-/// Sandbox `id`'s drop counter and log limiter, if still in their sets.
-pub fn counter_leftovers(id: &str) -> Vec<String> {
+/// Lines of the egress table that mention `what`.
+fn table_lines(what: &str) -> Vec<String> {
     let out = Command::new("nft")
         .args(["list", "table", "inet", "cove"])
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .filter(|l| l.contains(&format!("\"cv{id}\"")))
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(what))
         .map(|l| l.trim().to_string())
         .collect()
 }
 
+/// Sandbox `id`'s drop counter and log limiter, if still in their sets.
+pub fn counter_leftovers(id: &str) -> Vec<String> {
+    table_lines(&format!("\"cv{id}\""))
+}
+
 /// The nftables chain `sb_<id>` and its map entry, if still there.
 pub fn policy_leftovers(id: &str) -> Vec<String> {
-    let out = Command::new("nft")
-        .args(["list", "table", "inet", "cove"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .filter(|l| l.contains(&format!("sb_{id}")))
-        .map(|l| l.trim().to_string())
-        .collect()
+    table_lines(&format!("sb_{id}"))
 }

@@ -292,35 +292,41 @@ impl Netlink {
         }
     }
 
-    /// The elements of an `inet` set keyed by interface name, with their packet counters:
-    /// (name, packets).
-    pub(crate) fn nft_ifname_counters(
+    /// The packet counter of element `ifname` of an `inet` set keyed by interface name
+    /// (one element asked for, not the set dumped); `None` when it has no such element.
+    pub(crate) fn nft_ifname_counter(
         &mut self,
         table: &str,
         set: &str,
-    ) -> io::Result<Vec<(String, u64)>> {
-        let mut b = vec![NFPROTO_INET, 0, 0, 0];
-        attr(&mut b, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
-        attr(&mut b, NFTA_SET_ELEM_LIST_SET, &cstr(set));
-        let seq = self.send(NFT_MSG_GETSETELEM, NLM_F_DUMP | NLM_F_ACK, &b)?;
-        let mut out = Vec::new();
-        self.replies(seq, |ty, body| {
+        ifname: &str,
+    ) -> io::Result<Option<u64>> {
+        let seq = self.send(
+            NFT_MSG_GETSETELEM,
+            NLM_F_ACK,
+            &ifname_element(table, set, ifname),
+        )?;
+        let mut found = None;
+        let asked = self.replies(seq, |ty, body| {
             if ty != NFT_MSG_NEWSETELEM {
                 return;
             }
-            for (t, list) in attrs(body, 4) {
-                if t != NFTA_SET_ELEM_LIST_ELEMENTS {
-                    continue;
-                }
+            for (_, list) in attrs(body, 4)
+                .into_iter()
+                .filter(|(t, _)| *t == NFTA_SET_ELEM_LIST_ELEMENTS)
+            {
                 for (_, elem) in attrs(list, 0)
                     .into_iter()
                     .filter(|(t, _)| *t == NFTA_LIST_ELEM)
                 {
-                    out.push(set_element(elem));
+                    found = set_element(elem).map(|(_, n)| n).or(found);
                 }
             }
-        })?;
-        Ok(out.into_iter().flatten().collect())
+        });
+        match asked {
+            Ok(()) => Ok(found),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Removes the element `ifname` of an `inet` set keyed by interface name, in a
@@ -332,17 +338,7 @@ impl Netlink {
         set: &str,
         ifname: &str,
     ) -> io::Result<()> {
-        let mut key = [0u8; 16];
-        let n = ifname.len().min(15);
-        key[..n].copy_from_slice(&ifname.as_bytes()[..n]);
-        let mut b = vec![NFPROTO_INET, 0, 0, 0];
-        attr(&mut b, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
-        attr(&mut b, NFTA_SET_ELEM_LIST_SET, &cstr(set));
-        nest(&mut b, NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
-            nest(b, NFTA_LIST_ELEM, |b| {
-                nest(b, NFTA_SET_ELEM_KEY, |b| attr(b, NFTA_DATA_VALUE, &key));
-            });
-        });
+        let b = ifname_element(table, set, ifname);
         // A batch: begin, the change, end; begin names the subsystem in its res_id.
         let batch = [0u8, 0, 0, 10];
         let mut msg = Vec::new();
@@ -415,6 +411,23 @@ const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_EXPR_NAME: u16 = 1;
 const NFTA_EXPR_DATA: u16 = 2;
 const NFTA_COUNTER_PACKETS: u16 = 2;
+
+/// The body naming element `ifname` (zero-padded to `IFNAMSIZ`) of set `set` of `inet` table
+/// `table`.
+fn ifname_element(table: &str, set: &str, ifname: &str) -> Vec<u8> {
+    let mut key = [0u8; 16];
+    let n = ifname.len().min(15);
+    key[..n].copy_from_slice(&ifname.as_bytes()[..n]);
+    let mut b = vec![NFPROTO_INET, 0, 0, 0];
+    attr(&mut b, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
+    attr(&mut b, NFTA_SET_ELEM_LIST_SET, &cstr(set));
+    nest(&mut b, NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
+        nest(b, NFTA_LIST_ELEM, |b| {
+            nest(b, NFTA_SET_ELEM_KEY, |b| attr(b, NFTA_DATA_VALUE, &key));
+        });
+    });
+    b
+}
 
 /// One set element (`NFTA_LIST_ELEM` content) keyed by interface name: its name and the
 /// packets of its counter (0 without one).
