@@ -344,13 +344,7 @@ fn exec_stream_protocol_terminal_resize_signals_and_errors() {
     }
 
     // Refused before the upgrade: another tenant's sandbox, no token, a plain GET.
-    let (_, t) = server.curl(
-        Some(&server.token),
-        "POST",
-        "/v1/tenants",
-        Some(r#"{"name":"mallory"}"#),
-    );
-    let other = t["token"].as_str().unwrap();
+    let other = &server.new_tenant("mallory");
     assert_eq!(ws(&server, other, &path).err(), Some(404));
     assert_eq!(ws(&server, "wrong", &path).err(), Some(401));
     let (code, v) = server.curl(Some(&server.token), "GET", &path, None);
@@ -648,13 +642,7 @@ fn types(events: &[serde_json::Value]) -> Vec<&str> {
 fn events_follow_the_lifecycle_filtered_and_replayable() {
     require_root();
     let server = Server::start();
-    let (_, t) = server.curl(
-        Some(&server.token),
-        "POST",
-        "/v1/tenants",
-        Some(r#"{"name":"other"}"#),
-    );
-    let other = t["token"].as_str().unwrap().to_string();
+    let other = server.new_tenant("other");
     let all = events(&server, &server.token, "", 7);
     let exits = events(&server, &server.token, "?type=exited&label=user_id=42", 1);
     let theirs = events(&server, &other, "", 1);

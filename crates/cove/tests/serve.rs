@@ -924,13 +924,7 @@ fn a_configuration_file_sets_defaults_and_flags_override_it() {
     let (code, v) = server.curl(Some(&server.token), "GET", "/v1/info", None);
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["domain"], "sandbox.test");
-    let (_, t) = server.curl(
-        Some(&server.token),
-        "POST",
-        "/v1/tenants",
-        Some(r#"{"name":"cfg"}"#),
-    );
-    let tenant = t["token"].as_str().unwrap();
+    let tenant = &server.new_tenant("cfg");
     let id = server.create_as(tenant, &["--", "sleep", "100"]);
     let v = server.inspect_as(tenant, &id);
     assert_eq!(v["spec"]["limits"]["memory"], "128M", "{v}");
@@ -1009,13 +1003,7 @@ fn a_tenant_maximum_lifetime_bounds_every_timeout() {
 fn metrics_count_sandboxes_their_starts_ends_and_api_requests() {
     require_root();
     let server = Server::start();
-    let (_, t) = server.curl(
-        Some(&server.token),
-        "POST",
-        "/v1/tenants",
-        Some(r#"{"name":"m"}"#),
-    );
-    let tenant = t["token"].as_str().unwrap();
+    let tenant = &server.new_tenant("m");
     // Only the admin reads them.
     assert_eq!(scrape(&server, tenant).0, 403);
     let (_, before) = scrape(&server, &server.token);
