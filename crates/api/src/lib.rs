@@ -205,6 +205,12 @@ pub struct NetworkUsage {
 pub trait Usage: Send + Sync + 'static {
     /// The usage of the sandbox `id`, if it still has a cgroup.
     fn read(&self, id: SandboxId) -> Option<SandboxUsage>;
+
+    /// The CPU time the sandbox `id` has used, in seconds, if it still has a cgroup (read
+    /// twice a second for idle policies that count CPU use).
+    fn cpu_seconds(&self, id: SandboxId) -> Option<f64> {
+        self.read(id).map(|u| u.cpu_seconds)
+    }
 }
 
 /// One lock per tenant, made on first use.

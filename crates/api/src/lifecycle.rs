@@ -3,7 +3,8 @@
 //!
 //! Use is recorded in memory ([`Activity`]) by what a person or a program does with a sandbox:
 //! requests through the edge proxy, execs (and every message of a streaming exec, both ways),
-//! file operations, resuming it. [`watch`] checks the running sandboxes that have a policy
+//! file operations, resuming it; and, for a policy with `cpu_percent`, the sandbox's own CPU
+//! use over the last half second when it reaches that share of a CPU. [`watch`] checks the running sandboxes that have a policy
 //! twice a second: past the soft limit it records `idle_warned_at_ms`, which the events stream
 //! reports as `idle_warning` (with when the hard limit acts); use clears it; past the hard
 //! limit it stops the sandbox (reason `idle_limit`) or pauses it.
@@ -54,6 +55,23 @@ impl Activity {
 /// How often the policies are checked.
 const TICK: Duration = Duration::from_millis(500);
 
+/// The last CPU reading of each sandbox whose policy counts CPU use.
+#[derive(Debug, Default)]
+struct CpuSamples(HashMap<SandboxId, (u64, f64)>);
+
+impl CpuSamples {
+    /// Records `cpu` seconds used by `id` at `now` (ms); whether its use since the previous
+    /// reading reached `percent` of one CPU.
+    fn busy(&mut self, id: SandboxId, now: u64, cpu: f64, percent: u32) -> bool {
+        let before = self.0.insert(id, (now, cpu));
+        let Some((then, used)) = before else {
+            return false;
+        };
+        let wall = now.saturating_sub(then) as f64 / 1000.0;
+        wall > 0.0 && (cpu - used) / wall * 100.0 >= f64::from(percent)
+    }
+}
+
 /// What a sandbox's idleness calls for now.
 #[derive(Debug, PartialEq, Eq)]
 enum Due {
@@ -94,6 +112,7 @@ fn expired(r: &SandboxRecord, retention: Duration, now: u64) -> bool {
 /// Applies the lifecycle policies, forever (a store error is retried at the next tick).
 pub async fn watch(api: Api) {
     let started = now_ms();
+    let mut cpu = CpuSamples::default();
     loop {
         tokio::time::sleep(TICK).await;
         let Ok((_, records)) = all_records(&api.store).await else {
@@ -122,6 +141,13 @@ pub async fn watch(api: Api) {
                 continue;
             }
             live.insert(r.id);
+            if let Some(percent) = r.idle.and_then(|p| p.cpu_percent)
+                && r.state == SandboxState::Running
+                && let Some(used) = api.usage.cpu_seconds(r.id)
+                && cpu.busy(r.id, now_ms(), used, percent)
+            {
+                api.activity.touch(r.id);
+            }
             let last = api
                 .activity
                 .last(&r.id)
@@ -165,6 +191,7 @@ pub async fn watch(api: Api) {
             .await;
         }
         api.activity.retain(&live);
+        cpu.0.retain(|id, _| live.contains(id));
     }
 }
 
@@ -192,6 +219,7 @@ mod tests {
             soft: Some("10s".parse().unwrap()),
             hard: "30s".parse().unwrap(),
             action: IdleAction::Stop,
+            cpu_percent: None,
         };
         let mut r = record(Some(policy));
         assert_eq!(due(&r, 0, 9_999), Due::Nothing);
@@ -207,6 +235,18 @@ mod tests {
         r.state = SandboxState::Paused;
         assert_eq!(due(&r, 0, 60_000), Due::Nothing);
         assert_eq!(due(&record(None), 0, u64::MAX), Due::Nothing);
+    }
+
+    #[test]
+    fn cpu_use_counts_from_the_second_reading_at_the_threshold() {
+        let id: SandboxId = "0123456789ab".parse().unwrap();
+        let mut s = CpuSamples::default();
+        assert!(!s.busy(id, 1000, 5.0, 10), "nothing to compare with yet");
+        // 0.05 s of CPU in 0.5 s: 10 %.
+        assert!(s.busy(id, 1500, 5.05, 10));
+        assert!(!s.busy(id, 2000, 5.09, 10), "8 %");
+        assert!(s.busy(id, 2500, 6.09, 150), "two CPUs busy: 200 %");
+        assert!(!s.busy(id, 2500, 7.0, 1), "no time passed");
     }
 
     #[test]

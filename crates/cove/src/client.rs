@@ -294,6 +294,16 @@ pub struct CreateArgs {
         help_heading = "Idle limits"
     )]
     idle_action: String,
+    /// Its own CPU use counts as use while at least this share of one CPU (e.g. 5%; 200% is
+    /// two CPUs): a long build is not idle. By default CPU use does not count.
+    #[arg(
+        long,
+        value_name = "PERCENT",
+        requires = "idle",
+        value_parser = parse_percent,
+        help_heading = "Idle limits"
+    )]
+    idle_cpu: Option<u32>,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -495,6 +505,7 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
                 "egress": {"allow": a.allow, "deny": a.deny},
                 "idle": a.idle.map(|hard| serde_json::json!({
                     "hard": hard, "soft": a.idle_warn, "action": a.idle_action,
+                    "cpu_percent": a.idle_cpu,
                 })),
             });
             let (_, v) = c.call(reqwest::Method::POST, "/v1/sandboxes", Some(body))?;
@@ -739,4 +750,16 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `5`, `5%` or `250%`: a whole percentage of one CPU.
+fn parse_percent(s: &str) -> Result<u32, String> {
+    let n = s.strip_suffix('%').unwrap_or(s);
+    match n.parse::<u32>() {
+        Ok(p) if (1..=cove_types::sandbox::MAX_IDLE_CPU_PERCENT).contains(&p) => Ok(p),
+        _ => Err(format!(
+            "{s:?}: a whole percentage of one CPU between 1% and {}%",
+            cove_types::sandbox::MAX_IDLE_CPU_PERCENT
+        )),
+    }
 }

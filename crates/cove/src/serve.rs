@@ -552,11 +552,7 @@ struct CgroupUsage;
 
 impl cove_api::Usage for CgroupUsage {
     fn read(&self, id: SandboxId) -> Option<cove_api::SandboxUsage> {
-        let hierarchy = cove_jail::cgroup::Hierarchy::detect().ok()?;
-        let s = hierarchy
-            .open(&cove_jail::state::cgroup_name(&id))
-            .stats()
-            .ok()?;
+        let s = cgroup_of(id)?.stats().ok()?;
         Some(cove_api::SandboxUsage {
             cpu_seconds: s.cpu_usage_ns as f64 / 1e9,
             memory_bytes: s.memory_current_bytes,
@@ -571,4 +567,20 @@ impl cove_api::Usage for CgroupUsage {
             }),
         })
     }
+
+    fn cpu_seconds(&self, id: SandboxId) -> Option<f64> {
+        Some(cgroup_of(id)?.cpu_usage_ns().ok()? as f64 / 1e9)
+    }
+}
+
+/// The cgroup of sandbox `id` (the hierarchy is detected once).
+fn cgroup_of(id: SandboxId) -> Option<cove_jail::cgroup::Cgroup> {
+    static HIERARCHY: std::sync::OnceLock<Option<cove_jail::cgroup::Hierarchy>> =
+        std::sync::OnceLock::new();
+    let hierarchy = HIERARCHY.get_or_init(|| cove_jail::cgroup::Hierarchy::detect().ok());
+    Some(
+        hierarchy
+            .as_ref()?
+            .open(&cove_jail::state::cgroup_name(&id)),
+    )
 }

@@ -170,6 +170,50 @@ fn use_of_every_kind_keeps_a_sandbox_alive() {
 }
 
 #[test]
+fn cpu_use_counts_as_use_only_when_the_policy_says_so() {
+    require_root();
+    let server = Server::start();
+    // Six seconds of a busy CPU, then nothing.
+    let busy = [
+        "--",
+        "sh",
+        "-c",
+        "timeout 6 sh -c 'while :; do :; done'; sleep 300",
+    ];
+    let mut args = vec!["--idle", "2s", "--idle-cpu", "30%"];
+    args.extend(busy);
+    let counted = server.create(&args);
+    let mut args = vec!["--idle", "2s"];
+    args.extend(busy);
+    let ignored = server.create(&args);
+    let started = Instant::now();
+    let (mut child, rx) = events(&server, &ignored);
+    let exited = next_of(&rx, "exited", Duration::from_secs(10));
+    assert_eq!(exited["reason"], "idle_limit", "{exited}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "stopped while busy: CPU use does not count by default"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let (mut child, rx) = events(&server, &counted);
+    let exited = next_of(&rx, "exited", Duration::from_secs(20));
+    assert_eq!(exited["reason"], "idle_limit", "{exited}");
+    let v = server.inspect(&counted);
+    let lived = v["ended_at_ms"].as_u64().unwrap() - v["started_at_ms"].as_u64().unwrap();
+    assert!(
+        lived >= 7000,
+        "busy for 6 s, then idle for 2 s: lived {lived} ms"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    for id in [&counted, &ignored] {
+        server.cove(&["rm", "-f", id]);
+        common::assert_no_leaks(id);
+    }
+}
+
+#[test]
 fn the_pause_action_pauses_and_resuming_counts_as_use() {
     require_root();
     let server = Server::start();
@@ -213,6 +257,10 @@ fn impossible_idle_limits_are_refused() {
             "shorter than hard",
         ),
         (vec!["--idle", "0s"], "hard must be positive"),
+        (
+            vec!["--idle", "1m", "--idle-cpu", "0%"],
+            "between 1% and 6400%",
+        ),
     ] {
         let mut all = vec!["create"];
         all.extend(args.iter().copied());
@@ -228,4 +276,12 @@ fn impossible_idle_limits_are_refused() {
         Some(r#"{"cmd":["true"],"idle":{"hard":"1m","action":"explode"}}"#),
     );
     assert_eq!(code, 400, "{v}");
+    let (code, v) = server.curl(
+        Some(&server.token),
+        "POST",
+        "/v1/sandboxes",
+        Some(r#"{"cmd":["true"],"idle":{"hard":"1m","cpu_percent":0}}"#),
+    );
+    assert_eq!(code, 400, "{v}");
+    assert!(v.to_string().contains("cpu_percent 0"), "{v}");
 }

@@ -666,22 +666,31 @@ impl Cgroup {
         }
     }
 
+    /// The CPU time used by the cgroup's processes, in nanoseconds (one file read).
+    pub fn cpu_usage_ns(&self) -> Result<u64> {
+        self.check()?;
+        match self.version {
+            Version::V1 => read_u64(&self.dirs[self.slots.cpuacct].join("cpuacct.usage")),
+            Version::V2 => Ok(
+                read_key(&self.dirs[self.slots.cpu].join("cpu.stat"), "usage_usec")?
+                    .saturating_mul(1000),
+            ),
+        }
+    }
+
     /// Read CPU, memory and pid accounting.
     pub fn stats(&self) -> Result<Stats> {
-        self.check()?;
+        let cpu_usage_ns = self.cpu_usage_ns()?;
         let s = &self.slots;
         let memory = &self.dirs[s.memory];
         let pids = &self.dirs[s.pids];
-        let (cpu_usage_ns, memory_peak_bytes, memory_current_bytes, oom_kills) = match self.version
-        {
+        let (memory_peak_bytes, memory_current_bytes, oom_kills) = match self.version {
             Version::V1 => (
-                read_u64(&self.dirs[s.cpuacct].join("cpuacct.usage"))?,
                 read_u64(&memory.join("memory.max_usage_in_bytes"))?,
                 read_u64(&memory.join("memory.usage_in_bytes"))?,
                 read_key(&memory.join("memory.oom_control"), "oom_kill")?,
             ),
             Version::V2 => (
-                read_key(&self.dirs[s.cpu].join("cpu.stat"), "usage_usec")?.saturating_mul(1000),
                 read_u64_if_exists(&memory.join("memory.peak"))?.unwrap_or(0),
                 read_u64(&memory.join("memory.current"))?,
                 read_key(&memory.join("memory.events"), "oom_kill")?,

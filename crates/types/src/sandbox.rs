@@ -176,7 +176,8 @@ pub enum IdleAction {
 }
 
 /// A sandbox's idle policy. Use is: requests through the edge proxy, execs and their
-/// streams' input and output, file operations, resuming it.
+/// streams' input and output, file operations, resuming it, and — with `cpu_percent` — its
+/// own CPU use above that share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdlePolicy {
@@ -188,7 +189,15 @@ pub struct IdlePolicy {
     /// What the hard limit does.
     #[serde(default)]
     pub action: IdleAction,
+    /// The sandbox's own CPU use counts as use while it is at least this many percent of one
+    /// CPU (averaged over half a second): a build or a training run is not idle even when
+    /// nobody talks to it. Unset, CPU use does not count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<u32>,
 }
+
+/// The highest `cpu_percent` accepted: 64 CPUs.
+pub const MAX_IDLE_CPU_PERCENT: u32 = 6400;
 
 impl IdlePolicy {
     /// Checks that the limits make sense: a positive hard limit, a soft one below it.
@@ -202,6 +211,13 @@ impl IdlePolicy {
             return Err(format!(
                 "idle: soft ({s}) must be positive and shorter than hard ({})",
                 self.hard
+            ));
+        }
+        if let Some(p) = self.cpu_percent
+            && !(1..=MAX_IDLE_CPU_PERCENT).contains(&p)
+        {
+            return Err(format!(
+                "idle: cpu_percent {p} must be between 1 and {MAX_IDLE_CPU_PERCENT} (percent of one CPU)"
             ));
         }
         Ok(())
