@@ -242,10 +242,10 @@ mod tests {
         let id: SandboxId = "0123456789ab".parse().unwrap();
         let mut s = CpuSamples::default();
         assert!(!s.busy(id, 1000, 5.0, 10), "nothing to compare with yet");
-        // 0.05 s of CPU in 0.5 s: 10 %.
-        assert!(s.busy(id, 1500, 5.05, 10));
-        assert!(!s.busy(id, 2000, 5.09, 10), "8 %");
-        assert!(s.busy(id, 2500, 6.09, 150), "two CPUs busy: 200 %");
+        // 0.0625 s of CPU in 0.5 s: 12.5 %.
+        assert!(s.busy(id, 1500, 5.0625, 10));
+        assert!(!s.busy(id, 2000, 5.1, 10), "7.5 %");
+        assert!(s.busy(id, 2500, 6.1, 150), "two CPUs busy: 200 %");
         assert!(!s.busy(id, 2500, 7.0, 1), "no time passed");
     }
 
