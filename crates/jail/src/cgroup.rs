@@ -706,6 +706,11 @@ impl Cgroup {
         })
     }
 
+    /// Whether the cgroup's directory exists in any controller.
+    pub fn exists(&self) -> bool {
+        self.valid && self.dirs.iter().any(|d| d.is_dir())
+    }
+
     /// Every pid in the cgroup (union over controllers, sorted, deduplicated). Controllers
     /// whose directory is missing are skipped.
     pub fn pids(&self) -> Result<Vec<i32>> {

@@ -128,6 +128,19 @@ pub struct GcReport {
     pub removed: Vec<String>,
     /// Objects that could not be removed, with the reason.
     pub failed: Vec<String>,
+    /// How many objects of each kind were removed: `process`, `cgroup`, `mount`,
+    /// `state_dir`, `veth`, `nftables` (for metrics; a bounded set of kinds).
+    pub counts: std::collections::BTreeMap<&'static str, u64>,
+}
+
+impl GcReport {
+    /// Records `n` objects of `kind` removed, described by `line` (when there is one).
+    pub fn add(&mut self, kind: &'static str, n: u64, line: Option<String>) {
+        if n > 0 {
+            *self.counts.entry(kind).or_default() += n;
+        }
+        self.removed.extend(line);
+    }
 }
 
 /// How thoroughly [`gc`] looks.
@@ -188,21 +201,35 @@ pub fn gc(root: &Path, cgroups: &Hierarchy, scope: Scope) -> GcReport {
         }
         Err(e) => report.failed.push(format!("list cgroups: {e}")),
     }
-    // Egress objects (veths, nftables chains and counters) of sandboxes whose cgroup holds no
-    // process any more: after a crash, or a supervisor killed before its teardown.
+    // Egress objects (veths, nftables chains and counters) of sandboxes that have neither a
+    // state directory nor a process in their cgroup: after a crash, or a supervisor killed
+    // before its teardown. The state directory counts because a starting sandbox's veth
+    // exists before its first process does (the directory comes first and goes last; a stale
+    // one was removed above).
     let (removed, failed) = crate::egress::reap(|id| {
-        cgroups
-            .open(&cgroup_name(id))
-            .pids()
-            .is_ok_and(|p| !p.is_empty())
+        root.join(id.as_str()).exists()
+            || cgroups
+                .open(&cgroup_name(id))
+                .pids()
+                .is_ok_and(|p| !p.is_empty())
     });
-    report.removed.extend(removed);
+    for line in removed {
+        let kind = if line.starts_with("veth") {
+            "veth"
+        } else {
+            "nftables"
+        };
+        report.add(kind, 1, Some(line));
+    }
     report.failed.extend(failed);
     // The parent directories themselves, once nothing is left in them.
-    if cgroups.remove_if_empty(CGROUP_PARENT) > 0 {
-        report
-            .removed
-            .push(format!("empty cgroup parent {CGROUP_PARENT}/"));
+    let parents = cgroups.remove_if_empty(CGROUP_PARENT);
+    if parents > 0 {
+        report.add(
+            "cgroup",
+            parents as u64,
+            Some(format!("empty cgroup parent {CGROUP_PARENT}/")),
+        );
     }
     report
 }
@@ -228,15 +255,23 @@ fn is_locked(lock: &Path) -> io::Result<bool> {
 
 fn reap_cgroup(cgroups: &Hierarchy, name: &str, report: &mut GcReport) {
     let cg = cgroups.open(name);
+    if !cg.exists() {
+        return;
+    }
     let procs = cg.pids().map(|p| p.len()).unwrap_or(0);
     let mut kill = |pid: i32| {
         let _ = sys::kill(pid, libc::SIGKILL);
     };
     match cg.kill_all(&mut kill).and_then(|()| cg.remove()) {
-        Ok(()) if procs > 0 => report
-            .removed
-            .push(format!("cgroup {name} (killed {procs} processes)")),
-        Ok(()) => report.removed.push(format!("cgroup {name}")),
+        Ok(()) => {
+            report.add("process", procs as u64, None);
+            let line = if procs > 0 {
+                format!("cgroup {name} (killed {procs} processes)")
+            } else {
+                format!("cgroup {name}")
+            };
+            report.add("cgroup", 1, Some(line));
+        }
         Err(e) => report.failed.push(format!("cgroup {name}: {e}")),
     }
 }
@@ -244,12 +279,12 @@ fn reap_cgroup(cgroups: &Hierarchy, name: &str, report: &mut GcReport) {
 fn reap_dir(path: &Path, what: &str, report: &mut GcReport) {
     for m in mounts_under(path) {
         match sys::umount2(&m, libc::MNT_DETACH) {
-            Ok(()) => report.removed.push(format!("mount {m}")),
+            Ok(()) => report.add("mount", 1, Some(format!("mount {m}"))),
             Err(e) => report.failed.push(format!("mount {m}: {e}")),
         }
     }
     match fs::remove_dir_all(path) {
-        Ok(()) => report.removed.push(what.to_string()),
+        Ok(()) => report.add("state_dir", 1, Some(what.to_string())),
         Err(e) => report.failed.push(format!("{what}: {e}")),
     }
 }
