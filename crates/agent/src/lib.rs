@@ -433,6 +433,11 @@ impl Agent {
         };
         if gone && !report_path.exists() {
             let message = "its supervisor ended without a report".to_string();
+            tracing::warn!(
+                sandbox = %id,
+                tenant = %record.tenant,
+                "{message}: recorded as lost (its cgroup, if any, goes with the next reaper pass)"
+            );
             return self
                 .end(rev, record, EndReason::Lost, Some(message), None, None)
                 .await;
@@ -480,6 +485,10 @@ impl Agent {
                     Some(format!("stopped: unused{hard} (its idle limit)")),
                 )
             }
+            (EndReason::Killed, Some(EndReason::ServerShutdown)) => (
+                EndReason::ServerShutdown,
+                Some("stopped: the server shut down (its on_shutdown policy is stop)".into()),
+            ),
             (EndReason::Killed, Some(r)) => (r, message),
             _ => (reason, message),
         };

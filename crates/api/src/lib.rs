@@ -167,6 +167,8 @@ pub struct Api {
     /// Serialises quota checks per tenant (count, then record), so that concurrent creates
     /// cannot together pass a quota each of them alone respects.
     pub quota_locks: QuotaLocks,
+    /// Set while the server stops every sandbox before it exits: no new ones, not ready.
+    pub draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A sandbox's resource usage now.
@@ -542,6 +544,9 @@ async fn info(State(api): State<Api>, headers: HeaderMap) -> Result<Response, Ap
 
 #[utoipa::path(get, path = "/readyz", tag = "server", security(), responses((status = 200, description = "The store answers", body = String), (status = 503, description = "The store failed", body = crate::openapi::ErrorBody)))]
 async fn readyz(State(api): State<Api>) -> Response {
+    if api.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
     match api.store.revision().await {
         Ok(_) => (StatusCode::OK, "ready\n").into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "state store unavailable\n").into_response(),
@@ -848,6 +853,13 @@ async fn create_sandbox(
     raw: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let who = caller(&api.store, &headers).await?;
+    if api.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down and stopping its sandboxes: create it elsewhere, or after the restart",
+        ));
+    }
     let Query(q) = query.map_err(|e| ApiError::bad(format!("bad query: {}", e.body_text())))?;
     let req: CreateRequest = body(raw)?;
     let public = req.public;

@@ -148,6 +148,21 @@ struct RouteLabel {
     route: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabel {
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ObjectLabel {
+    object: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResourceLabel {
+    resource: &'static str,
+}
+
 /// The server's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -160,6 +175,13 @@ pub struct Metrics {
     proxy_requests: Family<StatusLabel, Counter>,
     proxy_latency: Family<StatusLabel, Histogram>,
     per_sandbox: PerSandbox,
+    idle_warnings: Counter,
+    idle_actions: Family<ActionLabel, Counter>,
+    reaper_runs: Counter,
+    reaper_removed: Family<ObjectLabel, Counter>,
+    reaper_failures: Counter,
+    node_capacity: Family<ResourceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    node_allocated: Family<ResourceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// One scrape at a time rebuilds the per-sandbox series and encodes.
     scrape: tokio::sync::Mutex<()>,
 }
@@ -213,8 +235,57 @@ impl Default for Metrics {
         );
         let per_sandbox = PerSandbox::default();
         per_sandbox.register(&mut registry);
+        let idle_warnings = Counter::default();
+        registry.register(
+            "cove_idle_warnings",
+            "Idle warnings (soft limits reached)",
+            idle_warnings.clone(),
+        );
+        let idle_actions = Family::<ActionLabel, Counter>::default();
+        registry.register(
+            "cove_idle_actions",
+            "Idle hard limits applied, by action (stop, pause)",
+            idle_actions.clone(),
+        );
+        let reaper_runs = Counter::default();
+        registry.register(
+            "cove_reaper_runs",
+            "Passes of the background reaper",
+            reaper_runs.clone(),
+        );
+        let reaper_removed = Family::<ObjectLabel, Counter>::default();
+        registry.register(
+            "cove_reaper_removed",
+            "Stale host objects the reaper removed, by kind",
+            reaper_removed.clone(),
+        );
+        let reaper_failures = Counter::default();
+        registry.register(
+            "cove_reaper_failures",
+            "Stale host objects the reaper could not remove",
+            reaper_failures.clone(),
+        );
+        let node_capacity = Family::default();
+        registry.register(
+            "cove_node_capacity",
+            "What this node has, by resource (memory_bytes, cpus)",
+            node_capacity.clone(),
+        );
+        let node_allocated = Family::default();
+        registry.register(
+            "cove_node_allocated",
+            "The limits of the sandboxes that have not ended, summed, by resource",
+            node_allocated.clone(),
+        );
         Metrics {
             per_sandbox,
+            idle_warnings,
+            idle_actions,
+            reaper_runs,
+            reaper_removed,
+            reaper_failures,
+            node_capacity,
+            node_allocated,
             scrape: tokio::sync::Mutex::new(()),
             registry,
             sandboxes,
@@ -247,6 +318,28 @@ fn status_class(status: u16) -> &'static str {
 }
 
 impl Metrics {
+    /// Counts one idle hard-limit action (`stop` or `pause`).
+    pub fn idle_action(&self, action: &'static str) {
+        self.idle_actions
+            .get_or_create(&ActionLabel { action })
+            .inc();
+    }
+
+    /// Counts one reaper pass: objects removed by kind (a bounded set), and failures.
+    pub fn reaper_pass(
+        &self,
+        removed: impl IntoIterator<Item = (&'static str, u64)>,
+        failures: u64,
+    ) {
+        self.reaper_runs.inc();
+        for (object, n) in removed {
+            self.reaper_removed
+                .get_or_create(&ObjectLabel { object })
+                .inc_by(n);
+        }
+        self.reaper_failures.inc_by(failures);
+    }
+
     /// Counts one edge proxy request.
     pub fn proxy_request(&self, status: u16, elapsed: std::time::Duration) {
         let label = StatusLabel {
@@ -281,6 +374,9 @@ impl Metrics {
                         let secs = started.saturating_sub(r.created_at_ms) as f64 / 1000.0;
                         self.start_seconds.observe(secs);
                     }
+                }
+                "idle_warning" => {
+                    self.idle_warnings.inc();
                 }
                 "exited" => {
                     let reason = r.reason.map_or_else(
@@ -422,8 +518,13 @@ pub(crate) async fn metrics(
     .collect();
     let records = all_records(&api.store).await?.1;
     let mut live = Vec::new();
+    let (mut memory, mut cpus) = (0u64, 0u64);
     for (_, r) in &records {
         *counts.entry(r.state.as_str()).or_default() += 1;
+        if !r.state.is_final() {
+            memory += r.spec.limits.memory.as_bytes();
+            cpus += u64::from(r.spec.limits.cpus_millis);
+        }
         if matches!(r.state, SandboxState::Running | SandboxState::Paused) {
             let labels = SandboxLabels {
                 id: r.id.to_string(),
@@ -449,6 +550,8 @@ pub(crate) async fn metrics(
             .get_or_create(&StateLabel { state })
             .set(n);
     }
+    api.metrics
+        .set_node(node_capacity(), (memory, cpus as f64 / 1000.0));
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &api.metrics.registry).map_err(|_| {
         ApiError::new(
@@ -465,6 +568,39 @@ pub(crate) async fn metrics(
         text,
     )
         .into_response())
+}
+
+impl Metrics {
+    /// Sets the node's capacity and allocation: (memory bytes, CPUs) each.
+    fn set_node(&self, capacity: (u64, f64), allocated: (u64, f64)) {
+        for (family, (memory, cpus)) in [
+            (&self.node_capacity, capacity),
+            (&self.node_allocated, allocated),
+        ] {
+            family
+                .get_or_create(&ResourceLabel {
+                    resource: "memory_bytes",
+                })
+                .set(memory as f64);
+            family
+                .get_or_create(&ResourceLabel { resource: "cpus" })
+                .set(cpus);
+        }
+    }
+}
+
+/// This machine's memory (bytes, `MemTotal`) and CPUs (those this process may run on).
+fn node_capacity() -> (u64, f64) {
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024);
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    (memory, cpus as f64)
 }
 
 #[cfg(test)]
@@ -505,6 +641,10 @@ mod tests {
             user_id: "42".into(),
         };
         m.per_sandbox.set(&[(labels, usage)]);
+        m.idle_warnings.inc();
+        m.idle_action("stop");
+        m.reaper_pass([("cgroup", 1)], 0);
+        m.set_node(node_capacity(), (1 << 30, 1.5));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &m.registry).unwrap();
         text

@@ -47,7 +47,7 @@ pub struct SandboxView {
     /// `pending`, `running`, `paused` or `exited`.
     pub state: String,
     /// Why it ended: `exited`, `timeout`, `memory_limit`, `pids_limit`, `cpu_time_limit`,
-    /// `killed`, `start_failure`, `lost`.
+    /// `killed`, `start_failure`, `lost`, `idle_limit`, `server_shutdown`.
     pub reason: Option<String>,
     /// A sentence about the end.
     pub message: Option<String>,

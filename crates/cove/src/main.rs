@@ -11,6 +11,7 @@ mod exec_in;
 mod files;
 mod image;
 mod pull;
+mod reaper;
 mod run;
 mod serve;
 

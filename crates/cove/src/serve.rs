@@ -42,6 +42,9 @@ pub const CONFIG_FILE: &str = "/etc/cove/config.toml";
         A configuration file (every key optional):\n  \
         listen = \"127.0.0.1:7070\"\n  data_dir = \"/var/lib/cove\"\n  domain = \"sandbox.example.com\"\n  \
         retention = \"24h\"   # ended sandboxes' records and logs; \"0s\": until deleted\n  \
+        reap_interval = \"1m\"   # the background reaper of stale host objects; \"0s\": never\n  \
+        on_shutdown = \"keep\"   # or \"stop\": SIGTERM stops every sandbox before the server exits\n  \
+        shutdown_grace = \"30s\"   # with \"stop\": how long to wait for them\n  \
         [limits]     # sandboxes created without their own (the API's `limits` fields)\n  \
         memory = \"512M\"\n  cpus_millis = 1000\n  pids = 256\n  disk = \"256M\"\n  timeout = \"1h\"\n  \
         [quotas]     # tenants created without their own\n  \
@@ -136,6 +139,17 @@ pub struct ServeArgs {
     /// Serve no edge proxy.
     #[arg(long, help_heading = "Edge proxy")]
     no_proxy: bool,
+    /// How often the background reaper removes host objects no sandbox owns (cgroups,
+    /// processes, mounts, veths, nftables chains, directories); `0s`: never [default: 1m].
+    #[arg(long, value_name = "DUR")]
+    reap_interval: Option<cove_types::Duration>,
+    /// What SIGTERM does to running sandboxes: `keep` them running (the next start adopts
+    /// them) or `stop` them all (reason server_shutdown) before exiting [default: keep].
+    #[arg(long, value_name = "POLICY", value_parser = ["keep", "stop"])]
+    on_shutdown: Option<String>,
+    /// With --on-shutdown stop: how long to wait for the sandboxes to end [default: 30s].
+    #[arg(long, value_name = "DUR")]
+    shutdown_grace: Option<cove_types::Duration>,
 }
 
 /// The server's settings, as the configuration file holds them.
@@ -162,6 +176,23 @@ pub struct Config {
     pub webhooks_allow_private: bool,
     /// `text` or `json`.
     pub log_format: String,
+    /// The background reaper's period (zero: no reaper).
+    pub reap_interval: cove_types::Duration,
+    /// What SIGTERM does to running sandboxes.
+    pub on_shutdown: OnShutdown,
+    /// With `on_shutdown = "stop"`: how long to wait for them to end.
+    pub shutdown_grace: cove_types::Duration,
+}
+
+/// What happens to running sandboxes when the server is asked to stop.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnShutdown {
+    /// They keep running; the next start of the server adopts them.
+    #[default]
+    Keep,
+    /// Every sandbox is stopped (reason `server_shutdown`) before the server exits.
+    Stop,
 }
 
 /// The `[egress]` section of the configuration.
@@ -185,6 +216,9 @@ impl Default for Config {
             retention: cove_types::Duration::from_millis(86_400_000),
             webhooks_allow_private: false,
             log_format: "text".into(),
+            reap_interval: cove_types::Duration::from_millis(60_000),
+            on_shutdown: OnShutdown::Keep,
+            shutdown_grace: cove_types::Duration::from_millis(30_000),
         }
     }
 }
@@ -255,6 +289,17 @@ impl ServeArgs {
         }
         if self.no_proxy {
             config.proxy.enabled = false;
+        }
+        if let Some(r) = self.reap_interval {
+            config.reap_interval = r;
+        }
+        match self.on_shutdown.as_deref() {
+            Some("stop") => config.on_shutdown = OnShutdown::Stop,
+            Some(_) => config.on_shutdown = OnShutdown::Keep,
+            None => {}
+        }
+        if let Some(g) = self.shutdown_grace {
+            config.shutdown_grace = g;
         }
         config.proxy.check()?;
         if config.domain.is_empty()
@@ -334,14 +379,6 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("listen on {}", config.listen))?;
     announce(&format!("listening on http://{}", listener.local_addr()?));
     announce(&format!("admin token in {}", token_path.display()));
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("a SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-    };
     let executor = std::sync::Arc::new(crate::exec_in::HelperExec {
         root: data.join("sandboxes"),
         cove: std::env::current_exe().context("find the cove binary")?,
@@ -360,7 +397,40 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
         activity: Default::default(),
         retention: Some(config.retention.as_std()).filter(|r| !r.is_zero()),
         webhooks_allow_private: config.webhooks_allow_private,
+        draining: Default::default(),
     };
+    let shutdown = {
+        let api = api.clone();
+        let (policy, grace) = (config.on_shutdown, config.shutdown_grace);
+        async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("a SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            if policy == OnShutdown::Stop {
+                // The agent keeps converging meanwhile: it is what stops them.
+                api.draining
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                announce("stopping every sandbox (on_shutdown = stop)");
+                let left = cove_api::lifecycle::stop_all(&api, grace.as_std()).await;
+                if left > 0 {
+                    announce(&format!(
+                        "{left} sandboxes had not ended after {grace}; their records say so at the next start"
+                    ));
+                }
+            }
+        }
+    };
+    if !config.reap_interval.as_std().is_zero() {
+        tokio::spawn(crate::reaper::run(
+            api.clone(),
+            data.join("sandboxes"),
+            config.reap_interval.as_std(),
+        ));
+    }
     tokio::spawn(cove_api::metrics::track(api.clone()));
     proxy.spawn(api.store.clone(), api.metrics.clone(), api.activity.clone())?;
     tokio::spawn(cove_api::lifecycle::watch(api.clone()));
@@ -372,7 +442,11 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
             ended.context("the node agent failed")?;
         }
     }
-    announce("stopped; running sandboxes keep running and are adopted at the next start");
+    if config.on_shutdown == OnShutdown::Keep {
+        announce("stopped; running sandboxes keep running and are adopted at the next start");
+    } else {
+        announce("stopped");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

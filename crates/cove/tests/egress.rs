@@ -317,6 +317,7 @@ fn cove_gc_removes_the_egress_state_of_a_crashed_sandbox() {
     // The supervisor dies without its teardown.
     common::signal(child.id() as i32, libc::SIGKILL);
     child.wait().unwrap();
+    let _gc = common::gc_lock(false);
     let out = Command::new(common::cove_bin()).arg("gc").output().unwrap();
     let said =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);

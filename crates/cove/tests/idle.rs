@@ -82,6 +82,19 @@ fn an_unused_sandbox_is_warned_then_stopped() {
         v["message"].as_str().unwrap().contains("unused for 3s"),
         "{v}"
     );
+    let (_, m) = server_support::scrape(&server, &server.token);
+    let count = |name: &str, labels| server_support::sample(&m, name, labels);
+    assert_eq!(
+        count("cove_idle_warnings_total", serde_json::json!({})),
+        1.0
+    );
+    assert_eq!(
+        count(
+            "cove_idle_actions_total",
+            serde_json::json!({"action": "stop"})
+        ),
+        1.0
+    );
     let _ = child.kill();
     let _ = child.wait();
     server.cove(&["rm", "-f", &id]);

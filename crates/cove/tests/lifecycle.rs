@@ -5,7 +5,9 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Run, assert_no_leaks, become_subreaper, cove_bin, reap_orphans, require_root};
+use common::{
+    Run, assert_no_leaks, become_subreaper, cove_bin, gc_lock, reap_orphans, require_root,
+};
 
 fn signal(pid: u32, sig: i32) {
     let ok = Command::new("kill")
@@ -114,6 +116,7 @@ fn a_killed_supervisor_leaves_nothing_after_gc() {
     reap_orphans(&run.id);
     // The sandbox's init dies with its supervisor (parent-death signal), taking every process
     // of its pid namespace with it; the cgroup and state directory wait for the reaper.
+    let _gc = gc_lock(false);
     let out = Command::new(cove_bin())
         .args(["gc", "--json"])
         .output()
@@ -150,6 +153,7 @@ fn gc_never_touches_a_live_sandbox() {
     let run = Run::new(&["--", "sh", "-c", "sleep 2; echo alive"]);
     let child = run.command().stdout(Stdio::piped()).spawn().unwrap();
     wait_running(&run.id);
+    let _gc = gc_lock(false);
     let gc = Command::new(cove_bin())
         .args(["gc", "--json"])
         .output()

@@ -187,6 +187,7 @@ fn limits_are_visible_in_the_cgroup_while_running() {
     common::reap_orphans(&run.id);
     assert!(seen, "the sandbox's cgroup never appeared");
     // `cove run` was SIGKILLed: the next reaper pass must leave nothing.
+    let _gc = common::gc_lock(false);
     let gc = std::process::Command::new(common::cove_bin())
         .arg("gc")
         .output()

@@ -1071,6 +1071,37 @@ fn metrics_count_sandboxes_their_starts_ends_and_api_requests() {
             .iter()
             .all(|(l, _)| !l["route"].as_str().unwrap().contains("0000"))
     );
+    // The node: what it has, and what the one running sandbox was given (default limits).
+    assert!(
+        sample(
+            &m,
+            "cove_node_capacity",
+            serde_json::json!({"resource": "memory_bytes"})
+        ) > 1e9
+    );
+    assert!(
+        sample(
+            &m,
+            "cove_node_capacity",
+            serde_json::json!({"resource": "cpus"})
+        ) >= 1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "cove_node_allocated",
+            serde_json::json!({"resource": "memory_bytes"})
+        ),
+        512.0 * 1024.0 * 1024.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "cove_node_allocated",
+            serde_json::json!({"resource": "cpus"})
+        ),
+        1.0
+    );
     // Its own series while it runs, by id and user_id.
     let labelled = server.create_as(tenant, &["--label", "user_id=42", "--", "sleep", "100"]);
     let (_, m) = scrape(&server, &server.token);
@@ -1313,6 +1344,7 @@ fn json_logs_carry_request_ids_tenants_and_sandboxes() {
     );
     let _ = child.kill();
     let _ = child.wait();
+    let _gc = common::gc_lock(false);
     Command::new(common::cove_bin()).arg("gc").output().unwrap();
     let _ = std::fs::remove_dir_all(&data);
     common::assert_no_leaks(&id);

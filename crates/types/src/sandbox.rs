@@ -91,6 +91,8 @@ pub enum EndReason {
     Lost,
     /// Its idle policy's hard limit stopped it.
     IdleLimit,
+    /// The server shut down with the policy `on_shutdown = "stop"`.
+    ServerShutdown,
 }
 
 impl From<Reason> for EndReason {

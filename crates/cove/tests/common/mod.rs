@@ -217,6 +217,18 @@ pub fn reap_orphans(id: &str) {
     }
 }
 
+/// A lock between the tests that reap (`cove gc`, shared) and the test of the server's
+/// reaper (exclusive), which must know that what it planted was removed by the server.
+pub fn gc_lock(exclusive: bool) -> std::fs::File {
+    let lock = std::fs::File::create("/run/cove-test-gc.lock").unwrap();
+    if exclusive {
+        lock.lock().unwrap();
+    } else {
+        lock.lock_shared().unwrap();
+    }
+    lock
+}
+
 /// Whether we can run the privileged tests at all.
 pub fn require_root() {
     // SAFETY-free check: root's uid from /proc.

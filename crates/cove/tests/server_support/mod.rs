@@ -20,6 +20,8 @@ pub struct Server {
     pub proxy_https: String,
     pub data: PathBuf,
     pub token: String,
+    /// Everything the server wrote on stderr so far.
+    log: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Server {
@@ -33,9 +35,16 @@ impl Server {
         Server::start_with(data, &[])
     }
 
-    /// A server on `data` with more flags.
+    /// A server on `data` with more flags. Its background reaper is off unless `extra` sets
+    /// `--reap-interval`: a reaper pass is `cove gc`, which tests of the reaper and of `cove
+    /// gc` must be able to attribute (see `common::gc_lock`).
     pub fn start_with(data: PathBuf, extra: &[&str]) -> Server {
         common::become_subreaper();
+        let reaper: &[&str] = if extra.contains(&"--reap-interval") {
+            &[]
+        } else {
+            &["--reap-interval", "0s"]
+        };
         let mut child = Command::new(common::cove_bin())
             .args([
                 "serve",
@@ -48,6 +57,7 @@ impl Server {
                 "--data-dir",
             ])
             .arg(&data)
+            .args(reaper)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -77,11 +87,14 @@ impl Server {
         }
         let url = url.unwrap_or_else(|| panic!("the server did not start: {seen}"));
         // Keep draining its stderr so that it never blocks on a full pipe; what it says shows
-        // with a failing test's output.
+        // with a failing test's output, and in `log()`.
+        let log = std::sync::Arc::new(std::sync::Mutex::new(seen));
+        let kept = log.clone();
         std::thread::spawn(move || {
             let mut line = String::new();
             while stderr.read_line(&mut line).is_ok_and(|n| n > 0) {
                 eprint!("server: {line}");
+                kept.lock().unwrap().push_str(&line);
                 line.clear();
             }
         });
@@ -96,7 +109,13 @@ impl Server {
             proxy_https,
             data,
             token,
+            log,
         }
+    }
+
+    /// What the server has written on stderr so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
     }
 
     /// `cove ARGS` against this server with `token`.
@@ -218,6 +237,13 @@ impl Server {
                     .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
             })
             .count()
+    }
+
+    /// Sends SIGTERM and waits for the server to exit; its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("the server runs");
+        common::signal(c.id() as i32, libc::SIGTERM);
+        c.wait().unwrap()
     }
 
     pub fn kill9(&mut self) {
