@@ -208,6 +208,48 @@ pub async fn watch(api: Api) {
     }
 }
 
+/// Stops every sandbox that has not ended, with reason `server_shutdown`, and waits up to
+/// `grace` for them to end. Returns how many had not ended by then.
+pub async fn stop_all(api: &Api, grace: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + grace;
+    let Ok((_, records)) = all_records(&api.store).await else {
+        return 0;
+    };
+    let mut stopping = Vec::new();
+    for (_, r) in records.into_iter().filter(|(_, r)| !r.state.is_final()) {
+        let who = Caller {
+            tenant: r.tenant.clone(),
+            admin: false,
+        };
+        let done = update_record(api, &who, r.id.as_str(), |cur| {
+            if cur.state.is_final() || cur.desired == Desired::Stopped {
+                return Ok(false);
+            }
+            cur.desired = Desired::Stopped;
+            cur.stop_reason = Some(EndReason::ServerShutdown);
+            Ok(true)
+        })
+        .await;
+        if done.is_ok() {
+            stopping.push(r.id);
+        }
+    }
+    tracing::info!(
+        sandboxes = stopping.len(),
+        "stopping every sandbox before the server exits"
+    );
+    loop {
+        let left = match all_records(&api.store).await {
+            Ok((_, records)) => records.iter().filter(|(_, r)| !r.state.is_final()).count(),
+            Err(_) => 0,
+        };
+        if left == 0 || tokio::time::Instant::now() >= deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,47 +315,5 @@ mod tests {
         assert!(expired(&r, day, 1000 + 86_400_000));
         r.remove = true;
         assert!(!expired(&r, day, u64::MAX), "already being removed");
-    }
-}
-
-/// Stops every sandbox that has not ended, with reason `server_shutdown`, and waits up to
-/// `grace` for them to end. Returns how many had not ended by then.
-pub async fn stop_all(api: &Api, grace: Duration) -> usize {
-    let deadline = tokio::time::Instant::now() + grace;
-    let Ok((_, records)) = all_records(&api.store).await else {
-        return 0;
-    };
-    let mut stopping = Vec::new();
-    for (_, r) in records.into_iter().filter(|(_, r)| !r.state.is_final()) {
-        let who = Caller {
-            tenant: r.tenant.clone(),
-            admin: false,
-        };
-        let done = update_record(api, &who, r.id.as_str(), |cur| {
-            if cur.state.is_final() || cur.desired == Desired::Stopped {
-                return Ok(false);
-            }
-            cur.desired = Desired::Stopped;
-            cur.stop_reason = Some(EndReason::ServerShutdown);
-            Ok(true)
-        })
-        .await;
-        if done.is_ok() {
-            stopping.push(r.id);
-        }
-    }
-    tracing::info!(
-        sandboxes = stopping.len(),
-        "stopping every sandbox before the server exits"
-    );
-    loop {
-        let left = match all_records(&api.store).await {
-            Ok((_, records)) => records.iter().filter(|(_, r)| !r.state.is_final()).count(),
-            Err(_) => 0,
-        };
-        if left == 0 || tokio::time::Instant::now() >= deadline {
-            return left;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
