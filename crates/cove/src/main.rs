@@ -43,7 +43,7 @@ struct Cli {
 enum Command {
     #[command(flatten_help = false)]
     Run(Box<run::RunArgs>),
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     #[command(flatten)]
     Client(client::ClientCommand),
     /// Run a command or a file operation in a running sandbox of `cove serve` (started by the
@@ -81,7 +81,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(*args),
         Command::Gc { json, pool } => run::gc(json, pool),
         Command::Image(cmd) => image::image(cmd),
-        Command::Serve(args) => serve::serve(args),
+        Command::Serve(args) => serve::serve(*args),
         Command::Supervise { dir } => serve::supervise(dir),
         Command::ExecIn(args) => exec_in::exec_in(args),
         Command::Client(cmd) => client::client(&cli.conn, cmd),
