@@ -191,3 +191,37 @@ fn many_sandboxes_in_parallel_are_independent() {
         assert_no_leaks(&run.id);
     }
 }
+
+#[test]
+fn the_resident_init_is_a_few_pages_and_reaps_orphans() {
+    require_root();
+    // An orphan (its parent subshell exits at once) is reparented to init, which must reap it
+    // when it ends: no zombie may remain.
+    let run = Run::new(&[
+        "--",
+        "sh",
+        "-c",
+        "(sleep 0.1 &); sleep 0.6; tr '\\0' ' ' < /proc/1/cmdline; echo; \
+         grep VmRSS /proc/1/status; cat /proc/[0-9]*/stat",
+    ]);
+    let out = run.output();
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let mut lines = out.stdout.lines();
+    let cmdline = lines.next().unwrap();
+    assert!(
+        cmdline.starts_with(&format!("cove-{} ", run.id)),
+        "pid 1 is not the resident init: {cmdline}"
+    );
+    let rss_kib: u64 = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(rss_kib <= 64, "the resident init holds {rss_kib} KiB");
+    for stat in lines {
+        assert!(!stat.contains(") Z "), "a zombie was left: {stat}");
+    }
+}

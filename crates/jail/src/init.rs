@@ -54,6 +54,21 @@ pub(crate) struct ChildFds {
     pub go: OwnedFd,
     /// Write end of the status pipe to the supervisor.
     pub status: OwnedFd,
+    /// The resident init program ([`resident_init`]), if this target has one.
+    pub init_exe: Option<OwnedFd>,
+}
+
+/// The resident init (`init/main.rs`, built by the build script; empty where it does not
+/// exist for the target).
+static RESIDENT_INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cove-init"));
+
+/// The resident init as a sealed memory file, for [`ChildFds::init_exe`]; `None` where the
+/// target has none. Made by the supervisor before the clone: a few microseconds.
+pub(crate) fn resident_init() -> std::io::Result<Option<OwnedFd>> {
+    if RESIDENT_INIT.is_empty() {
+        return Ok(None);
+    }
+    sys::sealed_memfd(c"cove-init", RESIDENT_INIT).map(Some)
 }
 
 /// A failed step: which one, and why.
@@ -135,6 +150,7 @@ fn contain(plan: &ChildPlan, fds: &ChildFds) -> Result<Never, Failure> {
     let keep = [fds.status.as_raw_fd()]
         .into_iter()
         .chain(tty.as_ref().map(|t| t.as_raw_fd()))
+        .chain(fds.init_exe.as_ref().map(|f| f.as_raw_fd()))
         .collect::<Vec<_>>();
     sys::close_fds_except(&keep).step("close inherited descriptors")?;
     init(plan, fds, tty.as_ref(), clock)
@@ -242,6 +258,11 @@ fn init(
     if plan.report_started {
         send("R\n".to_string());
     }
+    if let Some(exe) = &fds.init_exe {
+        // From here on init only waits: the resident init does that in a few pages. Should
+        // the exec fail, this process goes on doing it itself.
+        let _ = become_resident(exe, status_fd, pid, &plan.id);
+    }
     sys::release_free_memory();
     loop {
         let (sig, sender, _) = all.wait().step("wait for signals")?;
@@ -261,6 +282,25 @@ fn init(
             let _ = sys::kill(pid, sig);
         }
     }
+}
+
+/// Replaces this process with the resident init (see `init/main.rs`), which goes on waiting
+/// for `command` and reporting on `status_fd`. Its signal mask, pending signals (a SIGCHLD of
+/// a command that already ended) and credentials carry over the exec. Returns only on failure.
+fn become_resident(
+    exe: &OwnedFd,
+    status_fd: RawFd,
+    command: libc::pid_t,
+    id: &str,
+) -> std::io::Result<Never> {
+    sys::keep_on_exec(status_fd)?;
+    let argv = [
+        format!("cove-{id}"),
+        status_fd.to_string(),
+        command.to_string(),
+    ]
+    .map(|a| CString::new(a).expect("no NUL in numbers and ids"));
+    Err(sys::execve_fd(exe.as_raw_fd(), &argv, &[]))
 }
 
 /// Before forking the command, init shrinks the bounding set to CAP_KILL: the command

@@ -321,6 +321,7 @@ fn supervise(
 ) -> Result<RunReport, RunError> {
     let (go_r, go_w) = sys::pipe().map_err(prep("create a pipe"))?;
     let (status_r, status_w) = sys::pipe().map_err(prep("create a pipe"))?;
+    let init_exe = init::resident_init().map_err(prep("load the resident init"))?;
     let sigs = SigSet::of(SUPERVISOR_SIGNALS);
     let old_mask = sigs.block().map_err(prep("block signals"))?;
     let sigfd = sigs.signalfd().map_err(prep("create a signalfd"))?;
@@ -365,6 +366,7 @@ fn supervise(
             ChildFds {
                 go: go_r,
                 status: status_w,
+                init_exe,
             },
         );
     }

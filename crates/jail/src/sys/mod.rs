@@ -578,6 +578,48 @@ pub(crate) fn execve(path: &CStr, argv: &[CString], envp: &[CString]) -> io::Err
     io::Error::last_os_error()
 }
 
+/// `execveat(fd, "", argv, envp, AT_EMPTY_PATH)`: executes the program `fd` refers to. Only
+/// returns on failure.
+pub(crate) fn execve_fd(fd: RawFd, argv: &[CString], envp: &[CString]) -> io::Error {
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
+    envp_ptrs.push(std::ptr::null());
+    // SAFETY: as for `execve`; the empty path with AT_EMPTY_PATH names `fd` itself.
+    unsafe {
+        libc::syscall(
+            libc::SYS_execveat,
+            fd,
+            c"".as_ptr(),
+            argv_ptrs.as_ptr(),
+            envp_ptrs.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    io::Error::last_os_error()
+}
+
+/// A sealed, close-on-exec memory file holding `bytes`, executable with [`execve_fd`].
+pub(crate) fn sealed_memfd(name: &CStr, bytes: &[u8]) -> io::Result<OwnedFd> {
+    // SAFETY: memfd_create takes a NUL-terminated name and flags.
+    let fd = check(unsafe {
+        libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+    })?;
+    // SAFETY: memfd_create succeeded: the descriptor is open and ours alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    write_all(fd.as_raw_fd(), bytes)?;
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    // SAFETY: F_ADD_SEALS takes an integer.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
+    Ok(fd)
+}
+
+/// Clears close-on-exec on `fd`, so that it survives an `execve`.
+pub(crate) fn keep_on_exec(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_SETFD takes an integer.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }).map(drop)
+}
+
 /// `_exit(2)`: ends the process without running destructors or flushing stdio buffers (the
 /// right way out of a forked child).
 pub(crate) fn exit(code: i32) -> ! {
