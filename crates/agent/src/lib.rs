@@ -7,16 +7,19 @@
 //! - A record wanted `running` and still `pending` is started: its directory
 //!   (`<data>/sandboxes/<id>/`) gets `spec.json`, and a **supervisor** is started for it — the
 //!   `cove` binary itself (`cove supervise DIR`), a fresh single-threaded process (forking from
-//!   this multi-threaded one would be unsafe). The supervisor runs the sandbox with the jail,
-//!   its stdout and stderr going to `stdout.log` and `stderr.log`, holds `lock` (flock) for its
-//!   whole life, and writes `report.json` before it exits. It is its own process group and
-//!   nothing ties it to the agent: a restart of `cove serve`, even `kill -9`, leaves it and its
-//!   sandbox running.
-//! - A sandbox with `report.json` has ended: the record gets the reason, exit code and report.
-//!   One whose supervisor is gone without a report (`lock` free) is recorded `lost`.
-//! - A record wanted `stopped` gets its supervisor signalled (SIGTERM: the jail gives the
-//!   sandbox 10 s, then kills it) and ends with reason `killed`; one marked `remove` is deleted
-//!   with its directory once it has ended.
+//!   this multi-threaded one would be unsafe). The supervisor starts the sandbox with the jail,
+//!   its stdout and stderr going to `stdout.log` and `stderr.log`, and exits once the command
+//!   runs: the sandbox is then *detached*, with no host process of its own. Its init holds
+//!   `lock` (flock) for the sandbox's whole life, `pid` names it, and it writes how the
+//!   command ended to `status`. Nothing ties it to the agent: a restart of `cove serve`, even
+//!   `kill -9`, leaves it running. A start that fails leaves `report.json`.
+//! - A sandbox whose `lock` is free has ended: with `status`, the agent finishes it (the
+//!   jail's teardown, in a blocking task) and writes `report.json`; the record gets the reason,
+//!   exit code and report. One that ended without either is recorded `lost`.
+//! - A record wanted `stopped` gets its init signalled (SIGTERM, which init passes on to the
+//!   command); after 10 s its whole cgroup is killed. It ends with reason `killed`; one marked
+//!   `remove` is deleted with its directory once it has ended. A CPU-time limit is checked at
+//!   every poll.
 //!
 //! Every record update is a compare-and-swap on the record's revision: the API and the agent
 //! can both write a record, and neither overwrites the other's change.
@@ -26,7 +29,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cove_store::{Embedded, Event, Expect, Kv, StoreError};
 use cove_types::{
@@ -89,8 +92,15 @@ pub struct Agent {
     cove: PathBuf,
     /// Supervisors this process started (reaped by tokio when they exit).
     children: HashMap<SandboxId, tokio::process::Child>,
-    /// Sandboxes already sent SIGTERM.
-    signalled: HashSet<SandboxId>,
+    /// Sandboxes already sent SIGTERM, and when.
+    signalled: HashMap<SandboxId, Instant>,
+    /// Sandboxes killed after the stop grace.
+    escalated: HashSet<SandboxId>,
+    /// Detached sandboxes being finished (their teardown runs in a blocking task, which says
+    /// so on `finished_tx` when `report.json` is written).
+    finishing: HashSet<SandboxId>,
+    finished_tx: tokio::sync::mpsc::UnboundedSender<SandboxId>,
+    finished_rx: Option<tokio::sync::mpsc::UnboundedReceiver<SandboxId>>,
     /// Each running sandbox's logs' last indexed sizes (see [`index_log`]).
     log_sizes: HashMap<PathBuf, u64>,
     /// Supervisors report here when their sandbox's command runs.
@@ -109,12 +119,17 @@ impl Agent {
             .create(&root)
             .map_err(io_err("create", &root))?;
         let (started_tx, started_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (finished_tx, finished_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Agent {
             store,
             root,
             cove,
             children: HashMap::new(),
-            signalled: HashSet::new(),
+            signalled: HashMap::new(),
+            escalated: HashSet::new(),
+            finishing: HashSet::new(),
+            finished_tx,
+            finished_rx: Some(finished_rx),
             log_sizes: HashMap::new(),
             started_tx,
             started_rx: Some(started_rx),
@@ -139,11 +154,20 @@ impl Agent {
         let mut watch = self.store.watch(PREFIX, revision).await?;
         let mut tick = tokio::time::interval(POLL);
         let mut started = self.started_rx.take().expect("run is called once");
+        let mut finished = self.finished_rx.take().expect("run is called once");
         loop {
             tokio::select! {
                 // Off the loop: the write waits for a group commit, other sandboxes need not.
                 Some(id) = started.recv() => {
                     tokio::spawn(mark_running(self.store.clone(), id));
+                }
+                // A detached sandbox's report is written: record its end now.
+                Some(id) = finished.recv() => {
+                    self.finishing.remove(&id);
+                    if let Some(entry) = self.store.get(&key(&id)).await? {
+                        let record = parse(&entry.key, &entry.value)?;
+                        self.converge(record, entry.mod_revision).await?;
+                    }
                 }
                 event = watch.next() => {
                     match event {
@@ -200,16 +224,18 @@ impl Agent {
             return Ok(());
         }
         let dir = self.dir(&id);
-        // Nothing started it yet: no supervisor of ours, none alive from before a restart, and
-        // no report of one that already ended.
+        // Nothing started it yet: no supervisor of ours, none alive from before a restart, no
+        // report of one that already ended, and no sandbox it left detached.
         let untouched = record.state == SandboxState::Pending
             && !self.children.contains_key(&id)
             && !supervisor_alive(&dir)
-            && !dir.join("report.json").exists();
+            && !dir.join("report.json").exists()
+            && !dir.join("status").exists();
         match (record.desired, record.state) {
             (_, SandboxState::Exited) => {
                 self.children.remove(&id);
                 self.signalled.remove(&id);
+                self.escalated.remove(&id);
                 if record.remove {
                     self.remove(&record, rev).await?;
                 }
@@ -231,8 +257,17 @@ impl Agent {
                 if let Some(freeze) = frozen {
                     return self.set_frozen(record, rev, freeze).await;
                 }
-                if record.desired == Desired::Stopped && !self.signalled.contains(&id) {
-                    self.signal(&id);
+                if record.desired == Desired::Stopped {
+                    match self.signalled.get(&id) {
+                        None => self.signal(&id),
+                        Some(at)
+                            if at.elapsed() >= cove_jail::run::DETACHED_STOP_GRACE
+                                && self.escalated.insert(id) =>
+                        {
+                            kill_sandbox(&id);
+                        }
+                        Some(_) => {}
+                    }
                 }
                 self.check(record, rev).await
             }
@@ -375,7 +410,7 @@ impl Agent {
         {
             // Gone meanwhile is fine: the next check records how it ended.
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-            self.signalled.insert(*id);
+            self.signalled.insert(*id, Instant::now());
         }
     }
 
@@ -425,12 +460,34 @@ impl Agent {
                 }
             };
         }
-        // Our own child tells exactly when it is gone; an adopted one (after a restart) by its
-        // lock.
-        let (gone, adopted) = match self.children.get_mut(&id) {
-            Some(child) => (matches!(child.try_wait(), Ok(Some(_))), false),
+        // While our supervisor starts it, it is not gone; once the supervisor has exited (or
+        // after a restart), the lock says whether the sandbox lives.
+        let starting = self
+            .children
+            .get_mut(&id)
+            .map(|child| !matches!(child.try_wait(), Ok(Some(_))));
+        let (gone, adopted) = match starting {
+            Some(true) => (false, false),
+            Some(false) => {
+                self.children.remove(&id);
+                (!supervisor_alive(&dir), false)
+            }
             None => (!supervisor_alive(&dir), true),
         };
+        if gone && dir.join("status").exists() {
+            self.finish(&record, &dir);
+            return Ok(());
+        }
+        if !gone
+            && record.state == SandboxState::Running
+            && !self.escalated.contains(&id)
+            && limit_hit(&id, &record.spec.limits)
+        {
+            // A limit ends the sandbox, as under `cove run`; the report says which (from the
+            // cgroup's counters).
+            kill_sandbox(&id);
+            self.escalated.insert(id);
+        }
         if gone && !report_path.exists() {
             let message = "its supervisor ended without a report".to_string();
             tracing::warn!(
@@ -450,6 +507,39 @@ impl Agent {
             self.update(&record, rev).await?;
         }
         Ok(())
+    }
+
+    /// Tears down a detached sandbox whose init has exited and writes its `report.json`, in a
+    /// blocking task (cgroup removal and nftables transactions take milliseconds); the agent
+    /// is told on `finished_tx`.
+    fn finish(&mut self, record: &SandboxRecord, dir: &Path) {
+        if !self.finishing.insert(record.id) {
+            return;
+        }
+        let id = record.id;
+        let spec = record.spec.clone();
+        let dir = dir.to_path_buf();
+        let started = record.started_at_ms.unwrap_or(record.created_at_ms);
+        let stop = (record.desired == Desired::Stopped).then(|| cove_jail::run::StopInfo {
+            signal: rustix::process::Signal::TERM.as_raw(),
+            escalated: self.escalated.contains(&id),
+        });
+        let tx = self.finished_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            reap_init(&id, &dir);
+            let wall = now_ms().saturating_sub(started) as f64;
+            let report =
+                cove_jail::run::finish_detached(&id, &spec, &dir.join("status"), wall, stop, None);
+            let tmp = dir.join("report.json.tmp");
+            let written = serde_json::to_vec_pretty(&report)
+                .map_err(io::Error::other)
+                .and_then(|bytes| fs::write(&tmp, bytes))
+                .and_then(|()| fs::rename(&tmp, dir.join("report.json")));
+            if let Err(e) = written {
+                tracing::error!(sandbox = %id, error = %e, "cannot write the sandbox's report");
+            }
+            let _ = tx.send(id);
+        });
     }
 
     /// Records that a sandbox ended.
@@ -661,6 +751,75 @@ fn last_indexed(idx: &Path) -> Option<u64> {
     let mut tail = String::new();
     f.read_to_string(&mut tail).ok()?;
     tail.lines().last()?.rsplit(' ').next()?.parse().ok()
+}
+
+/// Kills every process of sandbox `id` (its cgroup), now.
+fn kill_sandbox(id: &SandboxId) {
+    let Some(hierarchy) = hierarchy() else {
+        return;
+    };
+    let cg = hierarchy.open(&cove_jail::state::cgroup_name(id));
+    // A frozen process cannot die: thaw first (a no-op when it is not frozen).
+    let _ = cg.thaw();
+    let mut kill = |pid: i32| {
+        if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    };
+    if let Err(e) = cg.kill_all(&mut kill) {
+        tracing::warn!(sandbox = %id, error = %e, "cannot kill the sandbox");
+    }
+}
+
+/// Whether sandbox `id` has hit a limit that ends it: a process killed for memory, a fork
+/// refused by the pids limit, or (with one) its CPU-time budget spent. Two or three cgroup
+/// file reads.
+fn limit_hit(id: &SandboxId, limits: &cove_types::Limits) -> bool {
+    let Some(hierarchy) = hierarchy() else {
+        return false;
+    };
+    let cg = hierarchy.open(&cove_jail::state::cgroup_name(id));
+    if cg
+        .limit_events()
+        .is_ok_and(|(oom, pids)| oom > 0 || pids > 0)
+    {
+        return true;
+    }
+    limits.cpu_time.is_some_and(|budget| {
+        cg.cpu_usage_ns()
+            .is_ok_and(|ns| Duration::from_nanos(ns) >= budget.as_std())
+    })
+}
+
+/// The host's cgroup hierarchy, detected once.
+fn hierarchy() -> Option<&'static cove_jail::cgroup::Hierarchy> {
+    static HIERARCHY: std::sync::OnceLock<Option<cove_jail::cgroup::Hierarchy>> =
+        std::sync::OnceLock::new();
+    HIERARCHY
+        .get_or_init(|| cove_jail::cgroup::Hierarchy::detect().ok())
+        .as_ref()
+}
+
+/// Collects the exit of a detached sandbox's init if it is this process's child (it is, when
+/// this server started it: the server is the reaper of its supervisors' orphans). Only the
+/// zombie named for the sandbox is collected: its pid cannot have been reused while it is one.
+fn reap_init(id: &SandboxId, dir: &Path) {
+    let Some(pid) = fs::read_to_string(dir.join("pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return;
+    };
+    let name: String = format!("cove-{id}").chars().take(15).collect();
+    if !stat.contains(&format!("({name}) Z ")) {
+        return;
+    }
+    if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+        let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG);
+    }
 }
 
 /// Whether a supervisor holds the sandbox directory's lock.

@@ -209,6 +209,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         layers: pinned.as_ref().map(|p| p.dirs.clone()),
         state_root: None,
         on_start: None,
+        detach: None,
         quiet: false,
         freezer: false,
     };

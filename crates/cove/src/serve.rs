@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use anyhow::{Context, anyhow, bail};
 use clap::Args;
 use cove_api::{Api, TokenRecord, register_token, router};
-use cove_jail::run::{RunOptions, run as run_sandbox};
+use cove_jail::run::RunOptions;
 use cove_store::Embedded;
 use cove_types::{Image, Reason, RunReport, SandboxId, Spec};
 
@@ -343,6 +343,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 
 async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     cove_image::tls::install_default_provider();
+    // Sandboxes outlive their supervisors: their inits become the server's children, which
+    // the agent reaps when they end (with no server, the host's init does).
+    rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
+        .context("become the reaper of sandboxes' inits")?;
     let data = &config.data_dir;
     fs::DirBuilder::new()
         .recursive(true)
@@ -520,9 +524,13 @@ pub(crate) fn root_only_secret(
     Ok(token)
 }
 
-/// `cove supervise DIR`: runs the sandbox described by `DIR/spec.json` (DIR is named by the
-/// sandbox id), with `DIR/lock` held for its whole life, and writes `DIR/report.json` at the end.
-/// Its stdout and stderr are the sandbox's logs (the agent opens them).
+/// `cove supervise DIR`: starts the sandbox described by `DIR/spec.json` (DIR is named by the
+/// sandbox id) and leaves it running on its own: once its command runs, the supervisor exits.
+/// The sandbox's init then holds `DIR/lock` (taken here first) for the sandbox's whole life,
+/// `DIR/pid` names it, and it writes how the command ended to `DIR/status`, from which the
+/// agent makes `DIR/report.json` (`cove_jail::run::finish_detached`). A start that fails
+/// writes `DIR/report.json` here. Its stdout and stderr are the sandbox's logs (the agent
+/// opens them).
 pub fn supervise(dir: PathBuf) -> anyhow::Result<ExitCode> {
     let lock_path = dir.join("lock");
     let lock = OpenOptions::new()
@@ -540,8 +548,19 @@ pub fn supervise(dir: PathBuf) -> anyhow::Result<ExitCode> {
     fs::write(&pid_path, std::process::id().to_string())
         .with_context(|| format!("write {}", pid_path.display()))?;
     let id = dir_id(&dir)?;
-    let report = match supervised_run(&dir, id) {
-        Ok(r) => r,
+    let report = match supervised_run(&dir, id, &lock) {
+        Ok(init) => {
+            // The sandbox is on its own: the agent signals its init from now on, and finds
+            // how it ended in `status` (named so only now: a supervisor that died before this
+            // left no `status`, and its sandbox is `lost`).
+            let tmp = dir.join("pid.tmp");
+            fs::write(&tmp, init.to_string())
+                .with_context(|| format!("write {}", tmp.display()))?;
+            fs::rename(&tmp, &pid_path).context("put the pid in place")?;
+            fs::rename(dir.join("status.new"), dir.join("status"))
+                .context("put the status file in place")?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Err(e) => RunReport {
             id: id.to_string(),
             exit_code: i32::from(crate::EXIT_COVE_FAILED),
@@ -578,7 +597,7 @@ fn take_notify_pipe(dir: &Path) -> anyhow::Result<std::sync::Arc<fs::File>> {
     Ok(std::sync::Arc::new(fs::File::from(notify)))
 }
 
-fn supervised_run(dir: &Path, id: SandboxId) -> anyhow::Result<RunReport> {
+fn supervised_run(dir: &Path, id: SandboxId, lock: &fs::File) -> anyhow::Result<i32> {
     let notify = take_notify_pipe(dir)?;
     let spec_path = dir.join("spec.json");
     let bytes = fs::read(&spec_path).with_context(|| format!("read {}", spec_path.display()))?;
@@ -606,6 +625,20 @@ fn supervised_run(dir: &Path, id: SandboxId) -> anyhow::Result<RunReport> {
     let resolved = dir.join("resolved.json");
     fs::write(&resolved, serde_json::to_vec_pretty(&spec)?)
         .with_context(|| format!("write {}", resolved.display()))?;
+    let status_path = dir.join("status.new");
+    let status = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&status_path)
+        .with_context(|| format!("create {}", status_path.display()))?;
+    // The sandbox's init holds these for its life: the directory's lock (it is alive), and
+    // its image layers' pins (`cove image prune` leaves them).
+    let mut keep = vec![lock.try_clone().context("share the lock")?.into()];
+    for l in pinned.iter().flat_map(|p| p.locks()) {
+        keep.push(l.try_clone().context("share the image pins")?.into());
+    }
     let opts = RunOptions {
         timing: false,
         id: Some(id),
@@ -613,12 +646,16 @@ fn supervised_run(dir: &Path, id: SandboxId) -> anyhow::Result<RunReport> {
         layers: pinned.as_ref().map(|p| p.dirs.clone()),
         state_root: None,
         on_start: Some(notify),
+        detach: Some(std::sync::Arc::new(cove_jail::run::Detach {
+            status: status.into(),
+            keep,
+        })),
         quiet: true,
         freezer: true,
     };
-    let report = run_sandbox(&spec, &opts)?;
+    let init = cove_jail::run::start_detached(&spec, &opts)?;
     drop(pinned);
-    Ok(report)
+    Ok(init)
 }
 
 /// Sandboxes' usage, from their cgroups.

@@ -258,6 +258,14 @@ pub struct PinnedLayers {
     _locks: Vec<File>,
 }
 
+impl PinnedLayers {
+    /// The shared locks that pin the layers (another process may hold copies: a pin lasts as
+    /// long as any copy is open).
+    pub fn locks(&self) -> &[File] {
+        &self._locks
+    }
+}
+
 /// Blobs and layer directories an operation added to the store, so that it can remove the ones
 /// that ended up unreferenced (see [`Store::discard_unreferenced`]).
 #[derive(Debug, Default)]

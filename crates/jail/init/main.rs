@@ -10,7 +10,8 @@
 //!
 //! It is built by the jail's build script with no standard library and no C library (raw
 //! system calls, x86_64 Linux), linked static and non-relocatable: nothing to load, nothing to
-//! relocate, no heap. Its arguments are `cove-<id> <status fd> <command pid>`; its signal mask
+//! relocate, no heap. Its arguments are `cove-<id> <status fd> <command pid> <parent-death
+//! signal>` (0 for a detached sandbox, which outlives its supervisor); its signal mask
 //! (everything blocked), its credentials and its pending signals come from the first init.
 
 #![no_std]
@@ -29,7 +30,6 @@ const PR_SET_PDEATHSIG: usize = 1;
 const PR_SET_DUMPABLE: usize = 4;
 const PR_SET_NAME: usize = 15;
 
-const SIGKILL: usize = 9;
 const SIGCHLD: i32 = 17;
 const WNOHANG: usize = 1;
 const EINTR: isize = -4;
@@ -206,20 +206,27 @@ fn report(status_fd: usize, wstatus: i32, usage: &Rusage) -> ! {
 extern "C" fn cove_init_main(sp: *const usize) -> ! {
     // SAFETY: at process entry the stack holds argc, then argc argument pointers.
     let (argc, argv) = unsafe { (*sp, sp.add(1) as *const *const u8) };
-    if argc != 3 {
+    if argc != 4 {
         exit(125);
     }
-    // SAFETY: argc says these three pointers exist.
-    let (name, status_fd, command) = unsafe { (*argv, parse(*argv.add(1)), parse(*argv.add(2))) };
-    let (Some(status_fd), Some(command)) = (status_fd, command) else {
+    // SAFETY: argc says these four pointers exist.
+    let (name, status_fd, command, death) = unsafe {
+        (
+            *argv,
+            parse(*argv.add(1)),
+            parse(*argv.add(2)),
+            parse(*argv.add(3)),
+        )
+    };
+    let (Some(status_fd), Some(command), Some(death)) = (status_fd, command, death) else {
         exit(125)
     };
     // SAFETY: prctl with integer arguments, and PR_SET_NAME with a NUL-terminated string
     // (the kernel copies at most 16 bytes). An execve makes a process dumpable again and may
-    // reset its parent-death signal: both are set again first.
+    // reset its parent-death signal: both are set again first (a detached sandbox has none).
     unsafe {
         syscall(SYS_PRCTL, PR_SET_DUMPABLE, 0, 0, 0);
-        syscall(SYS_PRCTL, PR_SET_PDEATHSIG, SIGKILL, 0, 0);
+        syscall(SYS_PRCTL, PR_SET_PDEATHSIG, death, 0, 0);
         syscall(SYS_PRCTL, PR_SET_NAME, name as usize, 0, 0);
     }
     let every: u64 = !0;

@@ -678,22 +678,34 @@ impl Cgroup {
         }
     }
 
+    /// How often the limits bit: (processes the OOM killer killed, forks the pids limit
+    /// refused). Two file reads.
+    pub fn limit_events(&self) -> Result<(u64, u64)> {
+        self.check()?;
+        let memory = &self.dirs[self.slots.memory];
+        let oom_kills = match self.version {
+            Version::V1 => read_key(&memory.join("memory.oom_control"), "oom_kill")?,
+            Version::V2 => read_key(&memory.join("memory.events"), "oom_kill")?,
+        };
+        let pids = &self.dirs[self.slots.pids];
+        Ok((oom_kills, read_key(&pids.join("pids.events"), "max")?))
+    }
+
     /// Read CPU, memory and pid accounting.
     pub fn stats(&self) -> Result<Stats> {
         let cpu_usage_ns = self.cpu_usage_ns()?;
+        let (oom_kills, pids_limit_hits) = self.limit_events()?;
         let s = &self.slots;
         let memory = &self.dirs[s.memory];
         let pids = &self.dirs[s.pids];
-        let (memory_peak_bytes, memory_current_bytes, oom_kills) = match self.version {
+        let (memory_peak_bytes, memory_current_bytes) = match self.version {
             Version::V1 => (
                 read_u64(&memory.join("memory.max_usage_in_bytes"))?,
                 read_u64(&memory.join("memory.usage_in_bytes"))?,
-                read_key(&memory.join("memory.oom_control"), "oom_kill")?,
             ),
             Version::V2 => (
                 read_u64_if_exists(&memory.join("memory.peak"))?.unwrap_or(0),
                 read_u64(&memory.join("memory.current"))?,
-                read_key(&memory.join("memory.events"), "oom_kill")?,
             ),
         };
         Ok(Stats {
@@ -701,7 +713,7 @@ impl Cgroup {
             memory_peak_bytes,
             memory_current_bytes,
             oom_kills,
-            pids_limit_hits: read_key(&pids.join("pids.events"), "max")?,
+            pids_limit_hits,
             pids_current: read_u64(&pids.join("pids.current"))?,
         })
     }

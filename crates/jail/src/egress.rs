@@ -433,6 +433,11 @@ impl Drop for Egress {
 }
 
 impl Egress {
+    /// Leaves everything in place, for [`finish_of`] to remove when the detached sandbox ends.
+    pub fn forget(mut self) {
+        self.done = true;
+    }
+
     /// Removes the pair, the sandbox's lists and its counter; returns how many of its packets
     /// the policy dropped (once; `None` after). Errors are ignored: what is left, [`reap`]
     /// finds.
@@ -440,10 +445,17 @@ impl Egress {
         if std::mem::replace(&mut self.done, true) {
             return None;
         }
+        finish_of(&self.id, self.has_policy)
+    }
+}
+
+/// [`Egress::finish`] for the sandbox `id` (with lists: `has_policy`), from any process.
+pub fn finish_of(id: &SandboxId, has_policy: bool) -> Option<u64> {
+    {
         // The pair goes with the sandbox's network namespace, which the kernel tears down on
         // its own once the sandbox's last process is gone. Deleting it here instead made the
         // supervisor wait about 20 ms (the kernel's unregistering waits for RCU grace periods).
-        let link = host_link(&self.id);
+        let link = host_link(id);
         // Straight over netfilter's netlink: an `nft` run costs about 5 ms here.
         let mut denied = None;
         if let Ok(mut nf) = Netlink::open_netfilter() {
@@ -452,12 +464,12 @@ impl Egress {
                 .ok()
                 .map(|n| n.unwrap_or(0));
         }
-        if self.has_policy {
+        if has_policy {
             let _ = nft(
                 &format!(
                     "delete element inet {TABLE} sandbox_policy {{ \"{link}\" }}\n\
                      delete chain inet {TABLE} {}\n",
-                    policy_chain(&self.id)
+                    policy_chain(id)
                 ),
                 "remove the sandbox's egress lists",
             );

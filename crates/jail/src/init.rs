@@ -56,6 +56,16 @@ pub(crate) struct ChildFds {
     pub status: OwnedFd,
     /// The resident init program ([`resident_init`]), if this target has one.
     pub init_exe: Option<OwnedFd>,
+    /// Set for a detached sandbox (`run::start_detached`).
+    pub detached: Option<Detached>,
+}
+
+/// A detached sandbox's descriptors (numbers valid in the child: the clone copied them).
+pub(crate) struct Detached {
+    /// Where the command's end is reported, instead of the status pipe.
+    pub status: RawFd,
+    /// Held open (across the resident init's exec) for the sandbox's life.
+    pub keep: Vec<RawFd>,
 }
 
 /// The resident init (`init/main.rs`, built by the build script; empty where it does not
@@ -151,6 +161,11 @@ fn contain(plan: &ChildPlan, fds: &ChildFds) -> Result<Never, Failure> {
         .into_iter()
         .chain(tty.as_ref().map(|t| t.as_raw_fd()))
         .chain(fds.init_exe.as_ref().map(|f| f.as_raw_fd()))
+        .chain(
+            fds.detached
+                .iter()
+                .flat_map(|d| d.keep.iter().copied().chain([d.status])),
+        )
         .collect::<Vec<_>>();
     sys::close_fds_except(&keep).step("close inherited descriptors")?;
     init(plan, fds, tty.as_ref(), clock)
@@ -219,9 +234,9 @@ fn init(
     tty: Option<&OwnedFd>,
     mut clock: Clock,
 ) -> Result<Never, Failure> {
-    let status_fd = fds.status.as_raw_fd();
+    let pipe_fd = fds.status.as_raw_fd();
     let send = |line: String| {
-        let _ = sys::write_all(status_fd, line.as_bytes());
+        let _ = sys::write_all(pipe_fd, line.as_bytes());
     };
     let all = SigSet::full();
     all.block().step("block signals in init")?;
@@ -255,13 +270,26 @@ fn init(
         send(format!("X {code}\t{text}\n"));
         sys::exit(0);
     }
+    // Detached, the sandbox outlives the supervisor once it has heard `R`, and the command's
+    // end goes to a file.
+    let mut status_fd = pipe_fd;
+    if let Some(d) = &fds.detached {
+        sys::set_parent_death_signal(0).step("untie the sandbox from the supervisor")?;
+        for &fd in d.keep.iter().chain([&d.status]) {
+            sys::keep_on_exec(fd).step("keep the sandbox's locks")?;
+        }
+        status_fd = d.status;
+    }
     if plan.report_started {
         send("R\n".to_string());
     }
+    let send = |line: String| {
+        let _ = sys::write_all(status_fd, line.as_bytes());
+    };
     if let Some(exe) = &fds.init_exe {
         // From here on init only waits: the resident init does that in a few pages. Should
         // the exec fail, this process goes on doing it itself.
-        let _ = become_resident(exe, status_fd, pid, &plan.id);
+        let _ = become_resident(exe, status_fd, pid, &plan.id, fds.detached.is_none());
     }
     sys::release_free_memory();
     loop {
@@ -292,12 +320,14 @@ fn become_resident(
     status_fd: RawFd,
     command: libc::pid_t,
     id: &str,
+    die_with_supervisor: bool,
 ) -> std::io::Result<Never> {
     sys::keep_on_exec(status_fd)?;
     let argv = [
         format!("cove-{id}"),
         status_fd.to_string(),
         command.to_string(),
+        if die_with_supervisor { "9" } else { "0" }.to_string(),
     ]
     .map(|a| CString::new(a).expect("no NUL in numbers and ids"));
     Err(sys::execve_fd(exe.as_raw_fd(), &argv, &[]))

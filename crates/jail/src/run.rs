@@ -9,7 +9,7 @@
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -87,6 +87,35 @@ pub struct RunOptions {
     /// Told `started` (one line) once the command has been executed, then closed: how a
     /// control plane learns that the sandbox runs.
     pub on_start: Option<std::sync::Arc<File>>,
+    /// Leave the sandbox running on its own once its command runs ([`start_detached`]).
+    pub detach: Option<std::sync::Arc<Detach>>,
+}
+
+/// What a detached sandbox keeps (see [`start_detached`]).
+#[derive(Debug)]
+pub struct Detach {
+    /// Where init writes how the command ended (`W <wait status> <utime us> <stime us>
+    /// <maxrss KiB>`), for [`finish_detached`].
+    pub status: OwnedFd,
+    /// Descriptors init holds open for the sandbox's whole life: locks that say it is alive
+    /// (they are released when its init exits).
+    pub keep: Vec<OwnedFd>,
+}
+
+/// How a stop was asked for, for the report of a detached sandbox.
+#[derive(Debug, Clone, Copy)]
+pub struct StopInfo {
+    /// The signal sent first.
+    pub signal: libc::c_int,
+    /// Killed after the grace period.
+    pub escalated: bool,
+}
+
+/// What [`launch`] ended with.
+enum Outcome {
+    Ended(RunReport),
+    /// The command runs, on its own; init's host pid.
+    Detached(libc::pid_t),
 }
 
 /// A fresh random sandbox id.
@@ -99,6 +128,43 @@ pub fn new_id() -> io::Result<SandboxId> {
 /// Runs `spec` to completion, with the command's stdio connected to ours (or to a new terminal
 /// when `spec.tty`). Returns the report; the caller decides how to print it.
 pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunReport, RunError> {
+    assert!(opts.detach.is_none(), "run waits; start_detached detaches");
+    match launch(spec, opts)? {
+        Outcome::Ended(report) => Ok(report),
+        Outcome::Detached(_) => unreachable!("not detached"),
+    }
+}
+
+/// Starts `spec` and returns once its command runs, leaving the sandbox with no host process
+/// of its own: its init holds the state directory's lock and `detach.keep` for as long as it
+/// lives, and writes how the command ended to `detach.status`. No limit is watched and nothing
+/// is torn down: the caller stops it (a signal to init, which it passes on), enforces its
+/// timeout and CPU time, and calls [`finish_detached`] once its lock is free. Returns init's
+/// pid. A terminal (`spec.tty`) is refused: nobody would relay it.
+pub fn start_detached(spec: &Spec, opts: &RunOptions) -> Result<libc::pid_t, RunError> {
+    assert!(
+        opts.detach.is_some(),
+        "start_detached needs RunOptions::detach"
+    );
+    if spec.tty {
+        return Err(RunError::Setup {
+            step: "start the sandbox".into(),
+            message: "a detached sandbox cannot have a terminal".into(),
+        });
+    }
+    match launch(spec, opts)? {
+        Outcome::Detached(pid) => Ok(pid),
+        // The command ended before it was found running (it could not be executed).
+        Outcome::Ended(report) => Err(RunError::Setup {
+            step: "start the command".into(),
+            message: report
+                .message
+                .unwrap_or_else(|| format!("it ended at once ({})", report.reason)),
+        }),
+    }
+}
+
+fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
     let t_start = Instant::now();
     spec.validate()?;
     check_host_paths(spec, opts)?;
@@ -112,7 +178,8 @@ pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunReport, RunError> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(state::STATE_ROOT));
     let state = StateDir::create(&state_root, &id)?;
-    let result = (|| -> Result<RunReport, RunError> {
+    let state_lock = state.lock_fd();
+    let result = (|| -> Result<Outcome, RunError> {
         let limits = cgroup::Limits {
             memory_bytes: Some(spec.limits.memory.as_bytes()),
             cpu_millis: Some(spec.limits.cpus_millis as u64),
@@ -133,7 +200,18 @@ pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunReport, RunError> {
                 return Err(e);
             }
         };
-        let outcome = supervise(spec, &plan, &cg, t_start, opts, &state_root, &hierarchy);
+        let outcome = supervise(
+            spec,
+            &plan,
+            &cg,
+            t_start,
+            opts,
+            (&state_root, state_lock),
+            &hierarchy,
+        );
+        if let Ok(Outcome::Detached(pid)) = outcome {
+            return Ok(Outcome::Detached(pid));
+        }
         let mut kill = |pid: i32| {
             let _ = sys::kill(pid, libc::SIGKILL);
         };
@@ -151,6 +229,11 @@ pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunReport, RunError> {
         cleaned?;
         Ok(report)
     })();
+    if let Ok(Outcome::Detached(_)) = result {
+        // Init holds the lock now (the same open file), and the directory stays.
+        state.keep();
+        return result;
+    }
     let removed = state.remove();
     let report = result?;
     removed?;
@@ -316,9 +399,9 @@ fn supervise(
     cg: &Cgroup,
     t_start: Instant,
     opts: &RunOptions,
-    state_root: &Path,
+    (state_root, state_lock): (&Path, RawFd),
     hierarchy: &Hierarchy,
-) -> Result<RunReport, RunError> {
+) -> Result<Outcome, RunError> {
     let (go_r, go_w) = sys::pipe().map_err(prep("create a pipe"))?;
     let (status_r, status_w) = sys::pipe().map_err(prep("create a pipe"))?;
     let init_exe = init::resident_init().map_err(prep("load the resident init"))?;
@@ -367,6 +450,15 @@ fn supervise(
                 go: go_r,
                 status: status_w,
                 init_exe,
+                detached: opts.detach.as_ref().map(|d| init::Detached {
+                    status: d.status.as_raw_fd(),
+                    keep: d
+                        .keep
+                        .iter()
+                        .map(|f| f.as_raw_fd())
+                        .chain([state_lock])
+                        .collect(),
+                }),
             },
         );
     }
@@ -412,10 +504,20 @@ fn supervise(
         message: None,
         final_stats: None,
         on_start: opts.on_start.clone(),
+        detach: opts.detach.is_some(),
     };
     let result = sup.wait(status_r, sigfd, &go_w);
     let _ = old_mask.set_mask();
-    let (init_report, init_status) = result?;
+    let (init_report, init_status) = match result? {
+        Waited::Detached => {
+            // Its lists stay in place until `finish_detached`.
+            if let Some(e) = egress.take() {
+                e.forget();
+            }
+            return Ok(Outcome::Detached(pid));
+        }
+        Waited::Ended(report, status) => (report, status),
+    };
 
     if opts.timing {
         eprintln!(
@@ -432,7 +534,14 @@ fn supervise(
     }
     let mut report = sup.report(&init_report, init_status);
     report.egress_denied_packets = egress.as_mut().and_then(egress::Egress::finish);
-    Ok(report)
+    Ok(Outcome::Ended(report))
+}
+
+/// What the supervisor's wait ended with.
+enum Waited {
+    Ended(InitReport, i32),
+    /// The command runs and the sandbox is on its own.
+    Detached,
 }
 
 /// Writes the id maps and lets the child go (it joins its cgroup itself).
@@ -462,6 +571,8 @@ struct Supervisor<'a> {
     final_stats: Option<cgroup::Stats>,
     /// See [`RunOptions::on_start`].
     on_start: Option<std::sync::Arc<File>>,
+    /// Return once the command runs ([`start_detached`]).
+    detach: bool,
 }
 
 impl Supervisor<'_> {
@@ -470,7 +581,7 @@ impl Supervisor<'_> {
         status_r: OwnedFd,
         sigfd: OwnedFd,
         go: &OwnedFd,
-    ) -> Result<(InitReport, i32), RunError> {
+    ) -> Result<Waited, RunError> {
         let mut reader = BufReader::new(File::from(status_r));
         let mut report = InitReport::default();
         let status_fd = reader.get_ref().as_raw_fd();
@@ -495,6 +606,9 @@ impl Supervisor<'_> {
                             if let Some(f) = self.on_start.take() {
                                 // Nobody listening any more is fine.
                                 let _ = (&*f).write_all(b"started\n");
+                            }
+                            if self.detach {
+                                return Ok(Waited::Detached);
                             }
                             sys::release_free_memory();
                         } else {
@@ -528,7 +642,7 @@ impl Supervisor<'_> {
         let (_, status, _) = sys::wait4(self.pid, 0)
             .map_err(prep("reap the sandbox"))?
             .unwrap_or((self.pid, 0, sys::Usage::default()));
-        Ok((report, status))
+        Ok(Waited::Ended(report, status))
     }
 
     /// The sandbox opened its terminal: take a copy of the master side and let it go on.
@@ -635,49 +749,138 @@ impl Supervisor<'_> {
             .take()
             .or_else(|| self.cg.stats().ok())
             .unwrap_or_default();
-        let l = &self.spec.limits;
-        // The command's status if init reported it; otherwise init's own (killed by us).
-        let status = init.wait_status.unwrap_or(init_status);
-        let (mut exit_code, mut signal) = decode_status(status);
-        if let Some((code, msg)) = &init.exec_error {
-            exit_code = *code;
-            signal = None;
-            self.message.get_or_insert_with(|| msg.clone());
-        }
-        let reason = if let Some(r) = self.killed_for {
-            r
-        } else if stats.oom_kills > 0 {
-            self.message = Some(format!("killed: {}", limit_text(l, Reason::MemoryLimit)));
-            Reason::MemoryLimit
-        } else if stats.pids_limit_hits > 0 && (exit_code != 0 || signal.is_some()) {
-            // The command ended on its own after a refused fork: not killed by us.
-            self.message = Some(limit_text(l, Reason::PidsLimit));
-            Reason::PidsLimit
-        } else if signal == Some(libc::SIGXCPU)
-            || (cpu_budget_spent(l, &stats) && signal == Some(libc::SIGKILL))
-        {
-            self.message = Some(format!("killed: {}", limit_text(l, Reason::CpuTimeLimit)));
-            Reason::CpuTimeLimit
-        } else if self.stop_requested.is_some() {
-            let sig = self.stop_requested.map(|s| s.1).unwrap_or(libc::SIGTERM);
-            self.message = Some(format!("stopped by {}", signame(sig)));
-            Reason::Killed
-        } else {
-            Reason::Exited
-        };
-        RunReport {
-            id: self.id.clone(),
-            exit_code,
-            signal,
-            reason,
-            message: self.message.clone(),
+        let ended = Ended {
+            killed_for: self.killed_for.zip(self.message.clone()),
+            stop_signal: self.stop_requested.map(|s| s.1),
             wall_time_ms: self.started.elapsed().as_secs_f64() * 1000.0,
-            cpu_time_ms: stats.cpu_usage_ns as f64 / 1e6,
-            peak_memory_bytes: stats.memory_peak_bytes,
-            egress_denied_packets: None,
-        }
+        };
+        compose_report(&self.id, self.spec, init, init_status, &stats, ended)
     }
 }
+
+/// What the supervisor (or whoever finishes a detached sandbox) knows of how it ended.
+struct Ended {
+    /// It was killed for this reason, said so.
+    killed_for: Option<(Reason, String)>,
+    /// A stop was asked for with this signal.
+    stop_signal: Option<libc::c_int>,
+    wall_time_ms: f64,
+}
+
+/// The end report: from what init said (or its own status when it said nothing), the cgroup's
+/// counters and what the supervisor did.
+fn compose_report(
+    id: &str,
+    spec: &Spec,
+    init: &InitReport,
+    init_status: i32,
+    stats: &cgroup::Stats,
+    ended: Ended,
+) -> RunReport {
+    let l = &spec.limits;
+    let mut message = ended.killed_for.as_ref().map(|k| k.1.clone());
+    // The command's status if init reported it; otherwise init's own (killed by us).
+    let status = init.wait_status.unwrap_or(init_status);
+    let (mut exit_code, mut signal) = decode_status(status);
+    if let Some((code, msg)) = &init.exec_error {
+        exit_code = *code;
+        signal = None;
+        message.get_or_insert_with(|| msg.clone());
+    }
+    let reason = if let Some((r, _)) = ended.killed_for {
+        r
+    } else if stats.oom_kills > 0 {
+        message = Some(format!("killed: {}", limit_text(l, Reason::MemoryLimit)));
+        Reason::MemoryLimit
+    } else if stats.pids_limit_hits > 0 && (exit_code != 0 || signal.is_some()) {
+        // The command ended on its own after a refused fork: not killed by us.
+        message = Some(limit_text(l, Reason::PidsLimit));
+        Reason::PidsLimit
+    } else if signal == Some(libc::SIGXCPU)
+        || (cpu_budget_spent(l, stats) && signal == Some(libc::SIGKILL))
+    {
+        message = Some(format!("killed: {}", limit_text(l, Reason::CpuTimeLimit)));
+        Reason::CpuTimeLimit
+    } else if let Some(sig) = ended.stop_signal {
+        message = Some(format!("stopped by {}", signame(sig)));
+        Reason::Killed
+    } else {
+        Reason::Exited
+    };
+    RunReport {
+        id: id.to_string(),
+        exit_code,
+        signal,
+        reason,
+        message,
+        wall_time_ms: ended.wall_time_ms,
+        cpu_time_ms: stats.cpu_usage_ns as f64 / 1e6,
+        peak_memory_bytes: stats.memory_peak_bytes,
+        egress_denied_packets: None,
+    }
+}
+
+/// Ends a detached sandbox whose init has exited (its lock is free): reads how the command
+/// ended from `status` (the file given as [`Detach::status`]) and the cgroup's counters, kills
+/// whatever is left in its cgroup, removes the cgroup, its egress lists and its state
+/// directory. `wall_time_ms` is the caller's (it knows when the sandbox started); `stop`
+/// says whether the caller stopped it. Errors of the teardown are ignored: what is left, the
+/// reaper finds.
+pub fn finish_detached(
+    id: &SandboxId,
+    spec: &Spec,
+    status: &Path,
+    wall_time_ms: f64,
+    stop: Option<StopInfo>,
+    state_root: Option<&Path>,
+) -> RunReport {
+    let mut init = InitReport::default();
+    for line in fs::read_to_string(status).unwrap_or_default().lines() {
+        parse_status_line(line, &mut init);
+    }
+    let hierarchy = Hierarchy::detect().ok();
+    let cg = hierarchy.as_ref().map(|h| h.open(&state::cgroup_name(id)));
+    let stats = cg.as_ref().and_then(|c| c.stats().ok()).unwrap_or_default();
+    if let Some(cg) = &cg {
+        let mut kill = |pid: i32| {
+            let _ = sys::kill(pid, libc::SIGKILL);
+        };
+        if cg
+            .remove()
+            .or_else(|_| cg.kill_all(&mut kill).and_then(|()| cg.remove()))
+            .is_ok()
+            && let Some(h) = &hierarchy
+        {
+            h.remove_if_empty(state::CGROUP_PARENT);
+        }
+    }
+    let denied = (spec.net == cove_types::NetMode::Egress)
+        .then(|| egress::finish_of(id, !spec.egress.is_empty()))
+        .flatten();
+    let root = state_root.unwrap_or(Path::new(state::STATE_ROOT));
+    let _ = fs::remove_dir_all(root.join(id.as_str()));
+    let ended = Ended {
+        killed_for: stop.filter(|s| s.escalated).map(|s| {
+            (
+                Reason::Killed,
+                format!(
+                    "killed: still running {STOP_GRACE:?} after {}",
+                    signame(s.signal)
+                ),
+            )
+        }),
+        stop_signal: stop.map(|s| s.signal),
+        wall_time_ms,
+    };
+    // Without a word from init, it was killed (by the caller, or with its whole cgroup).
+    let mut report = compose_report(id.as_str(), spec, &init, libc::SIGKILL, &stats, ended);
+    report.egress_denied_packets = denied;
+    report
+}
+
+/// How long a detached sandbox's command may take to exit after a stop signal before the
+/// caller kills it (the same grace as `cove run`'s).
+pub const DETACHED_STOP_GRACE: Duration = STOP_GRACE;
 
 /// Whether the sandbox has used up its CPU-time budget.
 fn cpu_budget_spent(l: &cove_types::Limits, st: &cgroup::Stats) -> bool {

@@ -114,6 +114,16 @@ impl StateDir {
 
     /// Removes the directory; the lock is released when `self` drops. The directory holds
     /// only the lock file, so two calls do (a recursive removal costs a directory scan).
+    /// The lock's descriptor (for a detached sandbox's init to hold).
+    pub(crate) fn lock_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self._lock.as_raw_fd()
+    }
+
+    /// Leaves the directory in place: a detached sandbox's init holds its lock now, and its
+    /// end removes it (`run::finish_detached`).
+    pub(crate) fn keep(self) {}
+
     pub fn remove(self) -> Result<(), StateError> {
         let lock = self.dir.join("lock");
         fs::remove_file(&lock).map_err(io_err("remove", &lock))?;
