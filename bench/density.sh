@@ -163,6 +163,7 @@ rows = {}
 for kind in ["crun", "cove"]:
     quiet()
     before = meminfo()
+    server_before = pss(server_pid)
     t0 = time.monotonic()
     handles = [start(kind, i) for i in range(n)]
     started = time.monotonic() - t0
@@ -171,6 +172,9 @@ for kind in ["crun", "cove"]:
     quiet()
     after = meminfo()
     procs = processes(kind)
+    if kind == "cove":
+        # The control plane's own growth (records, the agent's state) is the sandboxes' too.
+        procs["server"] = (0, pss(server_pid) - server_before)
     served = probe(kind, handles[0]) and probe(kind, handles[-1])
     per = lambda k: (before[k] - after[k]) / n if k == "MemAvailable" else (after[k] - before[k]) / n
     rows[kind] = dict(avail=per("MemAvailable"), slab=per("Slab"), sunreclaim=per("SUnreclaim"),
@@ -184,7 +188,8 @@ print(f"{n} idle busybox httpd sandboxes per tool, each in its own network names
       f"(settled {settle:.0f} s); KiB per sandbox:")
 print(f"{'':10} {'MemAvail drop':>14} {'Slab':>8} {'(unrecl.)':>10} {'PageTbl':>8} {'KStack':>7}  processes (count, PSS) per sandbox")
 for kind, r in rows.items():
-    ps = ", ".join(f"{role} {c:.0f}x {p:.0f}" for role, (c, p) in sorted(r["procs"].items()))
+    ps = ", ".join(f"{role} {c:.0f}x {p:.0f}" if c else f"{role} +{p:.0f}"
+                   for role, (c, p) in sorted(r["procs"].items()))
     print(f"{kind:10} {r['avail']:14.0f} {r['slab']:8.0f} {r['sunreclaim']:10.0f} {r['pagetables']:8.0f} "
           f"{r['stacks']:7.0f}  {ps}{'' if r['served'] else '  (NOT SERVING)'}")
 ratio = rows["cove"]["avail"] / rows["crun"]["avail"]

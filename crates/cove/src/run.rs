@@ -210,6 +210,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         state_root: None,
         on_start: None,
         detach: None,
+        init_file: None,
         quiet: false,
         freezer: false,
     };

@@ -377,6 +377,12 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     if let Some(dns) = config.egress.dns {
         agent = agent.with_env("COVE_EGRESS_DNS", &dns.to_string());
     }
+    // One copy of the sandboxes' resident init for all of them: its pages are in memory once.
+    if let Some(init) = cove_jail::install_resident_init(data)
+        .with_context(|| format!("write the sandboxes' init in {}", data.display()))?
+    {
+        agent = agent.with_env("COVE_INIT_FILE", &init.to_string_lossy());
+    }
     let proxy = crate::edge::bind(&config.proxy, data, &config.domain).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -652,6 +658,7 @@ fn supervised_run(dir: &Path, id: SandboxId, lock: &fs::File) -> anyhow::Result<
         })),
         quiet: true,
         freezer: true,
+        init_file: std::env::var_os("COVE_INIT_FILE").map(PathBuf::from),
     };
     let init = cove_jail::run::start_detached(&spec, &opts)?;
     drop(pinned);

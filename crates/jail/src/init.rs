@@ -70,15 +70,47 @@ pub(crate) struct Detached {
 
 /// The resident init (`init/main.rs`, built by the build script; empty where it does not
 /// exist for the target).
-static RESIDENT_INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cove-init"));
+pub(crate) static RESIDENT_INIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cove-init"));
 
-/// The resident init as a sealed memory file, for [`ChildFds::init_exe`]; `None` where the
-/// target has none. Made by the supervisor before the clone: a few microseconds.
-pub(crate) fn resident_init() -> std::io::Result<Option<OwnedFd>> {
+/// The resident init, for [`ChildFds::init_exe`]: the file `shared` if given (a copy of
+/// [`RESIDENT_INIT`] that many sandboxes map, so that its pages are in memory once), else a
+/// sealed memory file of its own (a few microseconds); `None` where the target has none.
+pub(crate) fn resident_init(shared: Option<&std::path::Path>) -> std::io::Result<Option<OwnedFd>> {
     if RESIDENT_INIT.is_empty() {
         return Ok(None);
     }
+    if let Some(path) = shared {
+        return File::open(path)
+            .map(|f| Some(f.into()))
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())));
+    }
     sys::sealed_memfd(c"cove-init", RESIDENT_INIT).map(Some)
+}
+
+/// Writes [`RESIDENT_INIT`] as `dir/cove-init-<size>-<checksum>` (read-only, executable; made
+/// once, atomically) and returns its path, for [`crate::run::RunOptions::init_file`]; `None`
+/// where the target has none.
+pub fn install_resident_init(dir: &std::path::Path) -> std::io::Result<Option<PathBuf>> {
+    use std::os::unix::fs::PermissionsExt;
+    if RESIDENT_INIT.is_empty() {
+        return Ok(None);
+    }
+    // FNV-1a: a name that changes with the content, not a security check (the directory is
+    // root's).
+    let sum = RESIDENT_INIT
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    let path = dir.join(format!("cove-init-{}-{sum:016x}", RESIDENT_INIT.len()));
+    if std::fs::read(&path).is_ok_and(|b| b == RESIDENT_INIT) {
+        return Ok(Some(path));
+    }
+    let tmp = dir.join(format!(".cove-init-{}", std::process::id()));
+    std::fs::write(&tmp, RESIDENT_INIT)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o555))?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(Some(path))
 }
 
 /// A failed step: which one, and why.

@@ -18,5 +18,7 @@ mod rootfs;
 pub mod run;
 pub mod seccomp;
 pub mod state;
+
+pub use init::install_resident_init;
 #[allow(unsafe_code)]
 mod sys;

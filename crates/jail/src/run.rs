@@ -89,6 +89,10 @@ pub struct RunOptions {
     pub on_start: Option<std::sync::Arc<File>>,
     /// Leave the sandbox running on its own once its command runs ([`start_detached`]).
     pub detach: Option<std::sync::Arc<Detach>>,
+    /// The resident init as a file many sandboxes share (see
+    /// [`crate::init::install_resident_init`]); each sandbox gets a memory file of its own
+    /// without it.
+    pub init_file: Option<PathBuf>,
 }
 
 /// What a detached sandbox keeps (see [`start_detached`]).
@@ -404,7 +408,8 @@ fn supervise(
 ) -> Result<Outcome, RunError> {
     let (go_r, go_w) = sys::pipe().map_err(prep("create a pipe"))?;
     let (status_r, status_w) = sys::pipe().map_err(prep("create a pipe"))?;
-    let init_exe = init::resident_init().map_err(prep("load the resident init"))?;
+    let init_exe =
+        init::resident_init(opts.init_file.as_deref()).map_err(prep("load the resident init"))?;
     let sigs = SigSet::of(SUPERVISOR_SIGNALS);
     let old_mask = sigs.block().map_err(prep("block signals"))?;
     let sigfd = sigs.signalfd().map_err(prep("create a signalfd"))?;
