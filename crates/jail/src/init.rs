@@ -318,14 +318,28 @@ fn init(
     let send = |line: String| {
         let _ = sys::write_all(status_fd, line.as_bytes());
     };
-    if let Some(exe) = &fds.init_exe {
-        // From here on init only waits: the resident init does that in a few pages. Should
-        // the exec fail, this process goes on doing it itself.
-        let _ = become_resident(exe, status_fd, pid, &plan.id, fds.detached.is_none());
+    // From here on init only waits. A command that is still running after a short while gets
+    // the resident init, which does that in a few pages; one that ends sooner (a short job) is
+    // reported at once, without that exec on its way. Should the exec fail, this process goes
+    // on waiting itself.
+    let resident_at = std::time::Instant::now() + RESIDENT_AFTER;
+    let mut exe = fds.init_exe.as_ref();
+    if exe.is_none() {
+        sys::release_free_memory();
     }
-    sys::release_free_memory();
     loop {
-        let (sig, sender, _) = all.wait().step("wait for signals")?;
+        let left = resident_at.saturating_duration_since(std::time::Instant::now());
+        let Some((sig, sender, _)) = (match exe {
+            Some(_) if left.is_zero() => None,
+            Some(_) => all.wait_for(Some(left)).step("wait for signals")?,
+            None => Some(all.wait().step("wait for signals")?),
+        }) else {
+            if let Some(exe) = exe.take() {
+                let _ = become_resident(exe, status_fd, pid, &plan.id, fds.detached.is_none());
+                sys::release_free_memory();
+            }
+            continue;
+        };
         if sig == libc::SIGCHLD {
             while let Ok(Some((reaped, wstatus, usage))) = sys::wait4(-1, libc::WNOHANG) {
                 if reaped == pid {
@@ -364,6 +378,9 @@ fn become_resident(
     .map(|a| CString::new(a).expect("no NUL in numbers and ids"));
     Err(sys::execve_fd(exe.as_raw_fd(), &argv, &[]))
 }
+
+/// How long after the command's start init becomes the resident init.
+const RESIDENT_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Before forking the command, init shrinks the bounding set to CAP_KILL: the command
 /// inherits that, and init keeps its effective capabilities until the command has taken its own

@@ -356,22 +356,38 @@ impl SigSet {
     }
     /// Waits for one of these (blocked) signals; returns (signal, sender pid, si_code).
     pub(crate) fn wait(&self) -> io::Result<(libc::c_int, libc::pid_t, libc::c_int)> {
+        self.wait_for(None)
+            .map(|s| s.expect("no timeout, so a signal"))
+    }
+
+    /// [`SigSet::wait`] for at most `timeout` (`None` after it).
+    pub(crate) fn wait_for(
+        &self,
+        timeout: Option<std::time::Duration>,
+    ) -> io::Result<Option<(libc::c_int, libc::pid_t, libc::c_int)>> {
+        let ts = timeout.map(|t| libc::timespec {
+            tv_sec: t.as_secs() as libc::time_t,
+            tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
+        });
         loop {
-            // SAFETY: siginfo_t is plain data that sigwaitinfo fills in.
+            // SAFETY: siginfo_t is plain data that sigtimedwait fills in.
             let mut info = unsafe { std::mem::zeroed::<libc::siginfo_t>() };
-            // SAFETY: both pointers are valid for the duration of the call.
-            let ret = unsafe { libc::sigwaitinfo(&self.0, &mut info) };
+            let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const _);
+            // SAFETY: the pointers are valid for the duration of the call (a null timeout
+            // waits forever).
+            let ret = unsafe { libc::sigtimedwait(&self.0, &mut info, ts_ptr) };
             if ret < 0 {
                 let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::EINTR) {
-                    continue;
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) if timeout.is_some() => return Ok(None),
+                    _ => return Err(e),
                 }
-                return Err(e);
             }
             // SAFETY: si_pid is valid to read for every signal; for signals without a sender it
             // reads as 0.
             let pid = unsafe { info.si_pid() };
-            return Ok((ret, pid, info.si_code));
+            return Ok(Some((ret, pid, info.si_code)));
         }
     }
     /// A signalfd delivering these signals (which must be blocked).
