@@ -264,7 +264,7 @@ impl Agent {
                             if at.elapsed() >= cove_jail::run::DETACHED_STOP_GRACE
                                 && self.escalated.insert(id) =>
                         {
-                            kill_sandbox(&id);
+                            tokio::task::spawn_blocking(move || kill_sandbox(&id));
                         }
                         Some(_) => {}
                     }
@@ -485,7 +485,7 @@ impl Agent {
         {
             // A limit ends the sandbox, as under `cove run`; the report says which (from the
             // cgroup's counters).
-            kill_sandbox(&id);
+            tokio::task::spawn_blocking(move || kill_sandbox(&id));
             self.escalated.insert(id);
         }
         if gone && !report_path.exists() {

@@ -242,6 +242,15 @@ pub struct CreateArgs {
     /// Wall-clock limit.
     #[arg(long, value_name = "DUR")]
     timeout: Option<Duration>,
+    /// CPU time the whole sandbox may use (reason cpu_time_limit).
+    #[arg(long, value_name = "DUR")]
+    cpu_time: Option<Duration>,
+    /// Open files per process.
+    #[arg(long, value_name = "N")]
+    nofile: Option<u64>,
+    /// Largest file a process may write.
+    #[arg(long, value_name = "SIZE")]
+    fsize: Option<Size>,
     /// Environment variable KEY=VALUE.
     #[arg(short = 'e', long = "env", value_name = "KEY=VAL")]
     env: Vec<String>,
@@ -490,6 +499,15 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
             }
             if let Some(t) = a.timeout {
                 limits.insert("timeout".into(), serde_json::json!(t));
+            }
+            if let Some(t) = a.cpu_time {
+                limits.insert("cpu_time".into(), serde_json::json!(t));
+            }
+            if let Some(n) = a.nofile {
+                limits.insert("nofile".into(), n.into());
+            }
+            if let Some(s) = a.fsize {
+                limits.insert("fsize".into(), serde_json::json!(s));
             }
             let body = serde_json::json!({
                 "image": a.image,

@@ -50,14 +50,22 @@ async fn pass(api: &Api, sandboxes: &Path) -> GcReport {
             .await
             .unwrap_or_default()
     };
-    let owned: Option<HashSet<SandboxId>> = cove_api::all_records(&api.store)
-        .await
-        .ok()
-        .map(|(_, records)| records.into_iter().map(|(_, r)| r.id).collect());
+    let records = cove_api::all_records(&api.store).await.ok();
+    let owned: Option<HashSet<SandboxId>> = records
+        .as_ref()
+        .map(|(_, records)| records.iter().map(|(_, r)| r.id).collect());
+    // Ended detached sandboxes whose record has not ended yet: the agent finishes them.
+    let unfinished: HashSet<String> = records
+        .iter()
+        .flat_map(|(_, records)| records.iter())
+        .filter(|(_, r)| !r.state.is_final())
+        .map(|(_, r)| r.id.to_string())
+        .collect();
     let sandboxes = sandboxes.to_path_buf();
     tokio::task::spawn_blocking(move || {
+        let agents = |id: &str| unfinished.contains(id);
         let mut report = match cove_jail::cgroup::Hierarchy::detect() {
-            Ok(h) => cove_jail::state::gc(Path::new(STATE_ROOT), &h, Scope::Everything),
+            Ok(h) => cove_jail::state::gc(Path::new(STATE_ROOT), &h, Scope::Everything, &agents),
             Err(e) => GcReport {
                 failed: vec![format!("cgroups: {e}")],
                 ..GcReport::default()

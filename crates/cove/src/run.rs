@@ -234,7 +234,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 pub fn gc(json: bool, pool: bool) -> anyhow::Result<ExitCode> {
     let hierarchy = Hierarchy::detect()?;
     let root = std::path::Path::new(STATE_ROOT);
-    let mut report = reap(root, &hierarchy, cove_jail::state::Scope::Everything);
+    let mut report = reap(
+        root,
+        &hierarchy,
+        cove_jail::state::Scope::Everything,
+        &|_| false,
+    );
     if pool {
         let n = cove_jail::netns::drain(root);
         if n > 0 {

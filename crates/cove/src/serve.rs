@@ -19,6 +19,8 @@ use cove_types::{Image, Reason, RunReport, SandboxId, Spec};
 pub const DATA_DIR: &str = "/var/lib/cove";
 /// The admin token's file name in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+/// The lock a server holds on its data directory while it runs.
+const SERVER_LOCK: &str = "server.lock";
 
 /// The configuration file read when `--config` is not given, if it exists.
 pub const CONFIG_FILE: &str = "/etc/cove/config.toml";
@@ -353,6 +355,23 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
         .mode(0o711)
         .create(data)
         .with_context(|| format!("create {}", data.display()))?;
+    // One server per data directory; while it runs, the reapers leave its ended sandboxes for
+    // it to finish (see `cove_jail::state::gc`).
+    let lock_path = data.join(SERVER_LOCK);
+    let server_lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .with_context(|| format!("open {}", lock_path.display()))?;
+    server_lock.try_lock().map_err(|_| {
+        anyhow!(
+            "another cove serve uses {} (it holds {})",
+            data.display(),
+            lock_path.display()
+        )
+    })?;
     let db = data.join("state.redb");
     let store = Embedded::open(&db)
         .await
@@ -655,6 +674,10 @@ fn supervised_run(dir: &Path, id: SandboxId, lock: &fs::File) -> anyhow::Result<
         detach: Some(std::sync::Arc::new(cove_jail::run::Detach {
             status: status.into(),
             keep,
+            owner: dir
+                .parent()
+                .and_then(Path::parent)
+                .map(|data| data.join(SERVER_LOCK)),
         })),
         quiet: true,
         freezer: true,

@@ -423,9 +423,20 @@ fn the_proxy_explains_what_it_cannot_reach() {
     assert!(r.headers.contains("retry-after: 1"), "{}", r.headers);
     assert_eq!(server.cove(&["resume", &id]).code, 0);
     assert_eq!(get(&format!("/proxy/{id}/{PORT}/info")).code, 200);
+    // Seen from inside the sandbox's network namespace (its init's view): the proxy keeps a
+    // connection to the port open.
+    let init = std::fs::read_to_string(server.data.join("sandboxes").join(&id).join("pid"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let tcp = std::fs::read_to_string(format!("/proc/{init}/net/tcp")).unwrap();
+    let port = format!(":{:04X}", PORT.parse::<u16>().unwrap());
     assert!(
-        server.sockets() > sockets,
-        "a connection to the sandbox is kept alive"
+        tcp.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f[1].ends_with(&port) && f[3] == "01"
+        }),
+        "a connection to the sandbox is kept alive: {tcp}"
     );
     assert_eq!(server.cove(&["stop", &id]).code, 0);
     server.wait_for_state(&id, "exited");

@@ -1349,3 +1349,60 @@ fn json_logs_carry_request_ids_tenants_and_sandboxes() {
     let _ = std::fs::remove_dir_all(&data);
     common::assert_no_leaks(&id);
 }
+
+#[test]
+fn limits_end_a_detached_sandbox_with_their_reason() {
+    require_root();
+    let server = Server::start();
+    // No supervisor watches a server's sandbox once it runs: the agent does, at its poll.
+    let forks = server.create(&[
+        "--pids",
+        "8",
+        "--",
+        "sh",
+        "-c",
+        "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do sleep 100 & done; wait",
+    ]);
+    // Two busy processes, each under the per-process CPU rlimit when the sandbox's total
+    // passes the budget.
+    let spins = server.create(&[
+        "--cpu-time",
+        "2s",
+        "--cpus",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        "(while :; do :; done) & (while :; do :; done) & wait",
+    ]);
+    for (id, reason, says) in [
+        (&forks, "pids_limit", "pids limit 8 reached"),
+        (&spins, "cpu_time_limit", "CPU-time limit 2s exceeded"),
+    ] {
+        let v = server.wait_for_state(id, "exited");
+        assert_eq!(v["reason"], reason, "{v}");
+        assert!(v["message"].as_str().unwrap().contains(says), "{v}");
+        server.cove(&["rm", "-f", id]);
+        common::assert_no_leaks(id);
+    }
+}
+
+#[test]
+fn a_second_server_on_the_same_data_directory_is_refused() {
+    require_root();
+    let server = Server::start();
+    let out = Command::new(common::cove_bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-proxy",
+            "--data-dir",
+        ])
+        .arg(&server.data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("another cove serve uses"), "{stderr}");
+}

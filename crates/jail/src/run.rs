@@ -104,6 +104,9 @@ pub struct Detach {
     /// Descriptors init holds open for the sandbox's whole life: locks that say it is alive
     /// (they are released when its init exits).
     pub keep: Vec<OwnedFd>,
+    /// A lock file its owner holds while it lives (the server's): while it is held, the
+    /// reapers leave an ended sandbox to the owner to finish.
+    pub owner: Option<PathBuf>,
 }
 
 /// How a stop was asked for, for the report of a detached sandbox.
@@ -234,7 +237,15 @@ fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
         Ok(report)
     })();
     if let Ok(Outcome::Detached(_)) = result {
-        // Init holds the lock now (the same open file), and the directory stays.
+        // Init holds the lock now (the same open file), and the directory stays, marked for
+        // the reapers: its end is its owner's to finish.
+        let owner = opts
+            .detach
+            .as_ref()
+            .and_then(|d| d.owner.as_ref())
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let _ = fs::write(state.path().join(state::DETACHED_MARKER), owner);
         state.keep();
         return result;
     }
@@ -490,7 +501,7 @@ fn supervise(
     }
 
     // Opportunistic reaping of sandboxes whose supervisor was killed, while ours starts.
-    let reaped = state::gc(state_root, hierarchy, state::Scope::Abandoned);
+    let reaped = state::gc(state_root, hierarchy, state::Scope::Abandoned, &|_| false);
     if !opts.quiet {
         for line in &reaped.removed {
             eprintln!("cove: reaped stale {line}");

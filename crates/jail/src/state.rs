@@ -164,10 +164,32 @@ pub enum Scope {
     Everything,
 }
 
+/// The marker of a detached sandbox's state directory (see `run::start_detached`), holding
+/// the path of its owner's lock file: once its init has exited and its lock is free, its owner
+/// finishes it (reads its cgroup's counters, then tears it down), so the reapers leave it
+/// alone while the owner lives.
+pub const DETACHED_MARKER: &str = "detached";
+
+/// Whether `dir` is an ended detached sandbox that its owner will finish: its owner's lock is
+/// held.
+fn owner_alive(dir: &Path) -> bool {
+    fs::read_to_string(dir.join(DETACHED_MARKER))
+        .ok()
+        .filter(|owner| !owner.is_empty())
+        .is_some_and(|owner| is_locked(Path::new(&owner)).unwrap_or(false))
+}
+
 /// Removes every sandbox object whose supervisor is gone: processes (through the cgroup), the
 /// cgroups, host-side mounts under the state directory (there should be none), and the state
-/// directory. Live sandboxes (locked state directories) are never touched.
-pub fn gc(root: &Path, cgroups: &Hierarchy, scope: Scope) -> GcReport {
+/// directory. Live sandboxes (locked state directories) are never touched, nor ended detached
+/// sandboxes whose owner lives or that `owned` says their owner will finish (and none with
+/// [`Scope::Abandoned`]).
+pub fn gc(
+    root: &Path,
+    cgroups: &Hierarchy,
+    scope: Scope,
+    owned: &dyn Fn(&str) -> bool,
+) -> GcReport {
     let mut report = GcReport::default();
     let mut live = Vec::new();
     if let Ok(entries) = fs::read_dir(root) {
@@ -189,6 +211,12 @@ pub fn gc(root: &Path, cgroups: &Hierarchy, scope: Scope) -> GcReport {
             }
             match is_locked(&path.join("lock")) {
                 Ok(true) => live.push(name),
+                Ok(false)
+                    if path.join(DETACHED_MARKER).exists()
+                        && (scope == Scope::Abandoned || owned(&name) || owner_alive(&path)) =>
+                {
+                    live.push(name);
+                }
                 Ok(false) => {
                     reap_cgroup(cgroups, &format!("{CGROUP_PARENT}/{name}"), &mut report);
                     reap_dir(&path, &format!("state directory of {name}"), &mut report);
