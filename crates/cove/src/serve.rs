@@ -358,15 +358,8 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     // One server per data directory; while it runs, the reapers leave its ended sandboxes for
     // it to finish (see `cove_jail::state::gc`).
     let lock_path = data.join(SERVER_LOCK);
-    let server_lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&lock_path)
-        .with_context(|| format!("open {}", lock_path.display()))?;
-    server_lock.try_lock().map_err(|_| {
-        anyhow!(
+    let _server_lock = locked(&lock_path, || {
+        format!(
             "another cove serve uses {} (it holds {})",
             data.display(),
             lock_path.display()
@@ -557,16 +550,9 @@ pub(crate) fn root_only_secret(
 /// writes `DIR/report.json` here. Its stdout and stderr are the sandbox's logs (the agent
 /// opens them).
 pub fn supervise(dir: PathBuf) -> anyhow::Result<ExitCode> {
-    let lock_path = dir.join("lock");
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&lock_path)
-        .with_context(|| format!("open {}", lock_path.display()))?;
-    lock.try_lock()
-        .map_err(|_| anyhow!("another supervisor runs {}", dir.display()))?;
+    let lock = locked(&dir.join("lock"), || {
+        format!("another supervisor runs {}", dir.display())
+    })?;
     // Whoever holds the lock says who it is (the agent signals it by this pid, after checking
     // the lock is still held, so a recycled pid is never signalled).
     let pid_path = dir.join("pid");
@@ -604,6 +590,20 @@ pub fn supervise(dir: PathBuf) -> anyhow::Result<ExitCode> {
     fs::rename(&tmp, dir.join("report.json")).context("put the report in place")?;
     drop(lock);
     Ok(ExitCode::SUCCESS)
+}
+
+/// `path` (made root-only if missing), locked for as long as the file stays open; `busy` says
+/// who holds it when someone does.
+fn locked(path: &Path, busy: impl FnOnce() -> String) -> anyhow::Result<fs::File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    file.try_lock().map_err(|_| anyhow!(busy()))?;
+    Ok(file)
 }
 
 /// The supervisor's stdout is a pipe to the agent, told `started` when the command runs; the
