@@ -18,8 +18,9 @@
 //!   exit code and report. One that ended without either is recorded `lost`.
 //! - A record wanted `stopped` gets its init signalled (SIGTERM, which init passes on to the
 //!   command); after 10 s its whole cgroup is killed. It ends with reason `killed`; one marked
-//!   `remove` is deleted with its directory once it has ended. A CPU-time limit is checked at
-//!   every poll.
+//!   `remove` is deleted with its directory once it has ended. The limits the kernel does not
+//!   end a sandbox for (its first OOM kill, its first refused fork, its CPU-time budget) are
+//!   checked at every poll.
 //!
 //! Every record update is a compare-and-swap on the record's revision: the API and the agent
 //! can both write a record, and neither overwrites the other's change.
@@ -520,10 +521,14 @@ impl Agent {
         let spec = record.spec.clone();
         let dir = dir.to_path_buf();
         let started = record.started_at_ms.unwrap_or(record.created_at_ms);
-        let stop = (record.desired == Desired::Stopped).then(|| cove_jail::run::StopInfo {
-            signal: rustix::process::Signal::TERM.as_raw(),
-            escalated: self.escalated.contains(&id),
-        });
+        // Stopped only if it was signalled: one that ended on its own first says so.
+        let stop = self
+            .signalled
+            .contains_key(&id)
+            .then(|| cove_jail::run::StopInfo {
+                signal: rustix::process::Signal::TERM.as_raw(),
+                escalated: self.escalated.contains(&id),
+            });
         let tx = self.finished_tx.clone();
         tokio::task::spawn_blocking(move || {
             reap_init(&id, &dir);
@@ -802,23 +807,33 @@ fn hierarchy() -> Option<&'static cove_jail::cgroup::Hierarchy> {
 
 /// Collects the exit of a detached sandbox's init if it is this process's child (it is, when
 /// this server started it: the server is the reaper of its supervisors' orphans). Only the
-/// zombie named for the sandbox is collected: its pid cannot have been reused while it is one.
+/// process named for the sandbox is collected, and only while it exists (so its pid cannot
+/// have been reused). Its lock is released while it exits, a moment before it is a zombie:
+/// the wait allows for that moment (up to a second).
 fn reap_init(id: &SandboxId, dir: &Path) {
-    let Some(pid) = fs::read_to_string(dir.join("pid"))
+    let Some(raw) = fs::read_to_string(dir.join("pid"))
         .ok()
         .and_then(|p| p.trim().parse::<i32>().ok())
     else {
         return;
     };
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    let name: String = format!("cove-{id}").chars().take(15).collect();
+    let Some(pid) = rustix::process::Pid::from_raw(raw) else {
         return;
     };
-    let name: String = format!("cove-{id}").chars().take(15).collect();
-    if !stat.contains(&format!("({name}) Z ")) {
-        return;
-    }
-    if let Some(pid) = rustix::process::Pid::from_raw(pid) {
-        let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG);
+    for _ in 0..100 {
+        let Ok(stat) = fs::read_to_string(format!("/proc/{raw}/stat")) else {
+            return;
+        };
+        if !stat.contains(&format!("({name}) ")) {
+            return;
+        }
+        match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG) {
+            // Not exited yet: it is on its way out.
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            // Collected, or not our child (the host's init collects it).
+            _ => return,
+        }
     }
 }
 
