@@ -186,6 +186,9 @@ impl Agent {
                     }
                 }
                 _ = tick.tick() => {
+                    // Inits of ended sandboxes that `finish` did not get to collect (one
+                    // system call when there are none).
+                    cove_jail::state::collect_exited_inits();
                     self.sweep().await?;
                 }
             }

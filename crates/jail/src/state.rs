@@ -170,6 +170,26 @@ pub enum Scope {
 /// alone while the owner lives.
 pub const DETACHED_MARKER: &str = "detached";
 
+/// Collects the exit of every sandbox init (named `cove-<id>`) that is this process's child
+/// and has exited: the inits of detached sandboxes are their server's children (it is their
+/// supervisors' subreaper). Stops at the first exited child that is something else (a
+/// supervisor or helper, which its own owner collects). Returns how many were collected.
+pub fn collect_exited_inits() -> usize {
+    let mut n = 0;
+    while let Some(pid) = sys::peek_exited_child() {
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let init = comm
+            .trim_end()
+            .strip_prefix("cove-")
+            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !init || !matches!(sys::wait4(pid, libc::WNOHANG), Ok(Some(_))) {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
 /// Whether `dir` is an ended detached sandbox that its owner will finish: its owner's lock is
 /// held.
 fn owner_alive(dir: &Path) -> bool {

@@ -165,10 +165,14 @@ pub fn assert_no_leaks(id: &str) {
         if let Ok(comm) = std::fs::read_to_string(e.path().join("comm"))
             && comm.trim() == format!("cove-{id}").chars().take(15).collect::<String>()
         {
+            // Its state and parent say who should have collected or killed it.
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let after = stat.rsplit_once(") ").map_or("", |(_, rest)| rest);
             leaks.push(format!(
-                "process {} {}",
+                "process {} {} (state and parent: {})",
                 e.file_name().to_string_lossy(),
-                comm.trim()
+                comm.trim(),
+                after.split(' ').take(2).collect::<Vec<_>>().join(" ")
             ));
         }
     }

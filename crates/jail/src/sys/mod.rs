@@ -475,6 +475,26 @@ pub(crate) struct Usage {
     pub(crate) maxrss_kib: u64,
 }
 
+/// The pid of an exited child not yet collected, without collecting it (`waitid(P_ALL,
+/// WEXITED | WNOHANG | WNOWAIT)`); `None` when there is none.
+pub(crate) fn peek_exited_child() -> Option<libc::pid_t> {
+    // SAFETY: siginfo_t is plain data that waitid fills in.
+    let mut info = unsafe { std::mem::zeroed::<libc::siginfo_t>() };
+    // SAFETY: the siginfo pointer is valid for the duration of the call; WNOWAIT leaves the
+    // child as it is.
+    let ret = unsafe {
+        libc::waitid(
+            libc::P_ALL,
+            0,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    // SAFETY: si_pid is valid to read after waitid (0 when no child was ready).
+    let pid = unsafe { info.si_pid() };
+    (ret == 0 && pid > 0).then_some(pid)
+}
+
 /// `wait4(pid, flags)`: `Some((pid, status, usage))`, or `None` with `WNOHANG` and nothing ready.
 pub(crate) fn wait4(
     pid: libc::pid_t,
