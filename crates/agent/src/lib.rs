@@ -656,7 +656,8 @@ pub const LOG_KEEP: u64 = 4 << 20;
 /// Rotates `log` if it has grown past [`LOG_MAX`]: its last [`LOG_KEEP`] bytes go to
 /// `<log>.old` and the log is emptied (its writers append, so they carry on at the new end).
 /// Checked at every poll, so the bound is soft: a sandbox can write for one poll interval past
-/// it. Output written between the copy and the truncation is lost.
+/// it. Output written during the copy is kept too; only what lands in the microseconds between
+/// the last look at the log's size and its truncation can be lost.
 pub fn rotate_log(log: &Path) -> bool {
     use std::io::{Read, Seek, SeekFrom};
     // A `stat` per log per poll; the file is opened only when it is due.
@@ -678,12 +679,44 @@ pub fn rotate_log(log: &Path) -> bool {
     {
         return false;
     }
+    // Output written meanwhile (the copy takes milliseconds) joins the kept part, until the
+    // log stops growing between two looks: only what lands between the last look and the
+    // truncation, microseconds apart, can be lost (or more, from a writer that outruns the
+    // copy: it is bounded, not lossless).
+    let mut end = len;
+    // A few rounds: a writer faster than the copy would keep it going (and growing).
+    for _ in 0..4 {
+        let Ok(now) = file.metadata().map(|m| m.len()) else {
+            return false;
+        };
+        if now <= end || now - end > LOG_KEEP {
+            break;
+        }
+        if file.seek(SeekFrom::Start(end)).is_err()
+            || (&mut file).take(now - end).read_to_end(&mut tail).is_err()
+        {
+            return false;
+        }
+        end = now;
+    }
     // Start the kept part at a line boundary when there is one.
     let start = tail.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
     let mut old = log.as_os_str().to_owned();
     old.push(".old");
     if fs::write(&old, &tail[start..]).is_err() {
         return false;
+    }
+    // Written while `.old` was: appended to it too.
+    if let Ok(now) = file.metadata().map(|m| m.len())
+        && now > end
+    {
+        let mut more = Vec::new();
+        if file.seek(SeekFrom::Start(end)).is_ok()
+            && (&mut file).take(now - end).read_to_end(&mut more).is_ok()
+            && let Ok(mut f) = OpenOptions::new().append(true).open(&old)
+        {
+            let _ = std::io::Write::write_all(&mut f, &more);
+        }
     }
     let _ = file.set_len(0);
     // The index's offsets were into the output now gone.
