@@ -659,7 +659,6 @@ pub const LOG_KEEP: u64 = 4 << 20;
 /// it. Output written during the copy is kept too; only what lands in the microseconds between
 /// the last look at the log's size and its truncation can be lost.
 pub fn rotate_log(log: &Path) -> bool {
-    use std::io::{Read, Seek, SeekFrom};
     // A `stat` per log per poll; the file is opened only when it is due.
     if fs::metadata(log).map_or(true, |m| m.len() <= LOG_MAX) {
         return false;
@@ -667,35 +666,21 @@ pub fn rotate_log(log: &Path) -> bool {
     let Ok(mut file) = OpenOptions::new().read(true).write(true).open(log) else {
         return false;
     };
-    let Ok(len) = file.metadata().map(|m| m.len()) else {
-        return false;
-    };
-    if len <= LOG_MAX {
-        return false;
-    }
+    let size = |f: &File| f.metadata().map_or(0, |m| m.len());
+    let len = size(&file);
     let mut tail = Vec::with_capacity(LOG_KEEP as usize);
-    if file.seek(SeekFrom::Start(len - LOG_KEEP)).is_err()
-        || (&mut file).take(LOG_KEEP).read_to_end(&mut tail).is_err()
-    {
+    if len <= LOG_MAX || !read_range(&mut file, len - LOG_KEEP, len, &mut tail) {
         return false;
     }
     // Output written meanwhile (the copy takes milliseconds) joins the kept part, until the
     // log stops growing between two looks: only what lands between the last look and the
     // truncation, microseconds apart, can be lost (or more, from a writer that outruns the
-    // copy: it is bounded, not lossless).
+    // copy: a few rounds at most, so it is bounded, not lossless).
     let mut end = len;
-    // A few rounds: a writer faster than the copy would keep it going (and growing).
     for _ in 0..4 {
-        let Ok(now) = file.metadata().map(|m| m.len()) else {
-            return false;
-        };
-        if now <= end || now - end > LOG_KEEP {
+        let now = size(&file);
+        if now <= end || now - end > LOG_KEEP || !read_range(&mut file, end, now, &mut tail) {
             break;
-        }
-        if file.seek(SeekFrom::Start(end)).is_err()
-            || (&mut file).take(now - end).read_to_end(&mut tail).is_err()
-        {
-            return false;
         }
         end = now;
     }
@@ -707,21 +692,25 @@ pub fn rotate_log(log: &Path) -> bool {
         return false;
     }
     // Written while `.old` was: appended to it too.
-    if let Ok(now) = file.metadata().map(|m| m.len())
-        && now > end
+    let (mut more, now) = (Vec::new(), size(&file));
+    if now > end
+        && read_range(&mut file, end, now, &mut more)
+        && let Ok(mut f) = OpenOptions::new().append(true).open(&old)
     {
-        let mut more = Vec::new();
-        if file.seek(SeekFrom::Start(end)).is_ok()
-            && (&mut file).take(now - end).read_to_end(&mut more).is_ok()
-            && let Ok(mut f) = OpenOptions::new().append(true).open(&old)
-        {
-            let _ = std::io::Write::write_all(&mut f, &more);
-        }
+        let _ = std::io::Write::write_all(&mut f, &more);
     }
     let _ = file.set_len(0);
     // The index's offsets were into the output now gone.
     let _ = fs::remove_file(index_path(log));
     true
+}
+
+/// Appends bytes `from..to` of `file` to `buf`; whether it could (nothing to read is `true`).
+fn read_range(file: &mut File, from: u64, to: u64, buf: &mut Vec<u8>) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    to <= from
+        || (file.seek(SeekFrom::Start(from)).is_ok()
+            && file.take(to - from).read_to_end(buf).is_ok())
 }
 
 /// The time index of `log`: lines `<ms since the epoch> <from> <to>`, appended at each poll
@@ -834,11 +823,7 @@ fn limit_hit(id: &SandboxId, limits: &cove_types::Limits) -> bool {
 
 /// The host's cgroup hierarchy, detected once.
 fn hierarchy() -> Option<&'static cove_jail::cgroup::Hierarchy> {
-    static HIERARCHY: std::sync::OnceLock<Option<cove_jail::cgroup::Hierarchy>> =
-        std::sync::OnceLock::new();
-    HIERARCHY
-        .get_or_init(|| cove_jail::cgroup::Hierarchy::detect().ok())
-        .as_ref()
+    cove_jail::cgroup::Hierarchy::detected()
 }
 
 /// Collects the exit of a detached sandbox's init if it is this process's child (it is, when

@@ -716,12 +716,5 @@ impl cove_api::Usage for CgroupUsage {
 
 /// The cgroup of sandbox `id` (the hierarchy is detected once).
 fn cgroup_of(id: SandboxId) -> Option<cove_jail::cgroup::Cgroup> {
-    static HIERARCHY: std::sync::OnceLock<Option<cove_jail::cgroup::Hierarchy>> =
-        std::sync::OnceLock::new();
-    let hierarchy = HIERARCHY.get_or_init(|| cove_jail::cgroup::Hierarchy::detect().ok());
-    Some(
-        hierarchy
-            .as_ref()?
-            .open(&cove_jail::state::cgroup_name(&id)),
-    )
+    Some(cove_jail::cgroup::Hierarchy::detected()?.open(&cove_jail::state::cgroup_name(&id)))
 }

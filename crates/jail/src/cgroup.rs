@@ -267,6 +267,13 @@ impl Hierarchy {
         Self::from_mountinfo(&mountinfo, Path::new("/"))
     }
 
+    /// [`Hierarchy::detect`], once per process: for long-lived processes (the server), whose
+    /// hierarchy does not change under them. `None` if detection failed.
+    pub fn detected() -> Option<&'static Hierarchy> {
+        static DETECTED: std::sync::OnceLock<Option<Hierarchy>> = std::sync::OnceLock::new();
+        DETECTED.get_or_init(|| Hierarchy::detect().ok()).as_ref()
+    }
+
     /// Same as [`Hierarchy::detect`], from given mountinfo text; mount points are joined under
     /// `root` when probing files, so tests can point this at a fake tree.
     pub fn from_mountinfo(mountinfo: &str, root: &Path) -> Result<Hierarchy> {

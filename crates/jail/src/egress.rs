@@ -451,31 +451,29 @@ impl Egress {
 
 /// [`Egress::finish`] for the sandbox `id` (with lists: `has_policy`), from any process.
 pub fn finish_of(id: &SandboxId, has_policy: bool) -> Option<u64> {
-    {
-        // The pair goes with the sandbox's network namespace, which the kernel tears down on
-        // its own once the sandbox's last process is gone. Deleting it here instead made the
-        // supervisor wait about 20 ms (the kernel's unregistering waits for RCU grace periods).
-        let link = host_link(id);
-        // Straight over netfilter's netlink: an `nft` run costs about 5 ms here.
-        let mut denied = None;
-        if let Ok(mut nf) = Netlink::open_netfilter() {
-            denied = nf
-                .nft_ifname_counter(TABLE, "denied", &link)
-                .ok()
-                .map(|n| n.unwrap_or(0));
-        }
-        if has_policy {
-            let _ = nft(
-                &format!(
-                    "delete element inet {TABLE} sandbox_policy {{ \"{link}\" }}\n\
-                     delete chain inet {TABLE} {}\n",
-                    policy_chain(id)
-                ),
-                "remove the sandbox's egress lists",
-            );
-        }
-        denied
+    // The pair goes with the sandbox's network namespace, which the kernel tears down on
+    // its own once the sandbox's last process is gone. Deleting it here instead made the
+    // supervisor wait about 20 ms (the kernel's unregistering waits for RCU grace periods).
+    let link = host_link(id);
+    // Straight over netfilter's netlink: an `nft` run costs about 5 ms here.
+    let mut denied = None;
+    if let Ok(mut nf) = Netlink::open_netfilter() {
+        denied = nf
+            .nft_ifname_counter(TABLE, "denied", &link)
+            .ok()
+            .map(|n| n.unwrap_or(0));
     }
+    if has_policy {
+        let _ = nft(
+            &format!(
+                "delete element inet {TABLE} sandbox_policy {{ \"{link}\" }}\n\
+                 delete chain inet {TABLE} {}\n",
+                policy_chain(id)
+            ),
+            "remove the sandbox's egress lists",
+        );
+    }
+    denied
 }
 
 /// A running sandbox's egress traffic: (bytes it received, bytes it sent, its packets that the

@@ -73,8 +73,7 @@ impl NetNs {
 /// run. The init is found in the sandbox's cgroup and held by a pidfd while its namespace is
 /// opened, so a recycled pid never yields another process's namespace.
 pub fn of_sandbox(id: &cove_types::SandboxId) -> Option<NetNs> {
-    let hierarchy = crate::cgroup::Hierarchy::detect().ok()?;
-    let cg = hierarchy.open(&crate::state::cgroup_name(id));
+    let cg = crate::cgroup::Hierarchy::detected()?.open(&crate::state::cgroup_name(id));
     let pid = crate::state::find_init(&cg.pids().ok()?)?;
     let pidfd = sys::pidfd_open(pid).ok()?;
     // The pid was the init's when found; held by the pidfd from here on, it is still the

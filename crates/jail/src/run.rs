@@ -219,19 +219,7 @@ fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
         if let Ok(Outcome::Detached(pid)) = outcome {
             return Ok(Outcome::Detached(pid));
         }
-        let mut kill = |pid: i32| {
-            let _ = sys::kill(pid, libc::SIGKILL);
-        };
-        // Normally empty already: init's exit took the whole pid namespace with it. Only when
-        // the removal finds the cgroup busy (a failed start) are stragglers hunted down.
-        let cleaned = cg
-            .remove()
-            .or_else(|_| cg.kill_all(&mut kill).and_then(|()| cg.remove()));
-        // The shared parent goes with the last sandbox (an rmdir that fails while others
-        // remain, a few microseconds); a start racing with it makes it again.
-        if cleaned.is_ok() {
-            layout.remove_if_empty(state::CGROUP_PARENT);
-        }
+        let cleaned = remove_cgroup(&cg, &layout);
         let report = outcome?;
         cleaned?;
         Ok(report)
@@ -553,6 +541,20 @@ fn supervise(
     Ok(Outcome::Ended(report))
 }
 
+/// Removes a sandbox's cgroup, and the shared parent with the last sandbox (an rmdir that
+/// fails while others remain, a few microseconds; a start racing with it makes it again).
+/// Normally empty already: init's exit took the whole pid namespace with it. Only when the
+/// removal finds it busy (a failed start, a killed init) are stragglers hunted down.
+fn remove_cgroup(cg: &Cgroup, layout: &Hierarchy) -> Result<(), cgroup::CgroupError> {
+    let mut kill = |pid: i32| {
+        let _ = sys::kill(pid, libc::SIGKILL);
+    };
+    cg.remove()
+        .or_else(|_| cg.kill_all(&mut kill).and_then(|()| cg.remove()))?;
+    layout.remove_if_empty(state::CGROUP_PARENT);
+    Ok(())
+}
+
 /// What the supervisor's wait ended with.
 enum Waited {
     Ended(InitReport, i32),
@@ -854,21 +856,11 @@ pub fn finish_detached(
     for line in fs::read_to_string(status).unwrap_or_default().lines() {
         parse_status_line(line, &mut init);
     }
-    let hierarchy = Hierarchy::detect().ok();
-    let cg = hierarchy.as_ref().map(|h| h.open(&state::cgroup_name(id)));
+    let hierarchy = Hierarchy::detected();
+    let cg = hierarchy.map(|h| h.open(&state::cgroup_name(id)));
     let stats = cg.as_ref().and_then(|c| c.stats().ok()).unwrap_or_default();
-    if let Some(cg) = &cg {
-        let mut kill = |pid: i32| {
-            let _ = sys::kill(pid, libc::SIGKILL);
-        };
-        if cg
-            .remove()
-            .or_else(|_| cg.kill_all(&mut kill).and_then(|()| cg.remove()))
-            .is_ok()
-            && let Some(h) = &hierarchy
-        {
-            h.remove_if_empty(state::CGROUP_PARENT);
-        }
+    if let (Some(cg), Some(h)) = (&cg, hierarchy) {
+        let _ = remove_cgroup(cg, h);
     }
     let denied = (spec.net == cove_types::NetMode::Egress)
         .then(|| egress::finish_of(id, !spec.egress.is_empty()))
