@@ -438,6 +438,16 @@ struct Caller {
     admin: bool,
 }
 
+impl Caller {
+    /// The owner of `r`, for the control plane's own changes to it.
+    fn owner_of(r: &SandboxRecord) -> Caller {
+        Caller {
+            tenant: r.tenant.clone(),
+            admin: false,
+        }
+    }
+}
+
 /// The subprotocol a WebSocket client selects; it carries no meaning beyond "Cove, version 1".
 pub(crate) const WS_PROTOCOL: &str = "cove.v1";
 

@@ -123,10 +123,7 @@ pub async fn watch(api: Api) {
             if let Some(retention) = api.retention
                 && expired(&r, retention, now_ms())
             {
-                let who = Caller {
-                    tenant: r.tenant.clone(),
-                    admin: false,
-                };
+                let who = Caller::owner_of(&r);
                 let _ = update_record(&api, &who, r.id.as_str(), |cur| {
                     let due = expired(cur, retention, now_ms());
                     if due {
@@ -159,10 +156,7 @@ pub async fn watch(api: Api) {
             if todo == Due::Nothing {
                 continue;
             }
-            let who = Caller {
-                tenant: r.tenant.clone(),
-                admin: false,
-            };
+            let who = Caller::owner_of(&r);
             // Applied only if it still holds for the record as it is when written.
             let mut acted = None;
             let done = update_record(&api, &who, r.id.as_str(), |cur| {
@@ -215,12 +209,9 @@ pub async fn stop_all(api: &Api, grace: Duration) -> usize {
     let Ok((_, records)) = all_records(&api.store).await else {
         return 0;
     };
-    let mut stopping = Vec::new();
+    let mut stopping = 0;
     for (_, r) in records.into_iter().filter(|(_, r)| !r.state.is_final()) {
-        let who = Caller {
-            tenant: r.tenant.clone(),
-            admin: false,
-        };
+        let who = Caller::owner_of(&r);
         let done = update_record(api, &who, r.id.as_str(), |cur| {
             if cur.state.is_final() || cur.desired == Desired::Stopped {
                 return Ok(false);
@@ -230,12 +221,12 @@ pub async fn stop_all(api: &Api, grace: Duration) -> usize {
             Ok(true)
         })
         .await;
-        if done.is_ok() {
-            stopping.push(r.id);
+        if let Ok((_, Some(_))) = done {
+            stopping += 1;
         }
     }
     tracing::info!(
-        sandboxes = stopping.len(),
+        sandboxes = stopping,
         "stopping every sandbox before the server exits"
     );
     loop {
