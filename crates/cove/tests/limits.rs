@@ -165,17 +165,25 @@ fn limits_are_visible_in_the_cgroup_while_running() {
     let dir = std::path::Path::new("/sys/fs/cgroup/memory/cove").join(&run.id);
     let v2 = std::path::Path::new("/sys/fs/cgroup/cove").join(&run.id);
     let mut seen = false;
+    // The cgroup exists a moment before its limits are written: a value still at the
+    // kernel's default means "not yet".
+    let set = |v: &str| !v.trim().starts_with("9223372036854") && v.trim() != "max";
     for _ in 0..200 {
-        if let Ok(v) = std::fs::read_to_string(dir.join("memory.limit_in_bytes")) {
+        let pids = format!("/sys/fs/cgroup/pids/cove/{}/pids.max", run.id);
+        // Memory is written first, pids last.
+        if let Ok(v) = std::fs::read_to_string(dir.join("memory.limit_in_bytes"))
+            && let Ok(p) = std::fs::read_to_string(&pids)
+            && set(&v)
+            && set(&p)
+        {
             assert_eq!(v.trim(), (96u64 << 20).to_string());
-            let p =
-                std::fs::read_to_string(format!("/sys/fs/cgroup/pids/cove/{}/pids.max", run.id))
-                    .unwrap();
             assert_eq!(p.trim(), "33");
             seen = true;
             break;
         }
-        if let Ok(v) = std::fs::read_to_string(v2.join("memory.max")) {
+        if let Ok(v) = std::fs::read_to_string(v2.join("memory.max"))
+            && set(&v)
+        {
             assert_eq!(v.trim(), (96u64 << 20).to_string());
             seen = true;
             break;
