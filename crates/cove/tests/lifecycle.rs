@@ -201,26 +201,32 @@ fn the_resident_init_is_a_few_pages_and_reaps_orphans() {
         "--",
         "sh",
         "-c",
-        "(sleep 0.1 &); sleep 0.6; tr '\\0' ' ' < /proc/1/cmdline; echo; \
-         grep VmRSS /proc/1/status; cat /proc/[0-9]*/stat",
+        "(sleep 0.1 &); sleep 0.6; cat /proc/1/comm; \
+         grep -E 'VmRSS|VmPTE' /proc/1/status; cat /proc/1/maps; echo; cat /proc/[0-9]*/stat",
     ]);
     let out = run.output();
     assert_eq!(out.code, 0, "{}", out.stderr);
     let mut lines = out.stdout.lines();
-    let cmdline = lines.next().unwrap();
-    assert!(
-        cmdline.starts_with(&format!("cove-{} ", run.id)),
-        "pid 1 is not the resident init: {cmdline}"
-    );
-    let rss_kib: u64 = lines
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let comm = lines.next().unwrap();
+    let expected: String = format!("cove-{}", run.id).chars().take(15).collect();
+    assert_eq!(comm, expected, "pid 1 is not the resident init");
+    let mut kib = || -> u64 {
+        let line = lines.next().unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let (rss_kib, pte_kib) = (kib(), kib());
     assert!(rss_kib <= 64, "the resident init holds {rss_kib} KiB");
+    // Its image alone is mapped (no kernel stack, no vDSO): one page-table chain.
+    let maps: Vec<&str> = lines.by_ref().take_while(|l| !l.is_empty()).collect();
+    assert!(
+        maps.iter()
+            .all(|m| !m.contains("[stack]") && !m.contains("[vdso]")),
+        "the resident init keeps more than its image mapped: {maps:#?}"
+    );
+    assert!(
+        pte_kib <= 16,
+        "the resident init's page tables take {pte_kib} KiB"
+    );
     for stat in lines {
         assert!(!stat.contains(") Z "), "a zombie was left: {stat}");
     }
