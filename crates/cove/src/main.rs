@@ -1,5 +1,6 @@
-//! The `cove` binary: one program for every role. Today: `cove run` (one sandbox, no server)
-//! and `cove gc` (reap what a killed `cove run` left behind).
+//! The `cove` binary: one program for every role: `cove run` (one sandbox, no server), `cove
+//! serve` (the control plane) and its client commands, `cove image`, `cove gc`, and the helpers
+//! the server starts (`supervise`, `exec-in`).
 
 #![forbid(unsafe_code)]
 
@@ -17,7 +18,7 @@ mod serve;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, FromArgMatches, Parser, Subcommand};
 
 /// Exit code when Cove itself fails (as `docker run` does).
 pub const EXIT_COVE_FAILED: u8 = 125;
@@ -75,16 +76,58 @@ enum Command {
     },
 }
 
+/// The commands started once per sandbox or per exec (`run`, `supervise`, `exec-in`), parsed
+/// by a parser of that command alone: building the whole command tree takes about half a
+/// millisecond, a share of every sandbox's start. Anything that parser does not accept (help
+/// included) goes to the full one, which answers as it always does.
+fn parse_hot() -> Option<Command> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let sub = args.get(1)?.to_str()?;
+    // The subcommand's name stands in for the program's.
+    let rest = &args[1..];
+    match sub {
+        "run" => {
+            let cmd = run::RunArgs::augment_args(clap::Command::new("run"));
+            let m = cmd.try_get_matches_from(rest).ok()?;
+            let a = run::RunArgs::from_arg_matches(&m).ok()?;
+            Some(Command::Run(Box::new(a)))
+        }
+        "exec-in" => {
+            let cmd = exec_in::ExecInArgs::augment_args(clap::Command::new("exec-in"));
+            let m = cmd.try_get_matches_from(rest).ok()?;
+            exec_in::ExecInArgs::from_arg_matches(&m)
+                .ok()
+                .map(Command::ExecIn)
+        }
+        "supervise" => match rest {
+            [_, dir] if !dir.to_str().is_some_and(|d| d.starts_with('-')) => {
+                Some(Command::Supervise { dir: dir.into() })
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
+    let (command, conn) = match parse_hot() {
+        Some(command) => (command, None),
+        None => {
+            let cli = Cli::parse();
+            (cli.command, Some(cli.conn))
+        }
+    };
+    let result = match command {
         Command::Run(args) => run::run(*args),
         Command::Gc { json, pool } => run::gc(json, pool),
         Command::Image(cmd) => image::image(cmd),
         Command::Serve(args) => serve::serve(*args),
         Command::Supervise { dir } => serve::supervise(dir),
         Command::ExecIn(args) => exec_in::exec_in(args),
-        Command::Client(cmd) => client::client(&cli.conn, cmd),
+        Command::Client(cmd) => client::client(
+            conn.as_ref().expect("client commands come from the full parser"),
+            cmd,
+        ),
     };
     match result {
         Ok(code) => code,
