@@ -142,6 +142,11 @@ def start(kind, i):
                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return name
 
+def cpu_seconds(pid):
+    # utime + stime, fields 14 and 15 of /proc/<pid>/stat (after the parenthesised name).
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 def probe(kind, handle):
     req = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc 127.0.0.1 8080"
     if kind == "cove":
@@ -167,7 +172,10 @@ for kind in ["crun", "cove"]:
     t0 = time.monotonic()
     handles = [start(kind, i) for i in range(n)]
     started = time.monotonic() - t0
+    cpu0 = cpu_seconds(server_pid)
     time.sleep(settle)
+    # What the control plane spends on sandboxes that do nothing (its periodic checks).
+    idle_cpu = (cpu_seconds(server_pid) - cpu0) / settle
     # Page cache (files either tool read meanwhile) is not the sandboxes' cost.
     quiet()
     after = meminfo()
@@ -180,7 +188,7 @@ for kind in ["crun", "cove"]:
     rows[kind] = dict(avail=per("MemAvailable"), slab=per("Slab"), sunreclaim=per("SUnreclaim"),
                       pagetables=per("PageTables"), stacks=per("KernelStack"),
                       procs={r: (c / n, t / n) for r, (c, t) in procs.items()},
-                      served=served, start_s=started)
+                      served=served, start_s=started, idle_cpu=idle_cpu)
     stop(kind, handles)
     time.sleep(3)
 
@@ -192,6 +200,8 @@ for kind, r in rows.items():
                    for role, (c, p) in sorted(r["procs"].items()))
     print(f"{kind:10} {r['avail']:14.0f} {r['slab']:8.0f} {r['sunreclaim']:10.0f} {r['pagetables']:8.0f} "
           f"{r['stacks']:7.0f}  {ps}{'' if r['served'] else '  (NOT SERVING)'}")
+print(f"cove serve's own CPU while its {n} sandboxes idled: "
+      f"{100 * rows['cove']['idle_cpu']:.1f}% of one core")
 ratio = rows["cove"]["avail"] / rows["crun"]["avail"]
 print(f"cove/crun memory per sandbox: {ratio:.2f}; at this cost 4 GiB holds "
       f"{4 * 1024 * 1024 / rows['cove']['avail']:.0f} Cove sandboxes, "

@@ -1,8 +1,14 @@
 //! The node agent: makes the sandboxes on this node what their records say, and records what
 //! happened to them.
 //!
-//! Level-triggered: on start, on every change to a record (a store watch), and every
-//! [`POLL`], each record is compared with what exists on the host, and the difference repaired.
+//! Level-triggered: on start, on every change to a record (a store watch), when an event says
+//! so, and periodically, a record is compared with what exists on the host, and the difference
+//! repaired. The periodic work is bounded so that thousands of idle sandboxes cost next to
+//! nothing: every [`POLL`], the sandboxes being started or stopped and those past their
+//! deadline are checked, plus the next [`CHECKS_PER_POLL`] of the others in turn (so each is
+//! checked every poll while there are few, and every `n / CHECKS_PER_POLL` polls beyond); an
+//! init that exits is noticed at once (a pidfd per running sandbox, which the loop waits on);
+//! and every [`SWEEP`] the whole store is listed again, for anything a watch could have missed.
 //!
 //! - A record wanted `running` and still `pending` is started: its directory
 //!   (`<data>/sandboxes/<id>/`) gets `spec.json`, and a **supervisor** is started for it — the
@@ -20,12 +26,12 @@
 //!   command); after 10 s its whole cgroup is killed. It ends with reason `killed`; one marked
 //!   `remove` is deleted with its directory once it has ended. The limits the kernel does not
 //!   end a sandbox for (its first OOM kill, its first refused fork, its CPU-time budget) are
-//!   checked at every poll.
+//!   checked at each of its periodic checks.
 //!
 //! Every record update is a compare-and-swap on the record's revision: the API and the agent
 //! can both write a record, and neither overwrites the other's change.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -37,8 +43,35 @@ use cove_types::{
     Desired, EndReason, RunReport, SandboxId, SandboxRecord, SandboxState, sandbox::now_ms,
 };
 
-/// How often running sandboxes are checked without a record change.
+/// How often the agent's periodic checks run.
 pub const POLL: Duration = Duration::from_millis(200);
+/// How many running sandboxes each poll checks, in turn (besides those being started or
+/// stopped, past their deadline, or whose init exited).
+pub const CHECKS_PER_POLL: usize = 64;
+/// How often the whole store is listed again.
+pub const SWEEP: Duration = Duration::from_secs(60);
+
+/// What the loop keeps of a sandbox that has not ended.
+struct Tracked {
+    /// Its record's revision when last converged.
+    rev: u64,
+    /// When its time is up.
+    deadline_ms: Option<u64>,
+    /// Checked at every poll: being started, or stopped.
+    every_poll: bool,
+    /// The task waiting for its init to exit.
+    exit_watch: Option<tokio::task::AbortHandle>,
+    /// Its init has exited (it is not watched again while it is finished).
+    exited: bool,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if let Some(watch) = &self.exit_watch {
+            watch.abort();
+        }
+    }
+}
 
 use cove_types::sandbox::{RECORDS_PREFIX as PREFIX, record_key as key};
 
@@ -109,6 +142,13 @@ pub struct Agent {
     started_rx: Option<tokio::sync::mpsc::UnboundedReceiver<SandboxId>>,
     /// More environment for supervisors (over the server's own).
     env: Vec<(String, String)>,
+    /// The sandboxes that have not ended.
+    active: HashMap<SandboxId, Tracked>,
+    /// The order in which they take their turn at the periodic checks.
+    rotation: VecDeque<SandboxId>,
+    /// Exit watches report here when a sandbox's init exits.
+    exited_tx: tokio::sync::mpsc::UnboundedSender<SandboxId>,
+    exited_rx: Option<tokio::sync::mpsc::UnboundedReceiver<SandboxId>>,
 }
 
 impl Agent {
@@ -121,6 +161,7 @@ impl Agent {
             .map_err(io_err("create", &root))?;
         let (started_tx, started_rx) = tokio::sync::mpsc::unbounded_channel();
         let (finished_tx, finished_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (exited_tx, exited_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Agent {
             store,
             root,
@@ -135,6 +176,10 @@ impl Agent {
             started_tx,
             started_rx: Some(started_rx),
             env: Vec::new(),
+            active: HashMap::new(),
+            rotation: VecDeque::new(),
+            exited_tx,
+            exited_rx: Some(exited_rx),
         })
     }
 
@@ -156,6 +201,8 @@ impl Agent {
         let mut tick = tokio::time::interval(POLL);
         let mut started = self.started_rx.take().expect("run is called once");
         let mut finished = self.finished_rx.take().expect("run is called once");
+        let mut exited = self.exited_rx.take().expect("run is called once");
+        let mut last_sweep = Instant::now();
         loop {
             tokio::select! {
                 // Off the loop: the write waits for a group commit, other sandboxes need not.
@@ -165,10 +212,15 @@ impl Agent {
                 // A detached sandbox's report is written: record its end now.
                 Some(id) = finished.recv() => {
                     self.finishing.remove(&id);
-                    if let Some(entry) = self.store.get(&key(&id)).await? {
-                        let record = parse(&entry.key, &entry.value)?;
-                        self.converge(record, entry.mod_revision).await?;
+                    self.reconverge(&id).await?;
+                }
+                // Its init exited: finish it now.
+                Some(id) = exited.recv() => {
+                    if let Some(t) = self.active.get_mut(&id) {
+                        t.exit_watch = None;
+                        t.exited = true;
                     }
+                    self.reconverge(&id).await?;
                 }
                 event = watch.next() => {
                     match event {
@@ -189,9 +241,88 @@ impl Agent {
                     // Inits of ended sandboxes that `finish` did not get to collect (one
                     // system call when there are none).
                     cove_jail::state::collect_exited_inits();
-                    self.sweep().await?;
+                    if last_sweep.elapsed() >= SWEEP {
+                        self.sweep().await?;
+                        last_sweep = Instant::now();
+                    } else {
+                        self.poll().await?;
+                    }
                 }
             }
+        }
+    }
+
+    /// The periodic checks (see the module's documentation).
+    async fn poll(&mut self) -> Result<(), AgentError> {
+        let now = now_ms();
+        let mut due: Vec<SandboxId> = self
+            .active
+            .iter()
+            .filter(|(_, t)| t.every_poll || t.deadline_ms.is_some_and(|d| now >= d))
+            .map(|(id, _)| *id)
+            .collect();
+        let turns = CHECKS_PER_POLL.min(self.rotation.len());
+        for _ in 0..turns {
+            let Some(id) = self.rotation.pop_front() else {
+                break;
+            };
+            // Ended ones leave the rotation here.
+            if self.active.contains_key(&id) {
+                self.rotation.push_back(id);
+                if !due.contains(&id) {
+                    due.push(id);
+                }
+            }
+        }
+        for id in due {
+            self.reconverge(&id).await?;
+        }
+        Ok(())
+    }
+
+    /// Converges the stored record of `id`, if there is one.
+    async fn reconverge(&mut self, id: &SandboxId) -> Result<(), AgentError> {
+        match self.store.get(&key(id)).await? {
+            Some(entry) => {
+                let record = parse(&entry.key, &entry.value)?;
+                self.converge(record, entry.mod_revision).await
+            }
+            None => {
+                self.active.remove(id);
+                Ok(())
+            }
+        }
+    }
+
+    /// Keeps what the loop needs to know of `record`; starts waiting for its init to exit once
+    /// it runs.
+    fn track(&mut self, record: &SandboxRecord, rev: u64) {
+        let id = record.id;
+        if record.state.is_final() {
+            self.active.remove(&id);
+            return;
+        }
+        let every_poll =
+            record.state == SandboxState::Pending || record.desired == Desired::Stopped;
+        let tracked = self.active.entry(id).or_insert_with(|| {
+            self.rotation.push_back(id);
+            Tracked {
+                rev,
+                deadline_ms: None,
+                every_poll,
+                exit_watch: None,
+                exited: false,
+            }
+        });
+        tracked.rev = rev;
+        tracked.deadline_ms = record.deadline_ms;
+        tracked.every_poll = every_poll;
+        if tracked.exit_watch.is_none()
+            && !tracked.exited
+            && matches!(record.state, SandboxState::Running | SandboxState::Paused)
+        {
+            let dir = self.root.join(id.as_str());
+            tracked.exit_watch = watch_exit(&id, &dir, self.exited_tx.clone());
         }
     }
 
@@ -206,6 +337,7 @@ impl Agent {
                 let record = parse(&entry.key, &entry.value)?;
                 self.converge(record, entry.mod_revision).await?;
             }
+            // Tracked ones that are no longer stored leave at their next turn.
             if !page.more {
                 return Ok(revision);
             }
@@ -216,6 +348,7 @@ impl Agent {
     /// Makes one sandbox what its record says.
     async fn converge(&mut self, record: SandboxRecord, rev: u64) -> Result<(), AgentError> {
         let id = record.id;
+        self.track(&record, rev);
         // Its time is up: stopped, for that reason (the watch brings the record back).
         if !record.state.is_final()
             && record.desired != Desired::Stopped
@@ -655,9 +788,11 @@ pub const LOG_KEEP: u64 = 4 << 20;
 
 /// Rotates `log` if it has grown past [`LOG_MAX`]: its last [`LOG_KEEP`] bytes go to
 /// `<log>.old` and the log is emptied (its writers append, so they carry on at the new end).
-/// Checked at every poll, so the bound is soft: a sandbox can write for one poll interval past
-/// it. Output written during the copy is kept too; only what lands in the microseconds between
-/// the last look at the log's size and its truncation can be lost.
+/// Checked at each of the sandbox's periodic checks and once more when it has ended, so the
+/// bound is soft while it runs (it can write for one interval past it) and hard once it has
+/// ended: the log and `.old` then hold at most LOG_MAX + 2 x LOG_KEEP. Output written during
+/// the copy is kept too, up to LOG_KEEP of it; only what lands in the microseconds between the
+/// last look at the log's size and its truncation, or beyond that, can be lost.
 pub fn rotate_log(log: &Path) -> bool {
     // A `stat` per log per poll; the file is opened only when it is due.
     if fs::metadata(log).map_or(true, |m| m.len() <= LOG_MAX) {
@@ -684,17 +819,28 @@ pub fn rotate_log(log: &Path) -> bool {
         }
         end = now;
     }
-    // Start the kept part at a line boundary when there is one.
-    let start = tail.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
+    // Never more than LOG_KEEP of it, starting at a line boundary when there is one.
+    let from = tail.len().saturating_sub(LOG_KEEP as usize);
+    let start = from
+        + tail[from..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
     let mut old = log.as_os_str().to_owned();
     old.push(".old");
     if fs::write(&old, &tail[start..]).is_err() {
         return false;
     }
-    // Written while `.old` was: appended to it too.
+    // Written while `.old` was: appended to it too (up to LOG_KEEP more, so that a log and
+    // what its rotation kept stay within LOG_MAX + 2 x LOG_KEEP).
     let (mut more, now) = (Vec::new(), size(&file));
     if now > end
-        && read_range(&mut file, end, now, &mut more)
+        && read_range(
+            &mut file,
+            end.max(now.saturating_sub(LOG_KEEP)),
+            now,
+            &mut more,
+        )
         && let Ok(mut f) = OpenOptions::new().append(true).open(&old)
     {
         let _ = std::io::Write::write_all(&mut f, &more);
@@ -855,6 +1001,49 @@ fn reap_init(id: &SandboxId, dir: &Path) {
             // Collected, or not our child (the host's init collects it).
             _ => return,
         }
+    }
+}
+
+/// Waits, in a task, for the init of sandbox `id` to exit, then sends `id` on `tx`. `None` when
+/// it cannot be watched (its pid not written yet, gone already, no descriptor left): its
+/// periodic checks notice its end then.
+fn watch_exit(
+    id: &SandboxId,
+    dir: &Path,
+    tx: tokio::sync::mpsc::UnboundedSender<SandboxId>,
+) -> Option<tokio::task::AbortHandle> {
+    use rustix::process::{Pid, PidfdFlags, pidfd_open};
+    let raw: i32 = fs::read_to_string(dir.join("pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let pidfd = pidfd_open(Pid::from_raw(raw)?, PidfdFlags::NONBLOCK).ok()?;
+    // The pid was the init's when written; now that the descriptor holds the process, check
+    // that it still is (a recycled pid would be a stranger's). An exited init that is still a
+    // zombie holds its pid and name: its descriptor is readable at once.
+    let name: String = format!("cove-{id}").chars().take(15).collect();
+    let stat = fs::read_to_string(format!("/proc/{raw}/stat")).ok()?;
+    if !stat.contains(&format!("({name}) ")) {
+        return None;
+    }
+    let pidfd = readable(pidfd)?;
+    let id = *id;
+    let task = tokio::spawn(async move {
+        if pidfd.readable().await.is_ok() {
+            let _ = tx.send(id);
+        }
+    });
+    Some(task.abort_handle())
+}
+
+/// `fd` registered with the runtime, for readability.
+#[allow(unsafe_code)]
+fn readable(fd: std::os::fd::OwnedFd) -> Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // SAFETY: the `AsyncFd` owns the descriptor for its whole life (it closes it when dropped,
+    // after deregistering it), and an `OwnedFd` always names the same descriptor.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE).ok()
     }
 }
 

@@ -125,7 +125,8 @@ fn main() -> ExitCode {
         Command::Supervise { dir } => serve::supervise(dir),
         Command::ExecIn(args) => exec_in::exec_in(args),
         Command::Client(cmd) => client::client(
-            conn.as_ref().expect("client commands come from the full parser"),
+            conn.as_ref()
+                .expect("client commands come from the full parser"),
             cmd,
         ),
     };

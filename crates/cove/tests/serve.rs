@@ -832,9 +832,10 @@ fn a_chatty_sandbox_cannot_fill_the_disk_with_logs() {
     let size = |name: &str| std::fs::metadata(dir.join(name)).map_or(0, |m| m.len());
     let kept = size("stdout.log") + size("stdout.log.old");
     // Rotation is checked at every poll of the agent (so a sandbox may run past the bound for
-    // one interval), and once more when it has ended: then at most 32 MiB + the 4 MiB kept.
+    // one interval), and once more when it has ended: then at most 32 MiB, and what rotation
+    // kept: 4 MiB, and up to 4 MiB more written while it copied.
     assert!(
-        kept <= 36 << 20,
+        kept <= 40 << 20,
         "{kept} bytes of log kept for 200 MiB written"
     );
     let out = server.cove(&["logs", "--tail", "1", "--stream", "stdout", &id]);
