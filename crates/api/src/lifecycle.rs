@@ -4,8 +4,9 @@
 //! Use is recorded in memory ([`Activity`]) by what a person or a program does with a sandbox:
 //! requests through the edge proxy, execs (and every message of a streaming exec, both ways),
 //! file operations, resuming it; and, for a policy with `cpu_percent`, the sandbox's own CPU
-//! use over the last half second when it reaches that share of a CPU. [`watch`] checks the running sandboxes that have a policy
-//! twice a second: past the soft limit it records `idle_warned_at_ms`, which the events stream
+//! use over the last half second when it reaches that share of a CPU. [`watch`] checks the
+//! running sandboxes that have a policy twice a second (it knows which from a store watch, so
+//! the many without one cost it nothing): past the soft limit it records `idle_warned_at_ms`, which the events stream
 //! reports as `idle_warning` (with when the hard limit acts); use clears it; past the hard
 //! limit it stops the sandbox (reason `idle_limit`) or pauses it.
 //!
@@ -14,13 +15,14 @@
 //! An ended sandbox whose end is older than the server's retention is marked for removal; the
 //! agent then deletes its files and its record (as `DELETE` does).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use cove_types::sandbox::{IdleAction, now_ms};
+use cove_store::{Event, Kv};
+use cove_types::sandbox::{IdleAction, RECORDS_PREFIX, now_ms, record_key};
 use cove_types::{Desired, EndReason, SandboxId, SandboxRecord, SandboxState};
 
-use crate::{Api, Caller, all_records, update_record};
+use crate::{Api, Caller, all_records, parse, update_record};
 
 /// When each sandbox was last used, in milliseconds since the Unix epoch.
 #[derive(Debug, Default)]
@@ -44,7 +46,7 @@ impl Activity {
     }
 
     /// Keeps only the sandboxes in `live`.
-    fn retain(&self, live: &std::collections::HashSet<SandboxId>) {
+    fn retain(&self, live: &HashSet<SandboxId>) {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -109,96 +111,194 @@ fn expired(r: &SandboxRecord, retention: Duration, now: u64) -> bool {
             .is_some_and(|end| now.saturating_sub(end) >= retention.as_millis() as u64)
 }
 
+/// What the policies need to know of the records, kept up to date from a store watch.
+#[derive(Debug, Default)]
+struct Index {
+    /// The sandboxes that have not ended.
+    live: HashSet<SandboxId>,
+    /// Those of them with an idle policy.
+    idle: HashSet<SandboxId>,
+    /// Ended sandboxes not yet marked for removal, and when they ended.
+    ended: HashMap<SandboxId, Option<u64>>,
+}
+
+impl Index {
+    fn put(&mut self, r: &SandboxRecord) {
+        let id = r.id;
+        if r.state.is_final() {
+            self.live.remove(&id);
+            self.idle.remove(&id);
+            if r.remove {
+                self.ended.remove(&id);
+            } else {
+                self.ended.insert(id, r.ended_at_ms);
+            }
+        } else {
+            self.live.insert(id);
+            if r.idle.is_some() {
+                self.idle.insert(id);
+            } else {
+                self.idle.remove(&id);
+            }
+            self.ended.remove(&id);
+        }
+    }
+
+    fn delete(&mut self, key: &str) {
+        if let Some(id) = key
+            .strip_prefix(RECORDS_PREFIX)
+            .and_then(|id| id.parse::<SandboxId>().ok())
+        {
+            self.live.remove(&id);
+            self.idle.remove(&id);
+            self.ended.remove(&id);
+        }
+    }
+}
+
 /// Applies the lifecycle policies, forever (a store error is retried at the next tick).
 pub async fn watch(api: Api) {
     let started = now_ms();
     let mut cpu = CpuSamples::default();
     loop {
-        tokio::time::sleep(TICK).await;
-        let Ok((_, records)) = all_records(&api.store).await else {
+        // The index is built from a listing, then kept by a watch from the listing's revision;
+        // built again whenever the watch fails (it fell out of the store's window).
+        let Ok((revision, records)) = all_records(&api.store).await else {
+            tokio::time::sleep(TICK).await;
             continue;
         };
-        let mut live = std::collections::HashSet::new();
-        for (_, r) in records {
-            if let Some(retention) = api.retention
-                && expired(&r, retention, now_ms())
-            {
-                let who = Caller::owner_of(&r);
-                let _ = update_record(&api, &who, r.id.as_str(), |cur| {
-                    let due = expired(cur, retention, now_ms());
-                    if due {
-                        cur.remove = true;
+        let mut index = Index::default();
+        for (_, r) in &records {
+            index.put(r);
+        }
+        drop(records);
+        let Ok(mut changes) = api.store.watch(RECORDS_PREFIX, revision).await else {
+            tokio::time::sleep(TICK).await;
+            continue;
+        };
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = changes.next() => match event {
+                    Ok(Event::Put(entry)) => {
+                        if let Ok(r) = parse(&entry.value) {
+                            index.put(&r);
+                        }
                     }
-                    Ok(due)
-                })
-                .await;
-                continue;
-            }
-            if r.state.is_final() {
-                continue;
-            }
-            live.insert(r.id);
-            if let Some(percent) = r.idle.and_then(|p| p.cpu_percent)
-                && r.state == SandboxState::Running
-                && let Some(used) = api.usage.cpu_seconds(r.id)
-                && cpu.busy(r.id, now_ms(), used, percent)
-            {
-                api.activity.touch(r.id);
-            }
-            let last = api
-                .activity
-                .last(&r.id)
-                .unwrap_or(0)
-                .max(r.started_at_ms.unwrap_or(r.created_at_ms))
-                .max(started);
-            let now = now_ms();
-            let todo = due(&r, last, now);
-            if todo == Due::Nothing {
-                continue;
-            }
-            let who = Caller::owner_of(&r);
-            // Applied only if it still holds for the record as it is when written.
-            let mut acted = None;
-            let done = update_record(&api, &who, r.id.as_str(), |cur| {
-                acted = None;
-                let last = last.max(api.activity.last(&cur.id).unwrap_or(0));
-                Ok(match due(cur, last, now_ms()) {
-                    Due::Nothing => false,
-                    Due::Warn => {
-                        cur.idle_warned_at_ms = Some(now);
-                        true
-                    }
-                    Due::Unwarn => {
-                        cur.idle_warned_at_ms = None;
-                        true
-                    }
-                    Due::Act(IdleAction::Stop) => {
-                        cur.desired = Desired::Stopped;
-                        cur.stop_reason = Some(EndReason::IdleLimit);
-                        acted = Some("stop");
-                        true
-                    }
-                    Due::Act(IdleAction::Pause) => {
-                        cur.desired = Desired::Paused;
-                        cur.idle_warned_at_ms = None;
-                        acted = Some("pause");
-                        true
-                    }
-                })
-            })
-            .await;
-            if let (Ok((_, Some(_))), Some(action)) = (done, acted) {
-                api.metrics.idle_action(action);
-                tracing::info!(
-                    sandbox = %r.id,
-                    tenant = %r.tenant,
-                    action,
-                    "idle hard limit reached"
-                );
+                    Ok(Event::Delete { key, .. }) => index.delete(&key),
+                    Err(_) => break,
+                },
+                _ = tick.tick() => apply(&api, &index, &mut cpu, started).await,
             }
         }
-        api.activity.retain(&live);
-        cpu.0.retain(|id, _| live.contains(id));
+    }
+}
+
+/// The stored record of `id`, if there is one.
+async fn record(api: &Api, id: &SandboxId) -> Option<SandboxRecord> {
+    let entry = api.store.get(&record_key(id)).await.ok()??;
+    parse(&entry.value).ok()
+}
+
+/// One tick of the policies.
+async fn apply(api: &Api, index: &Index, cpu: &mut CpuSamples, started: u64) {
+    if let Some(retention) = api.retention {
+        let now = now_ms();
+        let past: Vec<SandboxId> = index
+            .ended
+            .iter()
+            .filter(|(_, end)| {
+                end.is_some_and(|end| now.saturating_sub(end) >= retention.as_millis() as u64)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in past {
+            let Some(r) = record(api, &id).await else {
+                continue;
+            };
+            let who = Caller::owner_of(&r);
+            let _ = update_record(api, &who, r.id.as_str(), |cur| {
+                let due = expired(cur, retention, now_ms());
+                if due {
+                    cur.remove = true;
+                }
+                Ok(due)
+            })
+            .await;
+        }
+    }
+    for id in &index.idle {
+        let Some(r) = record(api, id).await else {
+            continue;
+        };
+        if !r.state.is_final() {
+            idle_check(api, r, cpu, started).await;
+        }
+    }
+    api.activity.retain(&index.live);
+    cpu.0.retain(|id, _| index.idle.contains(id));
+}
+
+/// Warns, stops or pauses sandbox `r` as its idle policy says.
+async fn idle_check(api: &Api, r: SandboxRecord, cpu: &mut CpuSamples, started: u64) {
+    if let Some(percent) = r.idle.and_then(|p| p.cpu_percent)
+        && r.state == SandboxState::Running
+        && let Some(used) = api.usage.cpu_seconds(r.id)
+        && cpu.busy(r.id, now_ms(), used, percent)
+    {
+        api.activity.touch(r.id);
+    }
+    let last = api
+        .activity
+        .last(&r.id)
+        .unwrap_or(0)
+        .max(r.started_at_ms.unwrap_or(r.created_at_ms))
+        .max(started);
+    let now = now_ms();
+    let todo = due(&r, last, now);
+    if todo == Due::Nothing {
+        return;
+    }
+    let who = Caller::owner_of(&r);
+    // Applied only if it still holds for the record as it is when written.
+    let mut acted = None;
+    let done = update_record(api, &who, r.id.as_str(), |cur| {
+        acted = None;
+        let last = last.max(api.activity.last(&cur.id).unwrap_or(0));
+        Ok(match due(cur, last, now_ms()) {
+            Due::Nothing => false,
+            Due::Warn => {
+                cur.idle_warned_at_ms = Some(now);
+                true
+            }
+            Due::Unwarn => {
+                cur.idle_warned_at_ms = None;
+                true
+            }
+            Due::Act(IdleAction::Stop) => {
+                cur.desired = Desired::Stopped;
+                cur.stop_reason = Some(EndReason::IdleLimit);
+                acted = Some("stop");
+                true
+            }
+            Due::Act(IdleAction::Pause) => {
+                cur.desired = Desired::Paused;
+                cur.idle_warned_at_ms = None;
+                acted = Some("pause");
+                true
+            }
+        })
+    })
+    .await;
+    if let (Ok((_, Some(_))), Some(action)) = (done, acted) {
+        api.metrics.idle_action(action);
+        tracing::info!(
+            sandbox = %r.id,
+            tenant = %r.tenant,
+            action,
+            "idle hard limit reached"
+        );
     }
 }
 
@@ -257,6 +357,36 @@ mod tests {
         .unwrap();
         r.idle = idle;
         r
+    }
+
+    #[test]
+    fn the_index_follows_records_through_their_life() {
+        let policy = IdlePolicy {
+            soft: None,
+            hard: "30s".parse().unwrap(),
+            action: IdleAction::Stop,
+            cpu_percent: None,
+        };
+        let mut index = Index::default();
+        let plain = record(None);
+        index.put(&plain);
+        assert!(index.live.contains(&plain.id) && index.idle.is_empty());
+        let mut r = record(Some(policy));
+        index.put(&r);
+        assert!(index.idle.contains(&r.id));
+        r.state = SandboxState::Exited;
+        r.ended_at_ms = Some(5);
+        index.put(&r);
+        assert!(index.live.is_empty() && index.idle.is_empty());
+        assert_eq!(index.ended.get(&r.id), Some(&Some(5)));
+        r.remove = true;
+        index.put(&r);
+        assert!(index.ended.is_empty());
+        r.remove = false;
+        index.put(&r);
+        index.delete(&record_key(&r.id));
+        index.delete("/cove/sandboxes/not-an-id");
+        assert!(index.ended.is_empty());
     }
 
     #[test]
