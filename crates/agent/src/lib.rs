@@ -569,10 +569,27 @@ impl Agent {
         let dir = self.dir(&id);
         for log in ["stdout.log", "stderr.log"] {
             let log = dir.join(log);
-            if rotate_log(&log) {
+            // One `stat` per log for both.
+            let Ok(size) = fs::metadata(&log).map(|m| m.len()) else {
+                continue;
+            };
+            let size = if size > LOG_MAX && rotate_log(&log) {
                 self.log_sizes.remove(&log);
-            }
-            index_log(&log, now_ms(), &mut self.log_sizes);
+                0
+            } else {
+                size
+            };
+            index_log(&log, size, now_ms(), &mut self.log_sizes);
+        }
+        // Its init is known to live (its exit watch has not fired): nothing has ended, so only
+        // the limits are left to check.
+        if self
+            .active
+            .get(&id)
+            .is_some_and(|t| t.exit_watch.is_some() && !t.exited)
+        {
+            self.check_limits(&record);
+            return Ok(());
         }
         let report_path = dir.join("report.json");
         if let Ok(bytes) = fs::read(&report_path) {
@@ -615,15 +632,8 @@ impl Agent {
             self.finish(&record, &dir);
             return Ok(());
         }
-        if !gone
-            && record.state == SandboxState::Running
-            && !self.escalated.contains(&id)
-            && limit_hit(&id, &record.spec.limits)
-        {
-            // A limit ends the sandbox, as under `cove run`; the report says which (from the
-            // cgroup's counters).
-            tokio::task::spawn_blocking(move || kill_sandbox(&id));
-            self.escalated.insert(id);
+        if !gone {
+            self.check_limits(&record);
         }
         if gone && !report_path.exists() {
             let message = "its supervisor ended without a report".to_string();
@@ -644,6 +654,19 @@ impl Agent {
             self.update(&record, rev).await?;
         }
         Ok(())
+    }
+
+    /// Kills a running sandbox that hit a limit: a limit ends the sandbox, as under `cove run`;
+    /// the report says which (from the cgroup's counters).
+    fn check_limits(&mut self, record: &SandboxRecord) {
+        let id = record.id;
+        if record.state == SandboxState::Running
+            && !self.escalated.contains(&id)
+            && limit_hit(&id, &record.spec.limits)
+        {
+            tokio::task::spawn_blocking(move || kill_sandbox(&id));
+            self.escalated.insert(id);
+        }
     }
 
     /// Tears down a detached sandbox whose init has exited and writes its `report.json`, in a
@@ -872,13 +895,10 @@ pub fn index_path(log: &Path) -> PathBuf {
 /// Largest a log's index grows before every other entry is dropped.
 const INDEX_MAX: u64 = 256 << 10;
 
-/// Records the size of `log` at `now_ms` in its index if the log grew since the last entry.
-/// `known` holds each log's last indexed size, so that a quiet log costs one `stat` per poll;
+/// Records `size`, the size of `log` now, at `now_ms` in its index if the log grew since the
+/// last entry. `known` holds each log's last indexed size, so that a quiet log costs nothing;
 /// the index itself is read only for a log not seen since this agent started.
-pub fn index_log(log: &Path, now_ms: u64, known: &mut HashMap<PathBuf, u64>) {
-    let Ok(size) = fs::metadata(log).map(|m| m.len()) else {
-        return;
-    };
+pub fn index_log(log: &Path, size: u64, now_ms: u64, known: &mut HashMap<PathBuf, u64>) {
     let idx = index_path(log);
     let last = match known.get(log) {
         Some(&s) => Some(s),
