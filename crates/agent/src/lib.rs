@@ -63,6 +63,17 @@ struct Tracked {
     exit_watch: Option<tokio::task::AbortHandle>,
     /// Its init has exited (it is not watched again while it is finished).
     exited: bool,
+    /// It runs (not paused): its limits apply.
+    running: bool,
+    /// Its CPU-time budget.
+    cpu_time: Option<cove_types::Duration>,
+}
+
+impl Tracked {
+    /// Its init is known to live: its exit watch has not fired.
+    fn alive(&self) -> bool {
+        self.exit_watch.is_some() && !self.exited
+    }
 }
 
 impl Drop for Tracked {
@@ -267,11 +278,22 @@ impl Agent {
                 break;
             };
             // Ended ones leave the rotation here.
-            if self.active.contains_key(&id) {
-                self.rotation.push_back(id);
-                if !due.contains(&id) {
-                    due.push(id);
+            let Some(tracked) = self.active.get(&id) else {
+                continue;
+            };
+            self.rotation.push_back(id);
+            if due.contains(&id) {
+                continue;
+            }
+            if tracked.alive() {
+                // Nothing the record says is needed: its logs and limits.
+                let (running, cpu_time) = (tracked.running, tracked.cpu_time);
+                self.tend_logs(&id);
+                if running {
+                    self.check_limits(&id, cpu_time);
                 }
+            } else {
+                due.push(id);
             }
         }
         for id in due {
@@ -312,11 +334,15 @@ impl Agent {
                 every_poll,
                 exit_watch: None,
                 exited: false,
+                running: false,
+                cpu_time: None,
             }
         });
         tracked.rev = rev;
         tracked.deadline_ms = record.deadline_ms;
         tracked.every_poll = every_poll;
+        tracked.running = record.state == SandboxState::Running;
+        tracked.cpu_time = record.spec.limits.cpu_time;
         if tracked.exit_watch.is_none()
             && !tracked.exited
             && matches!(record.state, SandboxState::Running | SandboxState::Paused)
@@ -563,13 +589,11 @@ impl Agent {
         supervisor_alive(&dir).then_some(pid)
     }
 
-    /// Records the end of a running sandbox if it has ended.
-    async fn check(&mut self, record: SandboxRecord, rev: u64) -> Result<(), AgentError> {
-        let id = record.id;
-        let dir = self.dir(&id);
+    /// Rotates and indexes the logs of sandbox `id` (one `stat` per log for both).
+    fn tend_logs(&mut self, id: &SandboxId) {
+        let dir = self.dir(id);
         for log in ["stdout.log", "stderr.log"] {
             let log = dir.join(log);
-            // One `stat` per log for both.
             let Ok(size) = fs::metadata(&log).map(|m| m.len()) else {
                 continue;
             };
@@ -581,16 +605,20 @@ impl Agent {
             };
             index_log(&log, size, now_ms(), &mut self.log_sizes);
         }
-        // Its init is known to live (its exit watch has not fired): nothing has ended, so only
-        // the limits are left to check.
-        if self
-            .active
-            .get(&id)
-            .is_some_and(|t| t.exit_watch.is_some() && !t.exited)
-        {
-            self.check_limits(&record);
+    }
+
+    /// Records the end of a running sandbox if it has ended; while it lives, tends its logs
+    /// and checks its limits.
+    async fn check(&mut self, record: SandboxRecord, rev: u64) -> Result<(), AgentError> {
+        let id = record.id;
+        self.tend_logs(&id);
+        if self.active.get(&id).is_some_and(Tracked::alive) {
+            if record.state == SandboxState::Running {
+                self.check_limits(&id, record.spec.limits.cpu_time);
+            }
             return Ok(());
         }
+        let dir = self.dir(&id);
         let report_path = dir.join("report.json");
         if let Ok(bytes) = fs::read(&report_path) {
             let report: Option<RunReport> = serde_json::from_slice(&bytes).ok();
@@ -632,8 +660,8 @@ impl Agent {
             self.finish(&record, &dir);
             return Ok(());
         }
-        if !gone {
-            self.check_limits(&record);
+        if !gone && record.state == SandboxState::Running {
+            self.check_limits(&id, record.spec.limits.cpu_time);
         }
         if gone && !report_path.exists() {
             let message = "its supervisor ended without a report".to_string();
@@ -658,12 +686,9 @@ impl Agent {
 
     /// Kills a running sandbox that hit a limit: a limit ends the sandbox, as under `cove run`;
     /// the report says which (from the cgroup's counters).
-    fn check_limits(&mut self, record: &SandboxRecord) {
-        let id = record.id;
-        if record.state == SandboxState::Running
-            && !self.escalated.contains(&id)
-            && limit_hit(&id, &record.spec.limits)
-        {
+    fn check_limits(&mut self, id: &SandboxId, cpu_time: Option<cove_types::Duration>) {
+        if !self.escalated.contains(id) && limit_hit(id, cpu_time) {
+            let id = *id;
             tokio::task::spawn_blocking(move || kill_sandbox(&id));
             self.escalated.insert(id);
         }
@@ -970,7 +995,7 @@ fn kill_sandbox(id: &SandboxId) {
 /// Whether sandbox `id` has hit a limit that ends it: a process killed for memory, a fork
 /// refused by the pids limit, or (with one) its CPU-time budget spent. Two or three cgroup
 /// file reads.
-fn limit_hit(id: &SandboxId, limits: &cove_types::Limits) -> bool {
+fn limit_hit(id: &SandboxId, cpu_time: Option<cove_types::Duration>) -> bool {
     let Some(hierarchy) = hierarchy() else {
         return false;
     };
@@ -981,7 +1006,7 @@ fn limit_hit(id: &SandboxId, limits: &cove_types::Limits) -> bool {
     {
         return true;
     }
-    limits.cpu_time.is_some_and(|budget| {
+    cpu_time.is_some_and(|budget| {
         cg.cpu_usage_ns()
             .is_ok_and(|ns| Duration::from_nanos(ns) >= budget.as_std())
     })
