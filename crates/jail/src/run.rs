@@ -488,11 +488,14 @@ fn supervise(
         return Err(e);
     }
 
-    // Opportunistic reaping of sandboxes whose supervisor was killed, while ours starts.
-    let reaped = state::gc(state_root, hierarchy, state::Scope::Abandoned, &|_| false);
-    if !opts.quiet {
-        for line in &reaped.removed {
-            eprintln!("cove: reaped stale {line}");
+    // Opportunistic reaping of sandboxes whose supervisor was killed, while ours starts (not
+    // for a server's sandbox: the server's reaper does it).
+    if opts.detach.is_none() {
+        let reaped = state::gc_nearby(state_root, hierarchy);
+        if !opts.quiet {
+            for line in &reaped.removed {
+                eprintln!("cove: reaped stale {line}");
+            }
         }
     }
 
