@@ -395,3 +395,33 @@ fn mounts_under(path: &Path) -> Vec<String> {
     found.sort_by_key(|m| std::cmp::Reverse(m.len()));
     found
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_starts_reaping_looks_at_a_bounded_number_of_directories() {
+        let base = std::env::temp_dir().join(format!("cove-state-test-{}", std::process::id()));
+        let cgroups = base.join("fake");
+        fs::create_dir_all(cgroups.join("sys/fs/cgroup")).unwrap();
+        fs::write(
+            cgroups.join("sys/fs/cgroup/cgroup.controllers"),
+            "cpu memory pids\n",
+        )
+        .unwrap();
+        let mountinfo = "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        let hierarchy = Hierarchy::from_mountinfo(mountinfo, &cgroups).unwrap();
+        // 100 abandoned state directories (no lock held: no lock file at all).
+        let root = base.join("state");
+        for i in 0..100u64 {
+            fs::create_dir_all(root.join(format!("{i:012x}"))).unwrap();
+        }
+        let reaped = |r: &GcReport| r.counts.get("state_dir").copied().unwrap_or(0);
+        assert_eq!(reaped(&gc_nearby(&root, &hierarchy)), NEARBY as u64);
+        // The rest, now few enough to be looked at all at once.
+        assert_eq!(reaped(&gc_nearby(&root, &hierarchy)), 100 - NEARBY as u64);
+        assert_eq!(fs::read_dir(&root).unwrap().count(), 0);
+        fs::remove_dir_all(&base).unwrap();
+    }
+}
