@@ -8,7 +8,8 @@
 //! clone. An empty pool is not an error: the namespace is then created on the spot, configured
 //! identically.
 //!
-//! Who fills the pool matters: a long-lived agent fills it while idle. `cove run` does not:
+//! Who fills the pool matters: only a long-lived process should, while idle (none does yet:
+//! `cove serve`'s sandboxes create their namespace on the spot too). `cove run` must not:
 //! measured back to back on two cores, refilling while its own sandbox started made starts
 //! slower (median 9.7 ms against 8.1 ms), because the refill's namespace creation and mount
 //! competed with the sandbox's own setup for the CPUs and the kernel's mount lock.
