@@ -127,6 +127,39 @@ fn take_pooled(dir: &Path) -> Option<NetNs> {
     None
 }
 
+/// A sandbox's network namespace being made on a thread of its own, so that a start overlaps
+/// its making (about 0.8 ms here when the pool is empty) with the rest of its preparation.
+pub struct Pending(std::thread::JoinHandle<io::Result<NetNs>>);
+
+/// Starts making a sandbox's network namespace ([`take_or_create`] on another thread: a
+/// pooled one, else a new one; the thread exits once it has it, and the namespace lives on in
+/// the descriptor).
+pub fn prepare(state_root: &Path) -> io::Result<Pending> {
+    let root = state_root.to_path_buf();
+    // The thread must take no signal meant for the supervisor: it starts with all blocked.
+    let old = sys::SigSet::full().block()?;
+    let spawned = std::thread::Builder::new()
+        .name("cove-netns".into())
+        .spawn(move || match take_pooled(&pool_dir(&root)) {
+            Some(ns) => Ok(ns),
+            None => create_here(),
+        });
+    old.set_mask()?;
+    Ok(Pending(spawned?))
+}
+
+impl Pending {
+    /// Waits for the namespace and enters it (the calling thread is left in it).
+    pub fn enter(self) -> io::Result<NetNs> {
+        let ns = self
+            .0
+            .join()
+            .map_err(|_| io::Error::other("the thread making it panicked"))??;
+        ns.enter()?;
+        Ok(ns)
+    }
+}
+
 /// A new network namespace for the calling thread, configured for a sandbox.
 fn create_here() -> io::Result<NetNs> {
     sys::unshare(libc::CLONE_NEWNET)?;
