@@ -12,7 +12,10 @@
 //! `cove serve`'s sandboxes create their namespace on the spot too). `cove run` must not:
 //! measured back to back on two cores, refilling while its own sandbox started made starts
 //! slower (median 9.7 ms against 8.1 ms), because the refill's namespace creation and mount
-//! competed with the sandbox's own setup for the CPUs and the kernel's mount lock.
+//! competed with the sandbox's own setup for the CPUs and the kernel's mount lock. Making the
+//! sandbox's own namespace on a second thread while the supervisor prepared the rest did not
+//! help either (`bench/start-latency.sh`: the preparation grew by the 0.8 ms the namespace
+//! took; median unchanged), so it is made in line.
 //!
 //! The namespaces belong to the host's user namespace, not the sandbox's: root inside the
 //! sandbox holds no capability over its network (it cannot add interfaces, change routes,
@@ -125,39 +128,6 @@ fn take_pooled(dir: &Path) -> Option<NetNs> {
         }
     }
     None
-}
-
-/// A sandbox's network namespace being made on a thread of its own, so that a start overlaps
-/// its making (about 0.8 ms here when the pool is empty) with the rest of its preparation.
-pub struct Pending(std::thread::JoinHandle<io::Result<NetNs>>);
-
-/// Starts making a sandbox's network namespace ([`take_or_create`] on another thread: a
-/// pooled one, else a new one; the thread exits once it has it, and the namespace lives on in
-/// the descriptor).
-pub fn prepare(state_root: &Path) -> io::Result<Pending> {
-    let root = state_root.to_path_buf();
-    // The thread must take no signal meant for the supervisor: it starts with all blocked.
-    let old = sys::SigSet::full().block()?;
-    let spawned = std::thread::Builder::new()
-        .name("cove-netns".into())
-        .spawn(move || match take_pooled(&pool_dir(&root)) {
-            Some(ns) => Ok(ns),
-            None => create_here(),
-        });
-    old.set_mask()?;
-    Ok(Pending(spawned?))
-}
-
-impl Pending {
-    /// Waits for the namespace and enters it (the calling thread is left in it).
-    pub fn enter(self) -> io::Result<NetNs> {
-        let ns = self
-            .0
-            .join()
-            .map_err(|_| io::Error::other("the thread making it panicked"))??;
-        ns.enter()?;
-        Ok(ns)
-    }
 }
 
 /// A new network namespace for the calling thread, configured for a sandbox.

@@ -179,13 +179,11 @@ fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
         Some(id) => id,
         None => new_id().map_err(prep("generate a sandbox id"))?,
     };
+    let hierarchy = Hierarchy::detect()?;
     let state_root = opts
         .state_root
         .clone()
         .unwrap_or_else(|| PathBuf::from(state::STATE_ROOT));
-    // Made meanwhile on another core (dropped unused if the start fails first).
-    let net = netns::prepare(&state_root).map_err(prep("prepare a network namespace"))?;
-    let hierarchy = Hierarchy::detect()?;
     let state = StateDir::create(&state_root, &id)?;
     let state_lock = state.lock_fd();
     let result = (|| -> Result<Outcome, RunError> {
@@ -217,7 +215,6 @@ fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
             opts,
             (&state_root, state_lock),
             &hierarchy,
-            net,
         );
         if let Ok(Outcome::Detached(pid)) = outcome {
             return Ok(Outcome::Detached(pid));
@@ -399,7 +396,6 @@ struct InitReport {
     timings: Option<String>,
 }
 
-#[allow(clippy::too_many_arguments)] // The start's pieces, each made once in `launch`.
 fn supervise(
     spec: &Spec,
     plan: &ChildPlan,
@@ -408,7 +404,6 @@ fn supervise(
     opts: &RunOptions,
     (state_root, state_lock): (&Path, RawFd),
     hierarchy: &Hierarchy,
-    net: netns::Pending,
 ) -> Result<Outcome, RunError> {
     let (go_r, go_w) = sys::pipe().map_err(prep("create a pipe"))?;
     let (status_r, status_w) = sys::pipe().map_err(prep("create a pipe"))?;
@@ -423,7 +418,7 @@ fn supervise(
     // The supervisor goes back to its own right after, so that the sandbox's namespace dies
     // with the sandbox (its teardown then overlaps the supervisor's cleanup).
     let home_net = netns::current().map_err(prep("open the network namespace"))?;
-    let net = net.enter().map_err(prep("prepare a network namespace"))?;
+    let net = netns::take_or_create(state_root).map_err(prep("prepare a network namespace"))?;
     // Removed when dropped, on every way out of here.
     let mut egress = match spec.net {
         NetMode::None => None,
