@@ -135,7 +135,7 @@ pub struct Agent {
     root: PathBuf,
     /// The `cove` binary supervisors run.
     cove: PathBuf,
-    /// Supervisors this process started (reaped by tokio when they exit).
+    /// Supervisors this process started, until they exit (collected at every poll).
     children: HashMap<SandboxId, tokio::process::Child>,
     /// Sandboxes already sent SIGTERM, and when.
     signalled: HashMap<SandboxId, Instant>,
@@ -265,6 +265,11 @@ impl Agent {
 
     /// The periodic checks (see the module's documentation).
     async fn poll(&mut self) -> Result<(), AgentError> {
+        // Supervisors exit once their sandbox runs: collected here, or each would stay a
+        // zombie until its sandbox's next full check (never, for a watched one). Without its
+        // entry, a sandbox's state is read from its directory (its lock, `status`, the report).
+        self.children
+            .retain(|_, child| !matches!(child.try_wait(), Ok(Some(_))));
         let now = now_ms();
         let mut due: Vec<SandboxId> = self
             .active

@@ -11,6 +11,44 @@ use std::time::{Duration, Instant};
 use common::require_root;
 use server_support::{Server, sample, scrape};
 
+/// The `/proc/<pid>/stat` lines of the server's children that are zombies.
+fn zombie_children(server: &Server) -> Vec<String> {
+    let ppid = server.pid().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|stat| {
+            // After the parenthesised name: state, then the parent's pid.
+            let rest: Vec<&str> = stat
+                .rsplit_once(')')
+                .map_or("", |r| r.1)
+                .split_whitespace()
+                .collect();
+            rest.first() == Some(&"Z") && rest.get(1) == Some(&ppid.as_str())
+        })
+        .collect()
+}
+
+#[test]
+fn supervisors_are_collected_once_their_sandboxes_run() {
+    require_root();
+    let server = Server::start();
+    let ids: Vec<String> = (0..4)
+        .map(|_| server.create(&["--", "sleep", "1000"]))
+        .collect();
+    // Each supervisor exits once its sandbox runs; the agent collects it at its next poll
+    // (every 200 ms), none may be left a zombie.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !zombie_children(&server).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(zombie_children(&server), Vec::<String>::new());
+    for id in &ids {
+        assert_eq!(server.cove(&["rm", "-f", id]).code, 0);
+    }
+}
+
 #[test]
 fn create_wait_inspect_list_and_remove() {
     require_root();
