@@ -239,18 +239,8 @@ pub struct CreateArgs {
     /// Size of the private writable layer.
     #[arg(long, value_name = "SIZE")]
     disk: Option<Size>,
-    /// Wall-clock limit.
-    #[arg(long, value_name = "DUR")]
-    timeout: Option<Duration>,
-    /// CPU time the whole sandbox may use (reason cpu_time_limit).
-    #[arg(long, value_name = "DUR")]
-    cpu_time: Option<Duration>,
-    /// Open files per process.
-    #[arg(long, value_name = "N")]
-    nofile: Option<u64>,
-    /// Largest file a process may write.
-    #[arg(long, value_name = "SIZE")]
-    fsize: Option<Size>,
+    #[command(flatten)]
+    more_limits: crate::run::MoreLimits,
     /// Environment variable KEY=VALUE.
     #[arg(short = 'e', long = "env", value_name = "KEY=VAL")]
     env: Vec<String>,
@@ -497,16 +487,17 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
             if let Some(d) = a.disk {
                 limits.insert("disk".into(), serde_json::json!(d));
             }
-            if let Some(t) = a.timeout {
+            let more = &a.more_limits;
+            if let Some(t) = more.timeout {
                 limits.insert("timeout".into(), serde_json::json!(t));
             }
-            if let Some(t) = a.cpu_time {
+            if let Some(t) = more.cpu_time {
                 limits.insert("cpu_time".into(), serde_json::json!(t));
             }
-            if let Some(n) = a.nofile {
+            if let Some(n) = more.nofile {
                 limits.insert("nofile".into(), n.into());
             }
-            if let Some(s) = a.fsize {
+            if let Some(s) = more.fsize {
                 limits.insert("fsize".into(), serde_json::json!(s));
             }
             let body = serde_json::json!({

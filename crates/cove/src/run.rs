@@ -12,6 +12,23 @@ use cove_types::{
     BindMount, Duration, EnvVar, Image, NetMode, Reason, SandboxId, Size, Spec, User, parse_cpus,
 };
 
+/// The limits with no default, the same for `cove run` and `cove create`.
+#[derive(clap::Args, Debug)]
+pub struct MoreLimits {
+    /// Wall-clock limit; the sandbox is killed when it runs out.
+    #[arg(long, value_name = "DUR")]
+    pub timeout: Option<Duration>,
+    /// CPU-time limit for the whole sandbox (all processes together; reason cpu_time_limit).
+    #[arg(long, value_name = "DUR")]
+    pub cpu_time: Option<Duration>,
+    /// Maximum open files per process.
+    #[arg(long, value_name = "N")]
+    pub nofile: Option<u64>,
+    /// Largest file a process may write.
+    #[arg(long, value_name = "SIZE")]
+    pub fsize: Option<Size>,
+}
+
 #[derive(Args)]
 #[command(
     about = "Run a command in a new sandbox and exit with its exit code",
@@ -45,18 +62,8 @@ pub struct RunArgs {
     /// Size of the private writable layer (/, /tmp, /home…), discarded at exit.
     #[arg(long, value_name = "SIZE", default_value = "256M")]
     disk: Size,
-    /// Wall-clock limit; the sandbox is killed when it runs out.
-    #[arg(long, value_name = "DUR")]
-    timeout: Option<Duration>,
-    /// CPU-time limit for the whole sandbox (all processes together).
-    #[arg(long, value_name = "DUR")]
-    cpu_time: Option<Duration>,
-    /// Maximum open files per process.
-    #[arg(long, value_name = "N")]
-    nofile: Option<u64>,
-    /// Largest file a process may write.
-    #[arg(long, value_name = "SIZE")]
-    fsize: Option<Size>,
+    #[command(flatten)]
+    more_limits: MoreLimits,
     /// Set an environment variable (KEY=VAL), or pass the host's value of KEY explicitly. The host
     /// environment is never inherited otherwise.
     #[arg(short = 'e', long = "env", value_name = "KEY=VAL")]
@@ -137,10 +144,11 @@ impl RunArgs {
         spec.limits.cpus_millis = parse_cpus(&self.cpus)?;
         spec.limits.pids = self.pids;
         spec.limits.disk = self.disk;
-        spec.limits.timeout = self.timeout;
-        spec.limits.cpu_time = self.cpu_time;
-        spec.limits.nofile = self.nofile;
-        spec.limits.fsize = self.fsize;
+        let more = &self.more_limits;
+        spec.limits.timeout = more.timeout;
+        spec.limits.cpu_time = more.cpu_time;
+        spec.limits.nofile = more.nofile;
+        spec.limits.fsize = more.fsize;
         for file in &self.env_file {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("--env-file {}", file.display()))?;
