@@ -39,6 +39,10 @@ fn main() {
             "link-arg=-static",
             "-C",
             "link-arg=-Wl,--build-id=none",
+            // No separate read-only-after-relocation segment (nothing is relocated): the
+            // writable data, the zeroed data and the stack share one page.
+            "-C",
+            "link-arg=-Wl,-z,norelro",
         ])
         .arg("-o")
         .arg(&out)

@@ -72,7 +72,7 @@ const SYS_MUNMAP: usize = 11;
 /// vDSO live there (a failure leaves them mapped, which only costs memory).
 const UNMAP_FROM: usize = 1 << 30;
 const UNMAP_TO: usize = 0x7fff_ffff_f000;
-const STACK_SIZE: usize = 8192;
+const STACK_SIZE: usize = 2048;
 
 /// The stack the init runs on once the kernel's is gone.
 #[repr(C, align(16))]
