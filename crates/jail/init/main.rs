@@ -72,6 +72,8 @@ const SYS_MUNMAP: usize = 11;
 /// vDSO live there (a failure leaves them mapped, which only costs memory).
 const UNMAP_FROM: usize = 1 << 30;
 const UNMAP_TO: usize = 0x7fff_ffff_f000;
+/// Twice the deepest frame chain (`cove_init_serve`, `report`, `Line::number`: under 1 KiB; no
+/// recursion). Small enough to share the one writable page with the data (see build.rs).
 const STACK_SIZE: usize = 2048;
 
 /// The stack the init runs on once the kernel's is gone.
