@@ -53,8 +53,6 @@ pub const SWEEP: Duration = Duration::from_secs(60);
 
 /// What the loop keeps of a sandbox that has not ended.
 struct Tracked {
-    /// Its record's revision when last converged.
-    rev: u64,
     /// When its time is up.
     deadline_ms: Option<u64>,
     /// Checked at every poll: being started, or stopped.
@@ -323,7 +321,7 @@ impl Agent {
 
     /// Keeps what the loop needs to know of `record`; starts waiting for its init to exit once
     /// it runs.
-    fn track(&mut self, record: &SandboxRecord, rev: u64) {
+    fn track(&mut self, record: &SandboxRecord) {
         let id = record.id;
         if record.state.is_final() {
             self.active.remove(&id);
@@ -334,7 +332,6 @@ impl Agent {
         let tracked = self.active.entry(id).or_insert_with(|| {
             self.rotation.push_back(id);
             Tracked {
-                rev,
                 deadline_ms: None,
                 every_poll,
                 exit_watch: None,
@@ -343,7 +340,6 @@ impl Agent {
                 cpu_time: None,
             }
         });
-        tracked.rev = rev;
         tracked.deadline_ms = record.deadline_ms;
         tracked.every_poll = every_poll;
         tracked.running = record.state == SandboxState::Running;
@@ -379,7 +375,7 @@ impl Agent {
     /// Makes one sandbox what its record says.
     async fn converge(&mut self, record: SandboxRecord, rev: u64) -> Result<(), AgentError> {
         let id = record.id;
-        self.track(&record, rev);
+        self.track(&record);
         // Its time is up: stopped, for that reason (the watch brings the record back).
         if !record.state.is_final()
             && record.desired != Desired::Stopped
