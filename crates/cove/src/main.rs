@@ -68,9 +68,9 @@ enum Command {
         /// Print what was removed as JSON.
         #[arg(long)]
         json: bool,
-        /// Also remove Cove's stock: the pool of ready network namespaces, the egress set-up
-        /// (the nftables table `inet cove`, IPv4 forwarding as it was) when no sandbox has
-        /// egress, and the shared cgroup parent `cove/` where it is empty.
+        /// Also remove Cove's stock: the pool of ready network namespaces, and the egress
+        /// set-up (the nftables table `inet cove`, IPv4 forwarding as it was) when no sandbox
+        /// has egress.
         #[arg(long)]
         pool: bool,
     },

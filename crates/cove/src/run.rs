@@ -258,9 +258,6 @@ pub fn gc(json: bool, pool: bool) -> anyhow::Result<ExitCode> {
         report
             .removed
             .extend(cove_jail::egress::remove_host_setup());
-        report
-            .removed
-            .extend(cove_jail::state::remove_cgroup_parent(&hierarchy));
     }
     if json {
         println!(

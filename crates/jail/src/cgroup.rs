@@ -392,8 +392,8 @@ impl Hierarchy {
             for dir in made.iter().rev() {
                 let _ = fs::remove_dir(dir);
             }
-            // `cove gc --pool` removes the shared parent (see `remove_if_empty`): if that
-            // happened between two of our steps, the parent is made again.
+            // The last sandbox to end removes the shared parent (see `remove_if_empty`): if
+            // that happened between two of our steps, the parent is made again.
             attempt += 1;
             if attempt < 5 && e.is_missing_directory() {
                 continue;

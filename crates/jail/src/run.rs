@@ -219,7 +219,7 @@ fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
         if let Ok(Outcome::Detached(pid)) = outcome {
             return Ok(Outcome::Detached(pid));
         }
-        let cleaned = remove_cgroup(&cg);
+        let cleaned = remove_cgroup(&cg, &layout);
         let report = outcome?;
         cleaned?;
         Ok(report)
@@ -544,17 +544,18 @@ fn supervise(
     Ok(Outcome::Ended(report))
 }
 
-/// Removes a sandbox's cgroup. Normally empty already: init's exit took the whole pid
-/// namespace with it. Only when the removal finds it busy (a failed start, a killed init) are
-/// stragglers hunted down. The shared parent `cove/` stays, as Docker's `docker/` does: making
-/// it at every start and removing it after the last sandbox cost each `cove run` about 0.3 ms
-/// (four `mkdir`s and four `rmdir`s on this cgroup v1 host); `cove gc --pool` removes it.
-fn remove_cgroup(cg: &Cgroup) -> Result<(), cgroup::CgroupError> {
+/// Removes a sandbox's cgroup, and the shared parent with the last sandbox (an rmdir that
+/// fails while others remain, a few microseconds; a start racing with it makes it again).
+/// Normally empty already: init's exit took the whole pid namespace with it. Only when the
+/// removal finds it busy (a failed start, a killed init) are stragglers hunted down.
+fn remove_cgroup(cg: &Cgroup, layout: &Hierarchy) -> Result<(), cgroup::CgroupError> {
     let mut kill = |pid: i32| {
         let _ = sys::kill(pid, libc::SIGKILL);
     };
     cg.remove()
-        .or_else(|_| cg.kill_all(&mut kill).and_then(|()| cg.remove()))
+        .or_else(|_| cg.kill_all(&mut kill).and_then(|()| cg.remove()))?;
+    layout.remove_if_empty(state::CGROUP_PARENT);
+    Ok(())
 }
 
 /// What the supervisor's wait ended with.
@@ -861,8 +862,8 @@ pub fn finish_detached(
     let hierarchy = Hierarchy::detected();
     let cg = hierarchy.map(|h| h.open(&state::cgroup_name(id)));
     let stats = cg.as_ref().and_then(|c| c.stats().ok()).unwrap_or_default();
-    if let Some(cg) = &cg {
-        let _ = remove_cgroup(cg);
+    if let (Some(cg), Some(h)) = (&cg, hierarchy) {
+        let _ = remove_cgroup(cg, h);
     }
     let denied = (spec.net == cove_types::NetMode::Egress)
         .then(|| egress::finish_of(id, !spec.egress.is_empty()))

@@ -313,14 +313,16 @@ fn gc_some(
         report.add(kind, 1, Some(line));
     }
     report.failed.extend(failed);
-    report
-}
-
-/// Removes the shared cgroup parent `cove/` where it is empty (it is Cove's stock, kept between
-/// sandboxes; `cove gc --pool`): a line for the report, if any went.
-pub fn remove_cgroup_parent(cgroups: &Hierarchy) -> Option<String> {
+    // The parent directories themselves, once nothing is left in them.
     let parents = cgroups.remove_if_empty(CGROUP_PARENT);
-    (parents > 0).then(|| format!("empty cgroup parent {CGROUP_PARENT}/"))
+    if parents > 0 {
+        report.add(
+            "cgroup",
+            parents as u64,
+            Some(format!("empty cgroup parent {CGROUP_PARENT}/")),
+        );
+    }
+    report
 }
 
 fn is_old(path: &Path) -> bool {
