@@ -581,11 +581,7 @@ impl Agent {
     /// The pid of the supervisor of `id`, if it still runs.
     fn supervisor_pid(&self, id: &SandboxId) -> Option<u32> {
         let dir = self.dir(id);
-        let pid: u32 = fs::read_to_string(dir.join("pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
+        let pid = u32::try_from(init_pid(&dir)?).ok()?;
         // Pids are reused: it must still be our supervisor, holding the sandbox's lock.
         supervisor_alive(&dir).then_some(pid)
     }
@@ -1018,27 +1014,37 @@ fn hierarchy() -> Option<&'static cove_jail::cgroup::Hierarchy> {
     cove_jail::cgroup::Hierarchy::detected()
 }
 
+/// The pid in a sandbox directory's `pid` file: its supervisor's while it starts, its init's
+/// once it runs.
+fn init_pid(dir: &Path) -> Option<i32> {
+    fs::read_to_string(dir.join("pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether process `pid` exists and is named for sandbox `id` (as its init names itself).
+fn is_init_of(pid: i32, id: &SandboxId) -> bool {
+    let name: String = format!("cove-{id}").chars().take(15).collect();
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.contains(&format!("({name}) ")))
+}
+
 /// Collects the exit of a detached sandbox's init if it is this process's child (it is, when
 /// this server started it: the server is the reaper of its supervisors' orphans). Only the
 /// process named for the sandbox is collected, and only while it exists (so its pid cannot
 /// have been reused). Its lock is released while it exits, a moment before it is a zombie:
 /// the wait allows for that moment (up to a second).
 fn reap_init(id: &SandboxId, dir: &Path) {
-    let Some(raw) = fs::read_to_string(dir.join("pid"))
-        .ok()
-        .and_then(|p| p.trim().parse::<i32>().ok())
-    else {
+    let Some(raw) = init_pid(dir) else {
         return;
     };
-    let name: String = format!("cove-{id}").chars().take(15).collect();
     let Some(pid) = rustix::process::Pid::from_raw(raw) else {
         return;
     };
     for _ in 0..100 {
-        let Ok(stat) = fs::read_to_string(format!("/proc/{raw}/stat")) else {
-            return;
-        };
-        if !stat.contains(&format!("({name}) ")) {
+        if !is_init_of(raw, id) {
             return;
         }
         match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG) {
@@ -1059,18 +1065,12 @@ fn watch_exit(
     tx: tokio::sync::mpsc::UnboundedSender<SandboxId>,
 ) -> Option<tokio::task::AbortHandle> {
     use rustix::process::{Pid, PidfdFlags, pidfd_open};
-    let raw: i32 = fs::read_to_string(dir.join("pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
+    let raw = init_pid(dir)?;
     let pidfd = pidfd_open(Pid::from_raw(raw)?, PidfdFlags::NONBLOCK).ok()?;
     // The pid was the init's when written; now that the descriptor holds the process, check
     // that it still is (a recycled pid would be a stranger's). An exited init that is still a
     // zombie holds its pid and name: its descriptor is readable at once.
-    let name: String = format!("cove-{id}").chars().take(15).collect();
-    let stat = fs::read_to_string(format!("/proc/{raw}/stat")).ok()?;
-    if !stat.contains(&format!("({name}) ")) {
+    if !is_init_of(raw, id) {
         return None;
     }
     let pidfd = readable(pidfd)?;
