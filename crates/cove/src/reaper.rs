@@ -3,13 +3,12 @@
 //!
 //! One pass removes:
 //! - what `cove gc` removes (see [`cove_jail::state::gc`]): cgroups under `cove/` with no
-//!   live state directory (their processes killed first), unlocked state directories and
-//!   their mounts, egress veths and nftables chains of sandboxes that have neither;
+//!   live lock file (their processes killed first), unlocked lock files, egress veths and nftables chains of sandboxes that have neither;
 //! - sandbox directories in the server's data directory whose record is gone and whose
 //!   supervisor no longer runs (a crash between deleting a record and its files).
 //!
-//! Live sandboxes are never touched: a running sandbox's state directory is locked by its
-//! supervisor, and a directory is only created after its record. Records whose sandbox
+//! Live sandboxes are never touched: a running sandbox's lock file is locked by its
+//! supervisor (then its init), and its directory is only created after its record. Records whose sandbox
 //! vanished (supervisor gone without a report) are the agent's: it ends them with reason
 //! `lost` on its next pass, which the `cove_sandbox_ends_total{reason="lost"}` series counts.
 

@@ -115,7 +115,7 @@ fn a_killed_supervisor_leaves_nothing_after_gc() {
     child.wait().unwrap();
     reap_orphans(&run.id);
     // The sandbox's init dies with its supervisor (parent-death signal), taking every process
-    // of its pid namespace with it; the cgroup and state directory wait for the reaper.
+    // of its pid namespace with it; the cgroup and lock file wait for the reaper.
     let _gc = gc_lock(false);
     let out = Command::new(cove_bin())
         .args(["gc", "--json"])

@@ -46,7 +46,7 @@ fn the_reaper_removes_planted_stale_objects_and_never_a_live_sandbox() {
     let _gc = common::gc_lock(true);
     let data = std::env::temp_dir().join(format!("cove-serve-{}", common::new_id()));
     let server = Server::start_with(data.clone(), &["--reap-interval", "1s"]);
-    // A live sandbox with every kind of object: state directory, cgroup, veth.
+    // A live sandbox with every kind of object: lock file, cgroup, veth.
     let live = server.create(&["--net", "egress", "--", "sleep", "300"]);
     server.wait_for_state(&live, "running");
 

@@ -21,7 +21,7 @@ use crate::init::{self, ChildFds, ChildPlan};
 use crate::netns;
 use crate::rootfs::{RootImage, RootPlan};
 use crate::seccomp;
-use crate::state::{self, StateDir};
+use crate::state::{self, StateLock};
 use crate::sys::{self, SigSet};
 
 /// First host uid (and gid) of the range a sandbox's ids map to: root inside is this id
@@ -143,7 +143,7 @@ pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunReport, RunError> {
 }
 
 /// Starts `spec` and returns once its command runs, leaving the sandbox with no host process
-/// of its own: its init holds the state directory's lock and `detach.keep` for as long as it
+/// of its own: its init holds its lock file and `detach.keep` for as long as it
 /// lives, and writes how the command ended to `detach.status`. No limit is watched and nothing
 /// is torn down: the caller stops it (a signal to init, which it passes on), enforces its
 /// timeout and CPU time, and calls [`finish_detached`] once its lock is free. Returns init's
@@ -184,7 +184,7 @@ fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
         .state_root
         .clone()
         .unwrap_or_else(|| PathBuf::from(state::STATE_ROOT));
-    let state = StateDir::create(&state_root, &id)?;
+    let state = StateLock::create(&state_root, &id)?;
     let state_lock = state.lock_fd();
     let result = (|| -> Result<Outcome, RunError> {
         let limits = cgroup::Limits {
@@ -225,7 +225,7 @@ fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
         Ok(report)
     })();
     if let Ok(Outcome::Detached(_)) = result {
-        // Init holds the lock now (the same open file), and the directory stays, marked for
+        // Init holds the lock now (the same open file), and the lock file stays, marked for
         // the reapers: its end is its owner's to finish.
         let owner = opts
             .detach
@@ -233,7 +233,7 @@ fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
             .and_then(|d| d.owner.as_ref())
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let _ = fs::write(state.path().join(state::DETACHED_MARKER), owner);
+        let _ = state.mark_detached(&owner);
         state.keep();
         return result;
     }
@@ -869,7 +869,7 @@ pub fn finish_detached(
         .then(|| egress::finish_of(id, !spec.egress.is_empty()))
         .flatten();
     let root = state_root.unwrap_or(Path::new(state::STATE_ROOT));
-    let _ = fs::remove_dir_all(root.join(id.as_str()));
+    state::remove_state(root, id);
     let ended = Ended {
         killed_for: stop.filter(|s| s.escalated).map(|s| {
             (
