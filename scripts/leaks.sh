@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fails (and lists them) if any host object of a Cove sandbox is left: cgroups named cove,
-# state directories under /run/cove, mounts with cove in their path, processes named cove-*,
+# Fails (and lists them) if any host object of a Cove sandbox is left: cgroups under cove/ (a
+# server's sandboxes) or named cove-<id> (`cove run`'s), lock files under /run/cove, mounts with cove in their path, processes named cove-*,
 # egress links cv<id> and the egress table (which `cove gc --pool` removes once unused).
 set -uo pipefail
 found=0
@@ -8,6 +8,9 @@ report() { echo "leak: $*" >&2; found=1; }
 for d in /sys/fs/cgroup/*/cove /sys/fs/cgroup/cove; do
   [ -d "$d" ] || continue
   while IFS= read -r c; do report "cgroup $c"; done < <(find "$d" -mindepth 1 -type d)
+done
+for c in /sys/fs/cgroup/*/cove-* /sys/fs/cgroup/cove-*; do
+  [ -d "$c" ] && report "cgroup $c"
 done
 if [ -d /run/cove ]; then
   while IFS= read -r s; do report "state $s"; done < <(find /run/cove -mindepth 1 -maxdepth 1)

@@ -23,8 +23,8 @@ fn signal(pid: u32, sig: i32) {
 fn wait_running(id: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        let v1 = format!("/sys/fs/cgroup/pids/cove/{id}/cgroup.procs");
-        let v2 = format!("/sys/fs/cgroup/cove/{id}/cgroup.procs");
+        let v1 = format!("/sys/fs/cgroup/pids/cove-{id}/cgroup.procs");
+        let v2 = format!("/sys/fs/cgroup/cove-{id}/cgroup.procs");
         for f in [v1, v2] {
             if std::fs::read_to_string(&f).is_ok_and(|s| s.lines().count() >= 2) {
                 return;

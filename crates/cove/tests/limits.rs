@@ -162,14 +162,15 @@ fn limits_are_visible_in_the_cgroup_while_running() {
     common::become_subreaper();
     let run = common::Run::new(&["--memory", "96M", "--pids", "33", "--", "sleep", "5"]);
     let mut child = run.command().spawn().unwrap();
-    let dir = std::path::Path::new("/sys/fs/cgroup/memory/cove").join(&run.id);
-    let v2 = std::path::Path::new("/sys/fs/cgroup/cove").join(&run.id);
+    // A `cove run` sandbox's cgroup is `cove-<id>`, at the root of each hierarchy.
+    let dir = std::path::Path::new("/sys/fs/cgroup/memory").join(format!("cove-{}", run.id));
+    let v2 = std::path::Path::new("/sys/fs/cgroup").join(format!("cove-{}", run.id));
     let mut seen = false;
     // The cgroup exists a moment before its limits are written: a value still at the
     // kernel's default means "not yet".
     let set = |v: &str| !v.trim().starts_with("9223372036854") && v.trim() != "max";
     for _ in 0..200 {
-        let pids = format!("/sys/fs/cgroup/pids/cove/{}/pids.max", run.id);
+        let pids = format!("/sys/fs/cgroup/pids/cove-{}/pids.max", run.id);
         // Memory is written first, pids last.
         if let Ok(v) = std::fs::read_to_string(dir.join("memory.limit_in_bytes"))
             && let Ok(p) = std::fs::read_to_string(&pids)

@@ -13,17 +13,18 @@ use std::time::{Duration, Instant};
 use common::require_root;
 use server_support::{Server, sample, scrape};
 
-/// Makes cgroup `cove/<id>` in every controller and puts `pid` in it; its directories.
-fn plant_cgroup(id: &str, pid: u32) -> Vec<PathBuf> {
+/// Makes cgroup `name` (`cove/<id>` of a server, `cove-<id>` of `cove run`) in every
+/// controller and puts `pid` in it; its directories.
+fn plant_cgroup(name: &str, pid: u32) -> Vec<PathBuf> {
     let root = Path::new("/sys/fs/cgroup");
     let dirs: Vec<PathBuf> = if root.join("cgroup.controllers").exists() {
-        vec![root.join("cove").join(id)]
+        vec![root.join(name)]
     } else {
         ["memory", "pids", "cpu", "freezer"]
             .iter()
             .map(|c| root.join(c))
             .filter(|c| c.exists())
-            .map(|c| c.join("cove").join(id))
+            .map(|c| c.join(name))
             .collect()
     };
     assert!(!dirs.is_empty());
@@ -50,14 +51,19 @@ fn the_reaper_removes_planted_stale_objects_and_never_a_live_sandbox() {
     let live = server.create(&["--net", "egress", "--", "sleep", "300"]);
     server.wait_for_state(&live, "running");
 
-    // A stale cgroup with a process in it.
+    // Stale cgroups with a process in each: a server sandbox's and a `cove run` one's.
     let (cg_id, veth_id, dir_id) = (common::new_id(), common::new_id(), common::new_id());
-    let mut orphan = Command::new("sleep")
-        .arg("1000")
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let cgroups = plant_cgroup(&cg_id, orphan.id());
+    let run_id = common::new_id();
+    let orphan = || {
+        Command::new("sleep")
+            .arg("1000")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut orphans = [orphan(), orphan()];
+    let mut cgroups = plant_cgroup(&format!("cove/{cg_id}"), orphans[0].id());
+    cgroups.extend(plant_cgroup(&format!("cove-{run_id}"), orphans[1].id()));
     // A veth named for a sandbox that does not exist.
     let veth = format!("cv{veth_id}");
     ip(&[
@@ -85,17 +91,20 @@ fn the_reaper_removes_planted_stale_objects_and_never_a_live_sandbox() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(gone(), "the reaper left planted objects:\n{}", server.log());
-    let status = orphan.wait().unwrap();
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(libc::SIGKILL),
-        "the stale cgroup's process was killed"
-    );
+    for orphan in &mut orphans {
+        let status = orphan.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL),
+            "the stale cgroup's process was killed"
+        );
+    }
 
     // It said so, in its logs and its metrics.
     let log = server.log();
     for object in [
         format!("cove/{cg_id} (killed 1 processes)"),
+        format!("cove-{run_id} (killed 1 processes)"),
         format!("veth {veth}"),
         format!("{dir_id} (no record)"),
     ] {
@@ -129,7 +138,7 @@ fn the_reaper_removes_planted_stale_objects_and_never_a_live_sandbox() {
     );
     server.cove(&["rm", "-f", &live]);
     common::assert_no_leaks(&live);
-    for id in [&cg_id, &veth_id, &dir_id] {
+    for id in [&cg_id, &run_id, &veth_id, &dir_id] {
         common::assert_no_leaks(id);
     }
 }

@@ -198,7 +198,12 @@ fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
         } else {
             hierarchy.without_freezer()
         };
-        let cg = layout.create(&state::cgroup_name(&id), &limits)?;
+        let (cg_name, shared_parent) = if opts.detach.is_some() {
+            (state::cgroup_name(&id), Some(&layout))
+        } else {
+            (state::run_cgroup_name(&id), None)
+        };
+        let cg = layout.create(&cg_name, &limits)?;
         let plan = plan(spec, &id, state.mount_point(), cg.self_join_files(), opts);
         let plan = match plan {
             Ok(p) => p,
@@ -219,7 +224,7 @@ fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
         if let Ok(Outcome::Detached(pid)) = outcome {
             return Ok(Outcome::Detached(pid));
         }
-        let cleaned = remove_cgroup(&cg, &layout);
+        let cleaned = remove_cgroup(&cg, shared_parent);
         let report = outcome?;
         cleaned?;
         Ok(report)
@@ -238,6 +243,9 @@ fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
         return result;
     }
     let removed = state.remove();
+    if opts.timing {
+        eprintln!("cove: timing: cleaned={}us", t_start.elapsed().as_micros());
+    }
     let report = result?;
     removed?;
     Ok(report)
@@ -510,6 +518,8 @@ fn supervise(
         stop_requested: None,
         message: None,
         final_stats: None,
+        reported: None,
+        reaped: None,
         on_start: opts.on_start.clone(),
         detach: opts.detach.is_some(),
     };
@@ -528,12 +538,13 @@ fn supervise(
 
     if opts.timing {
         eprintln!(
-            "cove: timing: prepare={}us clone={}us joined={}us child[{}] total={}us",
+            "cove: timing: prepare={}us clone={}us joined={}us child[{}] reported={}us reaped={}us",
             t_prep.as_micros(),
             t_clone.as_micros(),
             t_joined.as_micros(),
             init_report.timings.as_deref().unwrap_or("-"),
-            t_start.elapsed().as_micros()
+            sup.reported.unwrap_or_default().as_micros(),
+            sup.reaped.unwrap_or_default().as_micros(),
         );
     }
     if let Some((step, message)) = init_report.setup_error {
@@ -544,17 +555,23 @@ fn supervise(
     Ok(Outcome::Ended(report))
 }
 
-/// Removes a sandbox's cgroup, and the shared parent with the last sandbox (an rmdir that
-/// fails while others remain, a few microseconds; a start racing with it makes it again).
-/// Normally empty already: init's exit took the whole pid namespace with it. Only when the
-/// removal finds it busy (a failed start, a killed init) are stragglers hunted down.
-fn remove_cgroup(cg: &Cgroup, layout: &Hierarchy) -> Result<(), cgroup::CgroupError> {
+/// Removes a sandbox's cgroup, and a server's sandboxes' shared parent (in `shared_parent`)
+/// with the last of them (an rmdir that fails while others remain, a few microseconds; a start
+/// racing with it makes it again). Normally empty already: init's exit took the whole pid
+/// namespace with it. Only when the removal finds it busy (a failed start, a killed init) are
+/// stragglers hunted down.
+fn remove_cgroup(
+    cg: &Cgroup,
+    shared_parent: Option<&Hierarchy>,
+) -> Result<(), cgroup::CgroupError> {
     let mut kill = |pid: i32| {
         let _ = sys::kill(pid, libc::SIGKILL);
     };
     cg.remove()
         .or_else(|_| cg.kill_all(&mut kill).and_then(|()| cg.remove()))?;
-    layout.remove_if_empty(state::CGROUP_PARENT);
+    if let Some(layout) = shared_parent {
+        layout.remove_if_empty(state::CGROUP_PARENT);
+    }
     Ok(())
 }
 
@@ -590,6 +607,9 @@ struct Supervisor<'a> {
     /// The cgroup's counters, read as soon as init reports the command's end (while init and
     /// its namespaces are still being torn down).
     final_stats: Option<cgroup::Stats>,
+    /// When init reported the command's end, and when init was reaped (for `--timing`).
+    reported: Option<Duration>,
+    reaped: Option<Duration>,
     /// See [`RunOptions::on_start`].
     on_start: Option<std::sync::Arc<File>>,
     /// Return once the command runs ([`start_detached`]).
@@ -635,6 +655,7 @@ impl Supervisor<'_> {
                         } else {
                             parse_status_line(line.trim_end(), &mut report);
                             if report.wait_status.is_some() && self.final_stats.is_none() {
+                                self.reported = Some(self.started.elapsed());
                                 self.final_stats = self.cg.stats().ok();
                             }
                         }
@@ -663,6 +684,7 @@ impl Supervisor<'_> {
         let (_, status, _) = sys::wait4(self.pid, 0)
             .map_err(prep("reap the sandbox"))?
             .unwrap_or((self.pid, 0, sys::Usage::default()));
+        self.reaped = Some(self.started.elapsed());
         Ok(Waited::Ended(report, status))
     }
 
@@ -863,7 +885,7 @@ pub fn finish_detached(
     let cg = hierarchy.map(|h| h.open(&state::cgroup_name(id)));
     let stats = cg.as_ref().and_then(|c| c.stats().ok()).unwrap_or_default();
     if let (Some(cg), Some(h)) = (&cg, hierarchy) {
-        let _ = remove_cgroup(cg, h);
+        let _ = remove_cgroup(cg, Some(h));
     }
     let denied = (spec.net == cove_types::NetMode::Egress)
         .then(|| egress::finish_of(id, !spec.egress.is_empty()))

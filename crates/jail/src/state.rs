@@ -1,6 +1,7 @@
 //! Per-sandbox state on the host, and the reaper that removes what a dead supervisor left.
 //!
-//! Every sandbox owns its lock file `/run/cove/<id>` and the cgroup `cove/<id>`. The supervisor
+//! Every sandbox owns its lock file `/run/cove/<id>` and a cgroup named by its id: `cove/<id>`
+//! for a server's sandboxes, `cove-<id>` for `cove run`'s (see [`run_cgroup_name`]). The supervisor
 //! holds an exclusive `flock` on the lock file for the sandbox's whole life, so "is anybody still
 //! responsible for this sandbox?" is one non-blocking lock attempt, with no pid files that can be
 //! recycled. A lock file is born locked: it is created under a dot-name, locked, then renamed
@@ -28,7 +29,7 @@ use crate::sys;
 
 /// Where per-sandbox state lives.
 pub const STATE_ROOT: &str = "/run/cove";
-/// The cgroup parent of every sandbox (`cove/<id>` in each controller).
+/// The cgroup parent of a server's sandboxes (`cove/<id>` in each controller).
 pub const CGROUP_PARENT: &str = "cove";
 /// How old a half-built lock file (or an orphaned marker) must be before the reaper removes it.
 const HALF_BUILT_GRACE: Duration = Duration::from_secs(60);
@@ -52,9 +53,20 @@ fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StateError
     move |source| StateError::Io { op, path, source }
 }
 
-/// The cgroup name of a sandbox.
+/// The cgroup name of a server's (detached) sandbox: `cove/<id>`. The shared parent weighs
+/// all of a server's sandboxes together against the host's other work (one CPU share, where
+/// each sandbox at the root would count as much as the whole server); it lives as long as its
+/// sandboxes, which on a server is most of the time.
 pub fn cgroup_name(id: &SandboxId) -> String {
     format!("{CGROUP_PARENT}/{id}")
+}
+
+/// The cgroup name of a `cove run` sandbox: `cove-<id>`, at the root of each hierarchy. A
+/// one-off run has no parent to share: with one, the usual run (the only sandbox on the host)
+/// made the parent and removed it again, four `mkdir`s and four `rmdir`s more, measured at
+/// 0.5 ms of a 7.7 ms `cove run -- /bin/true` on this project's hosts.
+pub fn run_cgroup_name(id: &SandboxId) -> String {
+    format!("{CGROUP_PARENT}-{id}")
 }
 
 /// The pid (on the host) of the process that is pid 1 of its own namespace: a sandbox's init,
@@ -293,7 +305,9 @@ fn gc_some(
                     live.push(name);
                 }
                 Ok(false) => {
+                    // A server's sandbox, or a `cove run` one.
                     reap_cgroup(cgroups, &format!("{CGROUP_PARENT}/{name}"), &mut report);
+                    reap_cgroup(cgroups, &format!("{CGROUP_PARENT}-{name}"), &mut report);
                     let marker = marker_path(&path);
                     if marker.exists() {
                         let _ = fs::remove_file(&marker);
@@ -307,10 +321,19 @@ fn gc_some(
     if scope == Scope::Abandoned {
         return report;
     }
-    match cgroups.children(CGROUP_PARENT) {
+    let run_prefix = format!("{CGROUP_PARENT}-");
+    let children = cgroups.children(CGROUP_PARENT).and_then(|mut server| {
+        let runs = cgroups.children("")?.into_iter().filter(|c| {
+            c.strip_prefix(&run_prefix)
+                .is_some_and(|id| id.parse::<SandboxId>().is_ok())
+        });
+        server.extend(runs);
+        Ok(server)
+    });
+    match children {
         Ok(children) => {
             for cg in children {
-                let name = cg.rsplit('/').next().unwrap_or_default();
+                let name = cg.rsplit(['/', '-']).next().unwrap_or_default();
                 if !live.iter().any(|l| l == name) && !root.join(name).exists() {
                     reap_cgroup(cgroups, &cg, &mut report);
                 }

@@ -138,7 +138,11 @@ pub fn assert_no_leaks(id: &str) {
     let mut leaks = Vec::new();
     if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
         for e in entries.flatten() {
-            for candidate in [e.path().join("cove").join(id), e.path().join(id)] {
+            for candidate in [
+                e.path().join("cove").join(id),
+                e.path().join(format!("cove-{id}")),
+                e.path().join(id),
+            ] {
                 if candidate.exists() {
                     leaks.push(candidate.display().to_string());
                 }
