@@ -380,7 +380,7 @@ fn become_resident(
 }
 
 /// How long after the command's start init becomes the resident init.
-const RESIDENT_AFTER: std::time::Duration = std::time::Duration::from_millis(0);
+const RESIDENT_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Before forking the command, init shrinks the bounding set to CAP_KILL: the command
 /// inherits that, and init keeps its effective capabilities until the command has taken its own
