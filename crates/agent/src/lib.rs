@@ -247,9 +247,10 @@ impl Agent {
                     }
                 }
                 _ = tick.tick() => {
-                    // Inits of ended sandboxes that `finish` did not get to collect (one
-                    // system call when there are none).
-                    cove_jail::state::collect_exited_inits();
+                    // Inits of ended sandboxes that `finish` did not get to collect, and
+                    // sandbox processes orphaned to this server (one system call when there
+                    // are none).
+                    cove_jail::state::collect_sandbox_orphans();
                     if last_sweep.elapsed() >= SWEEP {
                         self.sweep().await?;
                         last_sweep = Instant::now();

@@ -854,6 +854,85 @@ fn pause_freezes_and_resume_thaws() {
     common::assert_no_leaks(&id);
 }
 
+/// The processes (pid and parent pid) whose command line is exactly `args`.
+fn processes_running(args: &[&str]) -> Vec<(u32, u32)> {
+    let want: Vec<u8> = args
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            (std::fs::read(e.path().join("cmdline")).ok()? == want).then_some(())?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let ppid = stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect()
+}
+
+#[test]
+fn an_exec_orphaned_to_the_server_does_not_hold_its_sandbox() {
+    require_root();
+    let server = Server::start();
+    let id = server.create(&["--", "sleep", "300"]);
+    server.wait_for_state(&id, "running");
+    // An exec whose helper dies before its command (as when the sandbox's cgroup is killed with
+    // the helper in it): the command dies with it (its parent-death signal), and its new parent
+    // is the server, its helper's subreaper. The sandbox's pid namespace cannot end until the
+    // server collects it.
+    let mut exec = Command::new(common::cove_bin())
+        .args(["exec", &id, "--", "sleep", "1001"])
+        .env("COVE_URL", &server.url)
+        .env("COVE_TOKEN", &server.token)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let command = loop {
+        if let Some(&(pid, helper)) = processes_running(&["sleep", "1001"]).first()
+            && helper != server.pid()
+        {
+            break (pid, helper);
+        }
+        assert!(Instant::now() < deadline, "the exec did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let killed = Command::new("kill")
+        .args(["-9", &command.1.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let _ = exec.wait();
+    let collected = || !std::path::Path::new(&format!("/proc/{}", command.0)).exists();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !collected() {
+        assert!(
+            Instant::now() < deadline,
+            "the server did not collect the orphaned command"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let out = server.cove(&["stop", &id]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.inspect(&id)["ended_at_ms"].is_null() {
+        assert!(
+            Instant::now() < deadline,
+            "the sandbox did not end: its orphan was not collected\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.cove(&["rm", &id]);
+    common::reap_orphans(&id);
+    common::assert_no_leaks(&id);
+}
+
 #[test]
 fn a_chatty_sandbox_cannot_fill_the_disk_with_logs() {
     require_root();

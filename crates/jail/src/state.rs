@@ -72,16 +72,17 @@ pub fn run_cgroup_name(id: &SandboxId) -> String {
 /// The pid (on the host) of the process that is pid 1 of its own namespace: a sandbox's init,
 /// among the pids of its cgroup.
 pub fn find_init(pids: &[i32]) -> Option<i32> {
-    pids.iter().copied().find(|pid| {
-        std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("status"))
-            .ok()
-            .and_then(|s| {
-                s.lines().find_map(|l| l.strip_prefix("NSpid:")).map(|v| {
-                    v.split_whitespace().last() == Some("1") && v.split_whitespace().count() > 1
-                })
-            })
-            .unwrap_or(false)
+    pids.iter().copied().find(|&pid| {
+        ns_pids(pid).is_some_and(|ids| ids.len() > 1 && ids.last().is_some_and(|p| p == "1"))
     })
+}
+
+/// Process `pid`'s pid in each pid namespace it is in, outermost first (`NSpid` of its
+/// status; readable for a zombie too).
+fn ns_pids(pid: i32) -> Option<Vec<String>> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    Some(line.split_whitespace().map(str::to_owned).collect())
 }
 
 /// A sandbox's lock file, locked for as long as this value lives.
@@ -199,24 +200,27 @@ pub enum Scope {
 /// down), so the reapers leave it alone while the owner lives.
 const DETACHED_MARKER_SUFFIX: &str = ".detached";
 
-/// Collects the exit of every sandbox init (named `cove-<id>`) that is this process's child
-/// and has exited: the inits of detached sandboxes are their server's children (it is their
-/// supervisors' subreaper). Stops at the first exited child that is something else (a
-/// supervisor or helper, which its own owner collects). Returns how many were collected.
-pub fn collect_exited_inits() -> usize {
+/// Collects the exit of every child of this process that has exited and belongs to a
+/// sandbox's pid namespace: the inits of detached sandboxes (their server is their supervisors'
+/// subreaper), and processes of a sandbox whose parent outside it died first — an exec's
+/// command when the sandbox's cgroup was killed with its `cove exec-in` helper in it. Until
+/// such a process is collected, its sandbox's pid namespace cannot end (its init waits for it
+/// in its exit). Stops at the first exited child that is something else (a supervisor or
+/// helper, which its own owner collects). Returns how many were collected.
+pub fn collect_sandbox_orphans() -> usize {
     let mut n = 0;
     while let Some(pid) = sys::peek_exited_child() {
-        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        let init = comm
-            .trim_end()
-            .strip_prefix("cove-")
-            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()));
-        if !init || !matches!(sys::wait4(pid, libc::WNOHANG), Ok(Some(_))) {
+        if !in_nested_pid_ns(pid) || !matches!(sys::wait4(pid, libc::WNOHANG), Ok(Some(_))) {
             break;
         }
         n += 1;
     }
     n
+}
+
+/// Whether process `pid` (a zombie too) has a pid in a namespace below this one's.
+fn in_nested_pid_ns(pid: i32) -> bool {
+    ns_pids(pid).is_some_and(|ids| ids.len() > 1)
 }
 
 /// Whether `dir` is an ended detached sandbox that its owner will finish: its owner's lock is

@@ -210,11 +210,12 @@ pub fn reap_orphans(id: &str) {
         // By name; for a child killed early in its setup (before init names itself), by its
         // cgroup; before it has even joined that (it still holds the supervisor's state lock,
         // so `cove gc` rightly leaves the sandbox alone), by the id on its command line.
-        let in_cgroup = format!("/cove/{id}\n");
+        // (`cove/<id>` of a server, `cove-<id>` of `cove run`.)
+        let in_cgroup = [format!("/cove/{id}\n"), format!("/cove-{id}\n")];
         let alive = std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
             std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == comm)
                 || std::fs::read_to_string(e.path().join("cgroup"))
-                    .is_ok_and(|c| c.contains(&in_cgroup))
+                    .is_ok_and(|c| in_cgroup.iter().any(|g| c.contains(g.as_str())))
                 || std::fs::read(e.path().join("cmdline"))
                     .is_ok_and(|c| String::from_utf8_lossy(&c).contains(id))
         });
