@@ -127,7 +127,7 @@ fn enter(spec: &Spec, id: &SandboxId, exec: &ExecSpec) -> Result<ChildPlan, RunE
         id: Some(*id),
         ..Default::default()
     };
-    let mut plan = plan(&spec, id, PathBuf::new(), Vec::new(), &opts)?;
+    let mut plan = plan(&spec, id, PathBuf::new(), &opts)?;
     plan.die_with_parent = true;
 
     // Namespaces are opened before any is joined: /proc is the host's until the mount

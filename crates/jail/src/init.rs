@@ -37,8 +37,6 @@ pub(crate) struct ChildPlan {
     pub cap_last: u32,
     /// Give the command a terminal.
     pub tty: bool,
-    /// Files to write `0` to, joining the sandbox's cgroup (see `Cgroup::self_join_files`).
-    pub cgroup_join: Vec<PathBuf>,
     pub timing: bool,
     /// Tell the supervisor (`R`) once the command runs: only when someone listens
     /// (`RunOptions::on_start`), so a plain `cove run` pays nothing for it.
@@ -56,6 +54,9 @@ pub(crate) struct ChildFds {
     pub status: OwnedFd,
     /// The resident init program ([`resident_init`]), if this target has one.
     pub init_exe: Option<OwnedFd>,
+    /// The child's end of a socket on which the supervisor sends the sandbox's cgroup, as
+    /// open files to write `0` to (see [`join_cgroup`]).
+    pub cgroup: OwnedFd,
     /// Set for a detached sandbox (`run::start_detached`).
     pub detached: Option<Detached>,
 }
@@ -173,15 +174,16 @@ fn contain(plan: &ChildPlan, fds: &ChildFds) -> Result<Never, Failure> {
         marks: Vec::new(),
     };
     clock.mark("child_start");
-    join_cgroup(&plan.cgroup_join).step("join the sandbox's cgroup")?;
     wait_for_supervisor(&fds.go).step("wait for the supervisor")?;
     sys::set_ids(0, 0).step("become root of the user namespace")?;
     die_with_supervisor(&fds.go).step("tie the sandbox's life to the supervisor")?;
-    sys::unshare(libc::CLONE_NEWCGROUP).step("enter a new cgroup namespace")?;
     sys::sethostname(&plan.root.hostname).step("set the hostname")?;
     clock.mark("namespaces");
     rootfs::enter(&plan.root).step("build the root filesystem")?;
     clock.mark("rootfs");
+    join_cgroup(&fds.cgroup).step("join the sandbox's cgroup")?;
+    sys::unshare(libc::CLONE_NEWCGROUP).step("enter a new cgroup namespace")?;
+    clock.mark("cgroup");
     let tty = if plan.tty {
         Some(terminal(fds).step("open the sandbox's terminal")?)
     } else {
@@ -215,11 +217,25 @@ fn terminal(fds: &ChildFds) -> std::io::Result<OwnedFd> {
     Ok(slave)
 }
 
-/// Still host root by uid (the id maps are not written yet), the child moves itself.
-fn join_cgroup(files: &[PathBuf]) -> std::io::Result<()> {
-    for f in files {
-        std::fs::write(f, "0")
-            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", f.display())))?;
+/// The child moves itself into the sandbox's cgroup, which the supervisor made while the
+/// child built its root filesystem (so that the two overlap). The supervisor sends the files
+/// to write `0` to (`Cgroup::self_join_files`), opened by it: the kernel checks a cgroup
+/// migration against the credentials the file was opened with (host root), not the child's,
+/// which are root of the sandbox's user namespace by now. Before this, the child is Cove's own
+/// code only: the command is forked after.
+fn join_cgroup(sock: &OwnedFd) -> std::io::Result<()> {
+    let files = sys::recv_fds(sock.as_raw_fd()).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            std::io::Error::other("the supervisor went away")
+        } else {
+            e
+        }
+    })?;
+    if files.is_empty() {
+        return Err(std::io::Error::other("the supervisor sent no cgroup"));
+    }
+    for f in &files {
+        sys::write_all(f.as_raw_fd(), b"0")?;
     }
     Ok(())
 }

@@ -184,7 +184,9 @@ fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
         .state_root
         .clone()
         .unwrap_or_else(|| PathBuf::from(state::STATE_ROOT));
+    let t_detected = t_start.elapsed();
     let state = StateLock::create(&state_root, &id)?;
+    let t_locked = t_start.elapsed();
     let state_lock = state.lock_fd();
     let result = (|| -> Result<Outcome, RunError> {
         let limits = cgroup::Limits {
@@ -203,19 +205,22 @@ fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
         } else {
             (state::run_cgroup_name(&id), None)
         };
-        let cg = layout.create(&cg_name, &limits)?;
-        let plan = plan(spec, &id, state.mount_point(), cg.self_join_files(), opts);
-        let plan = match plan {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = cg.remove();
-                return Err(e);
-            }
-        };
+        // Made by `supervise` once the child runs (see `init::join_cgroup`); removed below
+        // whatever happened (a directory that was never made is no error).
+        let cg = layout.open(&cg_name);
+        let plan = plan(spec, &id, state.mount_point(), opts)?;
+        if opts.timing {
+            eprintln!(
+                "cove: timing: detected={}us locked={}us planned={}us",
+                t_detected.as_micros(),
+                t_locked.as_micros(),
+                t_start.elapsed().as_micros()
+            );
+        }
         let outcome = supervise(
             spec,
             &plan,
-            &cg,
+            (&layout, &cg, &limits),
             t_start,
             opts,
             (&state_root, state_lock),
@@ -287,7 +292,6 @@ pub(crate) fn plan(
     spec: &Spec,
     id: &SandboxId,
     staging: PathBuf,
-    cgroup_join: Vec<PathBuf>,
     opts: &RunOptions,
 ) -> Result<ChildPlan, RunError> {
     let hostname = spec.hostname.clone().unwrap_or_else(|| id.to_string());
@@ -377,7 +381,6 @@ pub(crate) fn plan(
         rlimits,
         seccomp: seccomp::compile(seccomp::DEFAULT_POLICY)?,
         cap_last,
-        cgroup_join,
         tty: spec.tty,
         timing: opts.timing,
         report_started: opts.on_start.is_some(),
@@ -407,13 +410,14 @@ struct InitReport {
 fn supervise(
     spec: &Spec,
     plan: &ChildPlan,
-    cg: &Cgroup,
+    (layout, cg, limits): (&Hierarchy, &Cgroup, &cgroup::Limits),
     t_start: Instant,
     opts: &RunOptions,
     (state_root, state_lock): (&Path, RawFd),
     hierarchy: &Hierarchy,
 ) -> Result<Outcome, RunError> {
     let (go_r, go_w) = sys::pipe().map_err(prep("create a pipe"))?;
+    let (cgroup_tx, cgroup_rx) = sys::socketpair().map_err(prep("create a socket pair"))?;
     let (status_r, status_w) = sys::pipe().map_err(prep("create a pipe"))?;
     let init_exe =
         init::resident_init(opts.init_file.as_deref()).map_err(prep("load the resident init"))?;
@@ -456,11 +460,13 @@ fn supervise(
         drop(go_w);
         drop(status_r);
         drop(sigfd);
+        drop(cgroup_tx);
         init::child_main(
             plan,
             ChildFds {
                 go: go_r,
                 status: status_w,
+                cgroup: cgroup_rx,
                 init_exe,
                 detached: opts.detach.as_ref().map(|d| init::Detached {
                     status: d.status.as_raw_fd(),
@@ -476,6 +482,7 @@ fn supervise(
     }
     drop(go_r);
     drop(status_w);
+    drop(cgroup_rx);
     let left = home_net.enter();
     drop(net);
     if let Err(e) = left {
@@ -486,8 +493,11 @@ fn supervise(
     }
     let t_clone = t_start.elapsed();
 
-    // From here on the child exists: any failure must kill and reap it.
-    let started = setup_from_outside(pid, &go_w);
+    // From here on the child exists: any failure must kill and reap it. The cgroup is made
+    // while the child builds its root filesystem.
+    let started =
+        setup_from_outside(pid, &go_w).and_then(|()| make_cgroup(layout, cg, limits, &cgroup_tx));
+    drop(cgroup_tx);
     let t_joined = t_start.elapsed();
     if let Err(e) = started {
         let _ = sys::kill(pid, libc::SIGKILL);
@@ -583,6 +593,30 @@ enum Waited {
 }
 
 /// Writes the id maps and lets the child go (it joins its cgroup itself).
+/// Makes the sandbox's cgroup with its limits and sends the child the files that move it in
+/// (opened here, as host root: see `init::join_cgroup`).
+fn make_cgroup(
+    layout: &Hierarchy,
+    cg: &Cgroup,
+    limits: &cgroup::Limits,
+    to_child: &OwnedFd,
+) -> Result<(), RunError> {
+    layout.create(cg.name(), limits)?;
+    let files = cg
+        .self_join_files()
+        .iter()
+        .map(|f| {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(f)
+                .map(OwnedFd::from)
+                .map_err(prep(format!("open {}", f.display())))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let raw: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+    sys::send_fds(to_child.as_raw_fd(), &raw).map_err(prep("send the sandbox its cgroup"))
+}
+
 fn setup_from_outside(pid: libc::pid_t, go: &OwnedFd) -> Result<(), RunError> {
     let map = format!("0 {HOST_ID_BASE} {ID_COUNT}\n");
     for file in ["uid_map", "gid_map"] {
