@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use cove_types::{EnvVar, SandboxId, Spec, User, frame};
 
 use crate::cgroup::Hierarchy;
-use crate::init::{self, ChildPlan};
+use crate::init::{self, ChildPlan, Filter};
 use crate::run::{RunError, plan};
 use crate::state;
 use crate::sys;
@@ -76,7 +76,9 @@ pub enum Io {
 pub fn exec(spec: &Spec, id: &SandboxId, exec: &ExecSpec, io: Io) -> Result<i32, RunError> {
     let plan = enter(spec, id, exec)?;
     match io {
-        Io::Inherit => run_child(&plan, |exec_w| init::exec_command(&plan, None, exec_w)),
+        Io::Inherit => run_child(&plan, |exec_w| {
+            init::exec_command(&plan, None, exec_w, Filter::Install)
+        }),
         Io::Stream { tty } => stream(&plan, tty),
     }
 }
@@ -285,12 +287,12 @@ fn stream(plan: &ChildPlan, tty: bool) -> Result<i32, RunError> {
     // steps anyway.
     let (pid, exec_r, signals) = fork_child(plan, |exec_w| {
         if tty {
-            init::exec_command(plan, Some(&child_side), exec_w)
+            init::exec_command(plan, Some(&child_side), exec_w, Filter::Install)
         } else {
             if let Err(e) = sys::dup2(child_side.as_raw_fd(), 0) {
                 init::report_failure(exec_w, &format!("connect stdin: {e}"));
             }
-            init::exec_command(plan, None, exec_w)
+            init::exec_command(plan, None, exec_w, Filter::Install)
         }
     })?;
     drop(child_side);

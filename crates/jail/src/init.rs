@@ -290,20 +290,19 @@ fn init(
     all.block().step("block signals in init")?;
     let (exec_r, exec_w) = sys::pipe().step("create the exec-status pipe")?;
     lock_down_init(plan).step("drop init's privileges")?;
+    // Once, for both: the command inherits it (its last steps are calls the filter allows).
+    plan.seccomp.install().step("install the seccomp filter")?;
     clock.mark("init_ready");
     let pid = sys::fork().step("fork the command")?;
     if pid == 0 {
         drop(exec_r);
-        exec_command(plan, tty, exec_w);
+        exec_command(plan, tty, exec_w, Filter::Inherited);
     }
     drop(exec_w);
     let mut msg = String::new();
     let _ = File::from(exec_r).read_to_string(&mut msg);
     clock.mark("exec");
     drop_effective_caps().step("drop init's capabilities")?;
-    plan.seccomp
-        .install()
-        .step("install init's seccomp filter")?;
     if clock.on {
         let t0 = clock.marks.first().map_or(0, |m| m.1);
         let line: Vec<String> = clock
@@ -406,18 +405,30 @@ pub(crate) fn lock_down_init(plan: &ChildPlan) -> std::io::Result<()> {
 }
 
 /// Once the command runs, init keeps only CAP_KILL (to signal a command running as another
-/// uid). It installs no seccomp filter of its own: from here on it only waits, reaps, signals
-/// and writes to its status pipe, holds no capability a filtered call would need, and the
-/// filter's installation (verification of the program by the kernel) would sit between a
-/// short command's exit and its report.
+/// uid). It runs under the same seccomp filter as the command, installed before the fork.
 fn drop_effective_caps() -> std::io::Result<()> {
     sys::capset(1u64 << CAP_KILL)?;
     sys::clear_ambient()
 }
 
+/// Whether the command's process installs the seccomp filter itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Filter {
+    /// Its parent, the sandbox's init, installed it before the fork: it is inherited. One
+    /// installation (the kernel checks and compiles the program) fewer on the way to `execve`.
+    Inherited,
+    /// As its last step before `execve`: an exec's command, forked by a helper outside.
+    Install,
+}
+
 /// The command's side, after init forked it: the last containment steps, then execve.
-pub(crate) fn exec_command(plan: &ChildPlan, tty: Option<&OwnedFd>, exec_w: OwnedFd) -> ! {
-    let err = match prepare_command(plan, tty) {
+pub(crate) fn exec_command(
+    plan: &ChildPlan,
+    tty: Option<&OwnedFd>,
+    exec_w: OwnedFd,
+    filter: Filter,
+) -> ! {
+    let err = match prepare_command(plan, tty, filter) {
         Ok(path) => {
             let e = sys::execve(&path, &plan.argv, &plan.envp);
             let code = if e.raw_os_error() == Some(libc::ENOENT) {
@@ -439,10 +450,16 @@ pub(crate) fn exec_command(plan: &ChildPlan, tty: Option<&OwnedFd>, exec_w: Owne
     sys::exit(err.0)
 }
 
-fn prepare_command(plan: &ChildPlan, tty: Option<&OwnedFd>) -> Result<CString, Failure> {
+fn prepare_command(
+    plan: &ChildPlan,
+    tty: Option<&OwnedFd>,
+    filter: Filter,
+) -> Result<CString, Failure> {
     contain_process(plan, tty)?;
     let path = resolve_command(plan)?;
-    plan.seccomp.install().step("install the seccomp filter")?;
+    if filter == Filter::Install {
+        plan.seccomp.install().step("install the seccomp filter")?;
+    }
     Ok(path)
 }
 
