@@ -293,11 +293,20 @@ fn init(
     // Once, for both: the command inherits it (its last steps are calls the filter allows).
     plan.seccomp.install().step("install the seccomp filter")?;
     clock.mark("init_ready");
-    let pid = sys::fork().step("fork the command")?;
-    if pid == 0 {
-        drop(exec_r);
-        exec_command(plan, tty, exec_w, Filter::Inherited);
-    }
+    // The command borrows init's memory until its `execve` (no copy of init's address space,
+    // which is the supervisor's). Its last steps allocate only what it leaves behind.
+    // The closure takes nothing by value: whatever it owned would be the command's to close,
+    // in memory init reads afterwards. The command closes its copy of the read end (its
+    // descriptor table is its own) and works on a duplicate of the write end.
+    let exec_r_fd = exec_r.as_raw_fd();
+    let pid = sys::spawn_sharing_memory(|| {
+        let _ = sys::close(exec_r_fd);
+        match exec_w.try_clone() {
+            Ok(w) => exec_command(plan, tty, w, Filter::Inherited),
+            Err(_) => sys::exit(125),
+        }
+    })
+    .step("start the command")?;
     drop(exec_w);
     let mut msg = String::new();
     let _ = File::from(exec_r).read_to_string(&mut msg);

@@ -10,6 +10,7 @@
 pub(crate) mod netlink;
 pub(crate) mod seccomp;
 
+use std::convert::Infallible;
 use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -59,6 +60,72 @@ pub(crate) fn clone_fork(flags: libc::c_int) -> io::Result<libc::pid_t> {
 /// `fork(2)`; same single-threaded requirement as [`clone_fork`].
 pub(crate) fn fork() -> io::Result<libc::pid_t> {
     clone_fork(0)
+}
+
+/// Runs `child` in a new process that borrows this one's memory until it calls `execve` or
+/// exits (`clone(CLONE_VM | CLONE_VFORK | SIGCHLD)`, the way `posix_spawn` starts a program);
+/// returns its pid once it has. Unlike [`fork`], nothing of the address space is copied, and
+/// nothing is torn down again at the child's `execve`: for a process the size of Cove's, most
+/// of a fork's cost. The child runs on a stack of its own, mapped here and unmapped on return.
+///
+/// Same single-threaded requirement as [`clone_fork`]. Until it execs or exits, the child
+/// writes into this process's memory (its heap included), while this process is suspended:
+/// `child` may allocate, but must leave nothing it would need afterwards, and must end in
+/// `execve` or [`exit`].
+pub(crate) fn spawn_sharing_memory<F: FnOnce() -> Infallible>(child: F) -> io::Result<libc::pid_t> {
+    const STACK: usize = 256 * 1024;
+    const GUARD: usize = 4096;
+    extern "C" fn trampoline<F: FnOnce() -> Infallible>(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the `Option<F>` below, alive in the suspended parent's frame; only
+        // this child touches it until it execs or exits.
+        let slot = unsafe { &mut *arg.cast::<Option<F>>() };
+        match slot.take() {
+            Some(f) => run(f),
+            None => exit(125),
+        }
+    }
+    fn run<F: FnOnce() -> Infallible>(f: F) -> ! {
+        match f() {}
+    }
+    // SAFETY: a fresh anonymous mapping; checked below.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            STACK + GUARD,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let mut slot = Some(child);
+    // SAFETY: the lowest page of our own mapping becomes the guard; the stack grows down from
+    // the mapping's end (16-byte aligned, as mmap returns page-aligned memory). The trampoline
+    // gets a pointer to `slot`, which outlives the call: CLONE_VFORK returns only once the
+    // child no longer uses this memory.
+    let pid = unsafe {
+        libc::mprotect(base, GUARD, libc::PROT_NONE);
+        libc::clone(
+            trampoline::<F>,
+            base.cast::<u8>().add(STACK + GUARD).cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&raw mut slot).cast(),
+        )
+    };
+    let result = check(pid);
+    // SAFETY: the mapping made above, unused now (see above).
+    unsafe { libc::munmap(base, STACK + GUARD) };
+    result
+}
+
+/// `close(2)` of a descriptor this process owns through nobody (a child's copy of one its
+/// parent still holds, after [`spawn_sharing_memory`]).
+pub(crate) fn close(fd: RawFd) -> io::Result<()> {
+    // SAFETY: closes a descriptor number; no memory is involved.
+    check(unsafe { libc::close(fd) }).map(drop)
 }
 
 /// `unshare(2)`.
