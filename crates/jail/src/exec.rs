@@ -76,7 +76,7 @@ pub enum Io {
 pub fn exec(spec: &Spec, id: &SandboxId, exec: &ExecSpec, io: Io) -> Result<i32, RunError> {
     let plan = enter(spec, id, exec)?;
     match io {
-        Io::Inherit => run_child(&plan, |exec_w| {
+        Io::Inherit => run_child(&plan, Spawn::SharingMemory, |exec_w| {
             init::exec_command(&plan, None, exec_w, Filter::Install)
         }),
         Io::Stream { tty } => stream(&plan, tty),
@@ -100,7 +100,10 @@ pub fn call(
         ..Default::default()
     };
     let plan = enter(spec, id, &exec)?;
-    run_child(&plan, |exec_w| init::run_contained(&plan, exec_w, f))
+    // Forked: Cove's file code runs there, for as long as it takes.
+    run_child(&plan, Spawn::Fork, |exec_w| {
+        init::run_contained(&plan, exec_w, f)
+    })
 }
 
 /// Joins the sandbox (steps 1 to 3) and returns the plan of the command's process.
@@ -200,8 +203,12 @@ fn wait_or_stop(signals: &sys::SigSet, pid: libc::pid_t) -> Result<i32, RunError
 
 /// Forks the command's process in the joined namespaces, runs `child` there, and waits for
 /// it. `child` reports a failure before `execve` on the pipe it is given.
-fn run_child(plan: &ChildPlan, child: impl FnOnce(OwnedFd) -> Never) -> Result<i32, RunError> {
-    let (pid, exec_r, signals) = fork_child(plan, child)?;
+fn run_child(
+    plan: &ChildPlan,
+    how: Spawn,
+    child: impl FnOnce(OwnedFd) -> Never,
+) -> Result<i32, RunError> {
+    let (pid, exec_r, signals) = fork_child(plan, how, child)?;
     let msg = read_exec_status(exec_r);
     let status = if msg.is_empty() {
         wait_or_stop(&signals, pid)?
@@ -220,21 +227,51 @@ fn lock_down(plan: &ChildPlan, exec_w: OwnedFd, child: impl FnOnce(OwnedFd) -> N
     match child(exec_w) {}
 }
 
-/// Forks the command's process, which runs `child` after its first step; returns its pid,
+/// How the command's process is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spawn {
+    /// `sys::spawn_sharing_memory`: for a process that ends in `execve` (no copy of this
+    /// process's address space; this process waits for the `execve` anyway).
+    SharingMemory,
+    /// A fork, for one that runs Cove's code to its end.
+    Fork,
+}
+
+/// Starts the command's process, which runs `child` after its first step; returns its pid,
 /// the read end of its exec-status pipe, and the stop signals (blocked here: taken
 /// synchronously; the command restores an empty mask before `execve`).
 fn fork_child(
     plan: &ChildPlan,
+    how: Spawn,
     child: impl FnOnce(OwnedFd) -> Never,
 ) -> Result<(libc::pid_t, OwnedFd, sys::SigSet), RunError> {
     let (exec_r, exec_w) = sys::pipe().map_err(prep("create a pipe"))?;
     let signals = sys::SigSet::of(STOP_SIGNALS);
     signals.block().map_err(prep("block signals"))?;
-    let pid = sys::fork().map_err(prep("fork the command"))?;
-    if pid == 0 {
-        drop(exec_r);
-        lock_down(plan, exec_w, child);
-    }
+    let pid = match how {
+        Spawn::SharingMemory => {
+            // As for init's command (`init::init`): the child closes its copy of the read
+            // end and works on a duplicate of the write end; nothing is moved out of memory
+            // this process reads afterwards but `child`, which is the child's.
+            let exec_r_fd = exec_r.as_raw_fd();
+            sys::spawn_sharing_memory(|| {
+                let _ = sys::close(exec_r_fd);
+                match exec_w.try_clone() {
+                    Ok(w) => lock_down(plan, w, child),
+                    Err(_) => sys::exit(125),
+                }
+            })
+            .map_err(prep("start the command"))?
+        }
+        Spawn::Fork => {
+            let pid = sys::fork().map_err(prep("fork the command"))?;
+            if pid == 0 {
+                drop(exec_r);
+                lock_down(plan, exec_w, child);
+            }
+            pid
+        }
+    };
     drop(exec_w);
     Ok((pid, exec_r, signals))
 }
@@ -273,8 +310,8 @@ fn finish(msg: &str, status: i32) -> Result<i32, RunError> {
 }
 
 /// [`Io::Stream`]: the command's stdin (a pipe, or a terminal) fed from the frames on this
-/// process's stdin by one thread, the terminal's output copied to stdout by another, while
-/// this one waits for the command.
+/// process's stdin, and a terminal's output copied to stdout, in one `poll` loop that also
+/// waits for the command.
 fn stream(plan: &ChildPlan, tty: bool) -> Result<i32, RunError> {
     let (input, child_side) = if tty {
         let (master, slave) = sys::openpty_at("/dev/ptmx").map_err(prep("open a terminal"))?;
@@ -285,7 +322,7 @@ fn stream(plan: &ChildPlan, tty: bool) -> Result<i32, RunError> {
     };
     // The parent's side (`input`) is close-on-exec, and closed in the command by its last
     // steps anyway.
-    let (pid, exec_r, signals) = fork_child(plan, |exec_w| {
+    let (pid, exec_r, signals) = fork_child(plan, Spawn::SharingMemory, |exec_w| {
         if tty {
             init::exec_command(plan, Some(&child_side), exec_w, Filter::Install)
         } else {
