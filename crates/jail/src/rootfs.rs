@@ -402,16 +402,22 @@ fn mount_proc(root: &Path) -> Result<(), RootfsError> {
         None,
     )
     .map_err(err("mount proc on", &proc))?;
+    // The first directory gets an empty read-only tmpfs; the others a bind of it (one
+    // superblock to make and tear down, not one each).
+    let mut empty: Option<PathBuf> = None;
     for name in PROC_MASKED {
         let p = proc.join(name);
-        let masked = if PROC_MASKED_DIRS.contains(name) {
-            tmpfs(
+        let masked = match &empty {
+            _ if !PROC_MASKED_DIRS.contains(name) => {
+                sys::mount(Some("/dev/null"), s(&p), None, libc::MS_BIND, None)
+            }
+            Some(first) => sys::mount(Some(s(first)), s(&p), None, libc::MS_BIND, None),
+            None => tmpfs(
                 &p,
                 libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
                 "size=0,mode=0555",
             )
-        } else {
-            sys::mount(Some("/dev/null"), s(&p), None, libc::MS_BIND, None)
+            .inspect(|()| empty = Some(p.clone())),
         };
         match masked {
             // Not every kernel has every file.
