@@ -691,6 +691,11 @@ impl Supervisor<'_> {
                             if report.wait_status.is_some() && self.final_stats.is_none() {
                                 self.reported = Some(self.started.elapsed());
                                 self.final_stats = self.cg.stats().ok();
+                                // Init only exits after this: wait for that at once (with
+                                // a terminal, its last output is drained first).
+                                if relay.is_none() {
+                                    status_open = false;
+                                }
                             }
                         }
                     }
