@@ -384,6 +384,26 @@ pub(crate) fn send_fds(sock: RawFd, fds: &[RawFd]) -> io::Result<()> {
         ));
     }
     let payload = std::mem::size_of_val(fds) as u32;
+    with_message(|msg| {
+        // SAFETY: CMSG_SPACE only computes a size.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(payload) } as usize;
+        // SAFETY: the control buffer (128 bytes) holds CMSG_SPACE of 8 descriptors (48 bytes),
+        // so the first header and its data lie inside it.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as usize;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
+        }
+        // SAFETY: `msg` describes live buffers (`with_message`).
+        retry_eintr(|| unsafe { libc::sendmsg(sock, msg, libc::MSG_NOSIGNAL) }).map(drop)
+    })
+}
+
+/// Calls `f` with a message header of one data byte and a 128-byte control buffer (all live
+/// for the call).
+fn with_message<R>(f: impl FnOnce(&mut libc::msghdr) -> R) -> R {
     // u64 elements keep the control buffer aligned for `cmsghdr`.
     let mut control = [0u64; 16];
     let mut byte = [0u8; 1];
@@ -391,27 +411,21 @@ pub(crate) fn send_fds(sock: RawFd, fds: &[RawFd]) -> io::Result<()> {
         iov_base: byte.as_mut_ptr().cast(),
         iov_len: 1,
     };
-    // SAFETY: an all-zero msghdr is valid; every pointer set below outlives the sendmsg call.
+    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive `f`.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE only computes a size.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(payload) } as usize;
-    // SAFETY: the control buffer (128 bytes) holds CMSG_SPACE of 8 descriptors (48 bytes), so
-    // the first header and its data lie inside it.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as usize;
-        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
-    }
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    f(&mut msg)
+}
+
+/// Calls `call` again while it fails with `EINTR`.
+fn retry_eintr(mut call: impl FnMut() -> isize) -> io::Result<usize> {
     loop {
-        // SAFETY: `msg` describes live buffers (above).
-        let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+        let n = call();
         if n >= 0 {
-            return Ok(());
+            return Ok(n as usize);
         }
         let e = io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EINTR) {
@@ -423,29 +437,12 @@ pub(crate) fn send_fds(sock: RawFd, fds: &[RawFd]) -> io::Result<()> {
 /// Receives the descriptors of one [`send_fds`] message on `sock` (close-on-exec). The peer's
 /// end closed without a message is `UnexpectedEof`.
 pub(crate) fn recv_fds(sock: RawFd) -> io::Result<Vec<OwnedFd>> {
-    let mut control = [0u64; 16];
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    // SAFETY: an all-zero msghdr is valid; every pointer set below outlives the recvmsg call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&control);
-    let n = loop {
-        // SAFETY: `msg` describes live buffers (above).
-        let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n >= 0 {
-            break n;
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
-        }
-    };
+    with_message(|msg| receive_fds(sock, msg))
+}
+
+fn receive_fds(sock: RawFd, msg: &mut libc::msghdr) -> io::Result<Vec<OwnedFd>> {
+    // SAFETY: `msg` describes live buffers (`with_message`).
+    let n = retry_eintr(|| unsafe { libc::recvmsg(sock, msg, libc::MSG_CMSG_CLOEXEC) })?;
     if n == 0 {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
@@ -454,7 +451,7 @@ pub(crate) fn recv_fds(sock: RawFd) -> io::Result<Vec<OwnedFd>> {
     // it, and each SCM_RIGHTS payload holds cmsg_len - CMSG_LEN(0) bytes of descriptors that
     // are new in this process and owned by nobody else.
     unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        let mut cmsg = libc::CMSG_FIRSTHDR(msg);
         while !cmsg.is_null() {
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
                 let bytes = (*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize;
@@ -463,7 +460,7 @@ pub(crate) fn recv_fds(sock: RawFd) -> io::Result<Vec<OwnedFd>> {
                     fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
                 }
             }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            cmsg = libc::CMSG_NXTHDR(msg, cmsg);
         }
     }
     if msg.msg_flags & libc::MSG_CTRUNC != 0 {
