@@ -107,7 +107,7 @@ pub struct RunArgs {
     #[arg(long)]
     json: bool,
     /// Use this sandbox id (12 lowercase hex characters) instead of a random one; it names every
-    /// host object of the sandbox (cgroup cove/ID, /run/cove/ID).
+    /// host object of the sandbox (cgroup cove-ID, lock file /run/cove/ID).
     #[arg(long, value_name = "ID")]
     id: Option<SandboxId>,
     /// Build /dev on a tmpfs with binds of the host's nodes instead of binding Cove's /dev
