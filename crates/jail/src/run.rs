@@ -614,7 +614,12 @@ fn make_cgroup(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let raw: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
-    sys::send_fds(to_child.as_raw_fd(), &raw).map_err(prep("send the sandbox its cgroup"))
+    match sys::send_fds(to_child.as_raw_fd(), &raw) {
+        // The child has already failed (and said why on the status pipe, which is the
+        // message worth reporting) or died.
+        Err(e) if e.raw_os_error() == Some(libc::EPIPE) => Ok(()),
+        r => r.map_err(prep("send the sandbox its cgroup")),
+    }
 }
 
 fn setup_from_outside(pid: libc::pid_t, go: &OwnedFd) -> Result<(), RunError> {
