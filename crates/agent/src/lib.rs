@@ -877,19 +877,27 @@ pub fn rotate_log(log: &Path) -> bool {
     if fs::write(&old, &tail[start..]).is_err() {
         return false;
     }
-    // Written while `.old` was: appended to it too (up to LOG_KEEP more, so that a log and
-    // what its rotation kept stay within LOG_MAX + 2 x LOG_KEEP).
-    let (mut more, now) = (Vec::new(), size(&file));
-    if now > end
-        && read_range(
-            &mut file,
-            end.max(now.saturating_sub(LOG_KEEP)),
-            now,
-            &mut more,
-        )
-        && let Ok(mut f) = OpenOptions::new().append(true).open(&old)
-    {
-        let _ = std::io::Write::write_all(&mut f, &more);
+    // Written while `.old` was: appended to it too, again until the log stops growing between
+    // two looks (a writer that has just ended, as one printing its last line, loses nothing),
+    // and up to LOG_KEEP more in all, so that a log and what its rotation kept stay within
+    // LOG_MAX + 2 x LOG_KEEP.
+    let mut room = LOG_KEEP;
+    let mut appended = OpenOptions::new().append(true).open(&old).ok();
+    for _ in 0..4 {
+        let now = size(&file);
+        let Some(f) = appended.as_mut() else { break };
+        if now <= end || room == 0 {
+            break;
+        }
+        let from = end.max(now.saturating_sub(room));
+        let mut more = Vec::new();
+        if !read_range(&mut file, from, now, &mut more)
+            || std::io::Write::write_all(f, &more).is_err()
+        {
+            break;
+        }
+        room -= now - from;
+        end = now;
     }
     let _ = file.set_len(0);
     // The index's offsets were into the output now gone.
