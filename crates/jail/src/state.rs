@@ -114,7 +114,7 @@ impl StateLock {
         built
     }
 
-    /// Marks a detached sandbox for the reapers (see [`DETACHED_MARKER`]): its owner's lock
+    /// Marks a detached sandbox for the reapers (see [`DETACHED_MARKER_SUFFIX`]): its owner's lock
     /// file, `owner`, is written beside the sandbox's.
     pub(crate) fn mark_detached(&self, owner: &str) -> Result<(), StateError> {
         let marker = marker_path(&self.lock_path);
@@ -297,9 +297,9 @@ fn gc_some(
                 }
                 continue;
             }
-            if name.parse::<SandboxId>().is_err() {
+            let Ok(id) = name.parse::<SandboxId>() else {
                 continue;
-            }
+            };
             match is_locked(&path) {
                 Ok(true) => live.push(name),
                 Ok(false)
@@ -310,12 +310,9 @@ fn gc_some(
                 }
                 Ok(false) => {
                     // A server's sandbox, or a `cove run` one.
-                    reap_cgroup(cgroups, &format!("{CGROUP_PARENT}/{name}"), &mut report);
-                    reap_cgroup(cgroups, &format!("{CGROUP_PARENT}-{name}"), &mut report);
-                    let marker = marker_path(&path);
-                    if marker.exists() {
-                        let _ = fs::remove_file(&marker);
-                    }
+                    reap_cgroup(cgroups, &cgroup_name(&id), &mut report);
+                    reap_cgroup(cgroups, &run_cgroup_name(&id), &mut report);
+                    let _ = fs::remove_file(marker_path(&path));
                     reap_file(&path, &format!("lock file of {name}"), &mut report);
                 }
                 Err(e) => report.failed.push(format!("{}: {e}", path.display())),
