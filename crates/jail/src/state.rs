@@ -349,10 +349,9 @@ fn gc_some(
     // one was removed above).
     let (removed, failed) = crate::egress::reap(|id| {
         root.join(id.as_str()).exists()
-            || cgroups
-                .open(&cgroup_name(id))
-                .pids()
-                .is_ok_and(|p| !p.is_empty())
+            || [cgroup_name(id), run_cgroup_name(id)]
+                .iter()
+                .any(|cg| cgroups.open(cg).pids().is_ok_and(|p| !p.is_empty()))
     });
     for line in removed {
         let kind = if line.starts_with("veth") {
