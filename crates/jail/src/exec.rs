@@ -250,18 +250,8 @@ fn fork_child(
     signals.block().map_err(prep("block signals"))?;
     let pid = match how {
         Spawn::SharingMemory => {
-            // As for init's command (`init::init`): the child closes its copy of the read
-            // end and works on a duplicate of the write end; nothing is moved out of memory
-            // this process reads afterwards but `child`, which is the child's.
-            let exec_r_fd = exec_r.as_raw_fd();
-            sys::spawn_sharing_memory(|| {
-                let _ = sys::close(exec_r_fd);
-                match exec_w.try_clone() {
-                    Ok(w) => lock_down(plan, w, child),
-                    Err(_) => sys::exit(125),
-                }
-            })
-            .map_err(prep("start the command"))?
+            init::spawn_command(&exec_r, &exec_w, |w| lock_down(plan, w, child))
+                .map_err(prep("start the command"))?
         }
         Spawn::Fork => {
             let pid = sys::fork().map_err(prep("fork the command"))?;

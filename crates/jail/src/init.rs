@@ -294,17 +294,9 @@ fn init(
     plan.seccomp.install().step("install the seccomp filter")?;
     clock.mark("init_ready");
     // The command borrows init's memory until its `execve` (no copy of init's address space,
-    // which is the supervisor's). Its last steps allocate only what it leaves behind.
-    // The closure takes nothing by value: whatever it owned would be the command's to close,
-    // in memory init reads afterwards. The command closes its copy of the read end (its
-    // descriptor table is its own) and works on a duplicate of the write end.
-    let exec_r_fd = exec_r.as_raw_fd();
-    let pid = sys::spawn_sharing_memory(|| {
-        let _ = sys::close(exec_r_fd);
-        match exec_w.try_clone() {
-            Ok(w) => exec_command(plan, tty, w, Filter::Inherited),
-            Err(_) => sys::exit(125),
-        }
+    // which is the supervisor's).
+    let pid = spawn_command(&exec_r, &exec_w, |w| {
+        exec_command(plan, tty, w, Filter::Inherited)
     })
     .step("start the command")?;
     drop(exec_w);
@@ -418,6 +410,27 @@ pub(crate) fn lock_down_init(plan: &ChildPlan) -> std::io::Result<()> {
 fn drop_effective_caps() -> std::io::Result<()> {
     sys::capset(1u64 << CAP_KILL)?;
     sys::clear_ambient()
+}
+
+/// Starts a process that runs `child` with the write end of an exec-status pipe (`exec_r`,
+/// `exec_w`), borrowing this process's memory until its `execve` or exit
+/// (`sys::spawn_sharing_memory`). Nothing is moved out of memory this process reads afterwards:
+/// the child closes its copy of the read end (its descriptor table is its own) and gets a
+/// duplicate of the write end; this process still closes its own ends. `child`'s last steps
+/// may allocate only what they leave behind.
+pub(crate) fn spawn_command(
+    exec_r: &OwnedFd,
+    exec_w: &OwnedFd,
+    child: impl FnOnce(OwnedFd) -> std::convert::Infallible,
+) -> std::io::Result<libc::pid_t> {
+    let exec_r_fd = exec_r.as_raw_fd();
+    sys::spawn_sharing_memory(|| {
+        let _ = sys::close(exec_r_fd);
+        match exec_w.try_clone() {
+            Ok(w) => match child(w) {},
+            Err(_) => sys::exit(125),
+        }
+    })
 }
 
 /// Whether the command's process installs the seccomp filter itself.

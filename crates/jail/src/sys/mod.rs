@@ -101,13 +101,18 @@ pub(crate) fn spawn_sharing_memory<F: FnOnce() -> Infallible>(child: F) -> io::R
     if base == libc::MAP_FAILED {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: the lowest page of our own mapping becomes the guard.
+    if unsafe { libc::mprotect(base, GUARD, libc::PROT_NONE) } != 0 {
+        let e = io::Error::last_os_error();
+        // SAFETY: the mapping made above, used by nobody.
+        unsafe { libc::munmap(base, STACK + GUARD) };
+        return Err(e);
+    }
     let mut slot = Some(child);
-    // SAFETY: the lowest page of our own mapping becomes the guard; the stack grows down from
-    // the mapping's end (16-byte aligned, as mmap returns page-aligned memory). The trampoline
-    // gets a pointer to `slot`, which outlives the call: CLONE_VFORK returns only once the
-    // child no longer uses this memory.
+    // SAFETY: the stack grows down from the mapping's end (16-byte aligned, as mmap returns
+    // page-aligned memory). The trampoline gets a pointer to `slot`, which outlives the call:
+    // CLONE_VFORK returns only once the child no longer uses this memory.
     let pid = unsafe {
-        libc::mprotect(base, GUARD, libc::PROT_NONE);
         libc::clone(
             trampoline::<F>,
             base.cast::<u8>().add(STACK + GUARD).cast(),
