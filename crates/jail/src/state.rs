@@ -11,14 +11,16 @@
 //! system mounted with `discard`), removing a directory frees its block, and that discard is
 //! waited for when the last reference goes; measured here, a directory with its lock file cost
 //! 249 µs to create and remove, a lone lock file 45 µs, and every `cove run` paid for it. A
-//! detached sandbox's marker is the file `<id>.detached` beside it.
+//! detached sandbox's lock file says so in its content (see [`StateLock::mark_detached`]): no
+//! second file, for the same reason (on a journal-less ext4, each inode freed is skipped by the
+//! allocator for a minute or more, and every later allocation pays a look at each).
 //!
 //! Everything else a sandbox creates (namespaces, its mounts) lives only as long as its
 //! processes, and those die with the sandbox's pid 1.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -88,7 +90,7 @@ fn ns_pids(pid: i32) -> Option<Vec<String>> {
 /// A sandbox's lock file, locked for as long as this value lives.
 pub struct StateLock {
     lock_path: PathBuf,
-    _lock: OwnedFd,
+    lock: File,
 }
 
 impl StateLock {
@@ -97,16 +99,13 @@ impl StateLock {
         fs::create_dir_all(root).map_err(io_err("create", root))?;
         let tmp = root.join(format!(".new-{id}"));
         let built = (|| {
-            let lock: OwnedFd = File::create(&tmp).map_err(io_err("create", &tmp))?.into();
-            if !sys::try_lock(&lock).map_err(io_err("lock", &tmp))? {
+            let lock = File::create(&tmp).map_err(io_err("create", &tmp))?;
+            if !sys::try_lock(lock.as_fd()).map_err(io_err("lock", &tmp))? {
                 return Err(io_err("lock", &tmp)(io::ErrorKind::WouldBlock.into()));
             }
             let lock_path = root.join(id.as_str());
             fs::rename(&tmp, &lock_path).map_err(io_err("rename into place", &lock_path))?;
-            Ok(StateLock {
-                lock_path,
-                _lock: lock,
-            })
+            Ok(StateLock { lock_path, lock })
         })();
         if built.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -114,11 +113,17 @@ impl StateLock {
         built
     }
 
-    /// Marks a detached sandbox for the reapers (see [`DETACHED_MARKER_SUFFIX`]): its owner's lock
-    /// file, `owner`, is written beside the sandbox's.
+    /// Marks a detached sandbox for the reapers: the path of its owner's lock file, `owner`,
+    /// becomes the lock file's content (`cove run`'s stay empty). Once the sandbox's init has
+    /// exited and its lock is free, its owner finishes it (reads its cgroup's counters, then
+    /// tears it down), so the reapers leave it alone while the owner lives. A sandbox without
+    /// an owner is marked with a line break (a marked lock file is never empty).
     pub(crate) fn mark_detached(&self, owner: &str) -> Result<(), StateError> {
-        let marker = marker_path(&self.lock_path);
-        fs::write(&marker, owner).map_err(io_err("write", &marker))
+        use std::os::unix::fs::FileExt;
+        let content = if owner.is_empty() { "\n" } else { owner };
+        self.lock
+            .write_all_at(content.as_bytes(), 0)
+            .map_err(io_err("write", &self.lock_path))
     }
 
     /// Where the sandbox's root is assembled, inside the sandbox's own mount namespace only: the
@@ -134,7 +139,7 @@ impl StateLock {
     /// The lock's descriptor (for a detached sandbox's init to hold).
     pub(crate) fn lock_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
-        self._lock.as_raw_fd()
+        self.lock.as_raw_fd()
     }
 
     /// Leaves the lock file in place: a detached sandbox's init holds its lock now, and its
@@ -147,19 +152,15 @@ impl StateLock {
     }
 }
 
-/// The detached marker beside a sandbox's lock file.
-fn marker_path(lock_path: &Path) -> PathBuf {
-    let mut name = lock_path.as_os_str().to_owned();
-    name.push(DETACHED_MARKER_SUFFIX);
-    PathBuf::from(name)
+/// Whether the lock file at `lock_path` is a detached sandbox's (it has content).
+fn is_detached(lock_path: &Path) -> bool {
+    fs::metadata(lock_path).is_ok_and(|m| m.len() > 0)
 }
 
-/// Removes what a sandbox keeps under the state root `root`: its lock file and its detached
-/// marker (missing ones are no error).
+/// Removes what a sandbox keeps under the state root `root`: its lock file (a missing one is no
+/// error).
 pub fn remove_state(root: &Path, id: &SandboxId) {
-    let lock_path = root.join(id.as_str());
-    let _ = fs::remove_file(marker_path(&lock_path));
-    let _ = fs::remove_file(&lock_path);
+    let _ = fs::remove_file(root.join(id.as_str()));
 }
 
 /// What one reaper pass removed.
@@ -194,12 +195,6 @@ pub enum Scope {
     Everything,
 }
 
-/// The marker of a detached sandbox (see `run::start_detached`), the file `<id>.detached`
-/// beside its lock file, holding the path of its owner's lock file: once its init has exited
-/// and its lock is free, its owner finishes it (reads its cgroup's counters, then tears it
-/// down), so the reapers leave it alone while the owner lives.
-const DETACHED_MARKER_SUFFIX: &str = ".detached";
-
 /// Collects the exit of every child of this process that has exited and belongs to a
 /// sandbox's pid namespace: the inits of detached sandboxes (their server is their supervisors'
 /// subreaper), and processes of a sandbox whose parent outside it died first — an exec's
@@ -223,17 +218,18 @@ fn in_nested_pid_ns(pid: i32) -> bool {
     ns_pids(pid).is_some_and(|ids| ids.len() > 1)
 }
 
-/// Whether `dir` is an ended detached sandbox that its owner will finish: its owner's lock is
-/// held.
+/// Whether the lock file at `lock_path` is an ended detached sandbox's that its owner will
+/// finish: its owner's lock is held.
 fn owner_alive(lock_path: &Path) -> bool {
-    fs::read_to_string(marker_path(lock_path))
+    fs::read_to_string(lock_path)
         .ok()
+        .map(|owner| owner.trim().to_string())
         .filter(|owner| !owner.is_empty())
         .is_some_and(|owner| is_locked(Path::new(&owner)).unwrap_or(false))
 }
 
 /// Removes every sandbox object whose supervisor is gone: processes (through the cgroup), the
-/// cgroups, and the lock file (with its marker). Live sandboxes (locked lock files) are never
+/// cgroups, and the lock file. Live sandboxes (locked lock files) are never
 /// touched, nor ended detached
 /// sandboxes whose owner lives or that `owned` says their owner will finish (and none with
 /// [`Scope::Abandoned`]).
@@ -289,9 +285,9 @@ fn gc_some(
                 }
                 continue;
             }
-            // A marker goes with its lock file (below); one whose lock file is gone is what
-            // a teardown interrupted between the two removals left.
-            if let Some(id) = name.strip_suffix(DETACHED_MARKER_SUFFIX) {
+            // Left by an earlier version, which marked detached sandboxes with a file
+            // beside the lock file: gone with its lock file.
+            if let Some(id) = name.strip_suffix(".detached") {
                 if id.parse::<SandboxId>().is_ok() && !root.join(id).exists() && is_old(&path) {
                     reap_file(&path, &format!("detached marker of {id}"), &mut report);
                 }
@@ -303,7 +299,7 @@ fn gc_some(
             match is_locked(&path) {
                 Ok(true) => live.push(name),
                 Ok(false)
-                    if marker_path(&path).exists()
+                    if is_detached(&path)
                         && (scope == Scope::Abandoned || owned(&name) || owner_alive(&path)) =>
                 {
                     live.push(name);
@@ -312,7 +308,6 @@ fn gc_some(
                     // A server's sandbox, or a `cove run` one.
                     reap_cgroup(cgroups, &cgroup_name(&id), &mut report);
                     reap_cgroup(cgroups, &run_cgroup_name(&id), &mut report);
-                    let _ = fs::remove_file(marker_path(&path));
                     reap_file(&path, &format!("lock file of {name}"), &mut report);
                 }
                 Err(e) => report.failed.push(format!("{}: {e}", path.display())),
@@ -389,8 +384,7 @@ fn is_locked(lock: &Path) -> io::Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
     };
-    let fd: OwnedFd = f.into();
-    Ok(!sys::try_lock(&fd)?)
+    Ok(!sys::try_lock(f.as_fd())?)
 }
 
 fn reap_cgroup(cgroups: &Hierarchy, name: &str, report: &mut GcReport) {

@@ -13,7 +13,7 @@ pub(crate) mod seccomp;
 use std::convert::Infallible;
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
@@ -755,7 +755,7 @@ pub(crate) fn getrandom(buf: &mut [u8]) -> io::Result<()> {
 }
 
 /// `flock(fd, LOCK_EX | LOCK_NB)`: `Ok(false)` when another holder has it.
-pub(crate) fn try_lock(fd: &OwnedFd) -> io::Result<bool> {
+pub(crate) fn try_lock(fd: BorrowedFd<'_>) -> io::Result<bool> {
     // SAFETY: plain integer arguments on a descriptor we own.
     let ret = unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if ret == 0 {
