@@ -11,13 +11,13 @@
 //! and every [`SWEEP`] the whole store is listed again, for anything a watch could have missed.
 //!
 //! - A record wanted `running` and still `pending` is started: its directory
-//!   (`<data>/sandboxes/<id>/`) gets `spec.json`, and a **supervisor** is started for it — the
-//!   `cove` binary itself (`cove supervise DIR`), a fresh single-threaded process (forking from
-//!   this multi-threaded one would be unsafe). The supervisor starts the sandbox with the jail,
-//!   its stdout and stderr going to `stdout.log` and `stderr.log`, and exits once the command
-//!   runs: the sandbox is then *detached*, with no host process of its own. Its init holds
-//!   `lock` (flock) for the sandbox's whole life, `pid` names it, and it writes how the
-//!   command ended to `status`. Nothing ties it to the agent: a restart of `cove serve`, even
+//!   (`<data>/sandboxes/<id>/`) is made, and a **supervisor** is started for it — the `cove`
+//!   binary itself (`cove supervise DIR`, the spec on its stdin), a fresh single-threaded
+//!   process (forking from this multi-threaded one would be unsafe). The supervisor starts the
+//!   sandbox with the jail, its stdout and stderr going to `stdout.log` and `stderr.log`, and
+//!   exits once the command runs: the sandbox is then *detached*, with no host process of its
+//!   own. Its init holds `lock` (flock) for the sandbox's whole life, the last line of `lock`
+//!   names it, and it writes how the command ended to `status`. Nothing ties it to the agent: a restart of `cove serve`, even
 //!   `kill -9`, leaves it running. A start that fails leaves `report.json`.
 //! - A sandbox whose `lock` is free has ended: with `status`, the agent finishes it (the
 //!   jail's teardown, in a blocking task) and writes `report.json`; the record gets the reason,
@@ -499,7 +499,9 @@ impl Agent {
         }
     }
 
-    /// Writes the sandbox's directory and starts `cove supervise DIR`.
+    /// Makes the sandbox's directory and starts `cove supervise DIR`, its spec on its stdin
+    /// (no file: on this project's hosts every file made and removed per sandbox costs every
+    /// later one, see `supervise`).
     fn spawn(&self, record: &SandboxRecord) -> Result<tokio::process::Child, AgentError> {
         let dir = self.dir(&record.id);
         fs::DirBuilder::new()
@@ -517,9 +519,7 @@ impl Agent {
         // jail's.
         let mut spec = record.spec.clone();
         spec.limits.timeout = None;
-        let spec = serde_json::to_vec_pretty(&spec).expect("a spec serialises");
-        let spec_path = dir.join("spec.json");
-        fs::write(&spec_path, spec).map_err(io_err("write", &spec_path))?;
+        let spec = serde_json::to_vec(&spec).expect("a spec serialises");
         let log = |name: &str| -> Result<File, AgentError> {
             let path = dir.join(name);
             OpenOptions::new()
@@ -532,7 +532,7 @@ impl Agent {
         let mut cmd = tokio::process::Command::new(&self.cove);
         cmd.arg("supervise")
             .arg(&dir)
-            .stdin(std::process::Stdio::null())
+            .stdin(std::process::Stdio::piped())
             // A pipe on which it says `started`; it puts `stdout.log` in its place itself.
             .stdout(std::process::Stdio::piped())
             .stderr(log("stderr.log")?)
@@ -552,6 +552,13 @@ impl Agent {
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut child = cmd.spawn().map_err(io_err("start", &self.cove))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A supervisor that dies first breaks the pipe: its end is found by `check`.
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = stdin.write_all(&spec).await;
+            });
+        }
         if let Some(out) = child.stdout.take() {
             let (tx, id) = (self.started_tx.clone(), record.id);
             tokio::spawn(async move {
@@ -1023,14 +1030,12 @@ fn hierarchy() -> Option<&'static cove_jail::cgroup::Hierarchy> {
     cove_jail::cgroup::Hierarchy::detected()
 }
 
-/// The pid in a sandbox directory's `pid` file: its supervisor's while it starts, its init's
-/// once it runs.
+/// The pid on the last whole line of a sandbox directory's `lock`: its supervisor's while it
+/// starts, its init's once it runs (see `supervise`).
 fn init_pid(dir: &Path) -> Option<i32> {
-    fs::read_to_string(dir.join("pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    let text = fs::read_to_string(dir.join("lock")).ok()?;
+    let whole = &text[..text.rfind('\n')?];
+    whole.rsplit('\n').next()?.trim().parse().ok()
 }
 
 /// Whether process `pid` exists and is named for sandbox `id` (as its init names itself).

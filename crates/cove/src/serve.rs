@@ -542,32 +542,44 @@ pub(crate) fn root_only_secret(
     Ok(token)
 }
 
-/// `cove supervise DIR`: starts the sandbox described by `DIR/spec.json` (DIR is named by the
-/// sandbox id) and leaves it running on its own: once its command runs, the supervisor exits.
-/// The sandbox's init then holds `DIR/lock` (taken here first) for the sandbox's whole life,
-/// `DIR/pid` names it, and it writes how the command ended to `DIR/status`, from which the
-/// agent makes `DIR/report.json` (`cove_jail::run::finish_detached`). A start that fails
-/// writes `DIR/report.json` here. Its stdout and stderr are the sandbox's logs (the agent
-/// opens them).
+/// `cove supervise DIR`: starts the sandbox whose spec (JSON) comes on stdin (DIR is named by
+/// the sandbox id) and leaves it running on its own: once its command runs, the supervisor
+/// exits. The sandbox's init then holds `DIR/lock` (taken here first) for the sandbox's whole
+/// life, the last line of `DIR/lock` is its pid, and it writes how the command ended to
+/// `DIR/status`, from which the agent makes `DIR/report.json`
+/// (`cove_jail::run::finish_detached`). A start that fails writes `DIR/report.json` here. Its
+/// stdout and stderr are the sandbox's logs (the agent opens them).
+///
+/// As few files as that: where the data directory is on an ext4 without a journal (this
+/// project's hosts), the inode allocator skips every inode freed in the last minute or more,
+/// looking at each one, so with sandboxes coming and going every file made per sandbox costs
+/// every later one. Measured here with twelve files per sandbox, rounds of 200 creates and 200
+/// removals at 50 clients went from 148 to 82 sandboxes a second in four rounds, 38 % of the
+/// server's CPU time in that search.
 pub fn supervise(dir: PathBuf) -> anyhow::Result<ExitCode> {
     let lock = locked(&dir.join("lock"), || {
         format!("another supervisor runs {}", dir.display())
     })?;
-    // Whoever holds the lock says who it is (the agent signals it by this pid, after checking
-    // the lock is still held, so a recycled pid is never signalled).
-    let pid_path = dir.join("pid");
-    fs::write(&pid_path, std::process::id().to_string())
-        .with_context(|| format!("write {}", pid_path.display()))?;
+    // Whoever holds the lock says who it is, one line each, the last one current (the agent
+    // signals it by this pid, after checking the lock is still held, so a recycled pid is
+    // never signalled). Appended whole, a line is never seen half-written as a pid.
+    let mut said = 0;
+    let mut say_pid = |pid: u32| -> anyhow::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let line = format!("{pid}\n");
+        lock.write_all_at(line.as_bytes(), said)
+            .with_context(|| format!("write {}", dir.join("lock").display()))?;
+        said += line.len() as u64;
+        Ok(())
+    };
+    say_pid(std::process::id())?;
     let id = dir_id(&dir)?;
     let report = match supervised_run(&dir, id, &lock) {
         Ok(init) => {
             // The sandbox is on its own: the agent signals its init from now on, and finds
             // how it ended in `status` (named so only now: a supervisor that died before this
             // left no `status`, and its sandbox is `lost`).
-            let tmp = dir.join("pid.tmp");
-            fs::write(&tmp, init.to_string())
-                .with_context(|| format!("write {}", tmp.display()))?;
-            fs::rename(&tmp, &pid_path).context("put the pid in place")?;
+            say_pid(init as u32)?;
             fs::rename(dir.join("status.new"), dir.join("status"))
                 .context("put the status file in place")?;
             return Ok(ExitCode::SUCCESS);
@@ -603,6 +615,9 @@ fn locked(path: &Path, busy: impl FnOnce() -> String) -> anyhow::Result<fs::File
         .open(path)
         .with_context(|| format!("open {}", path.display()))?;
     file.try_lock().map_err(|_| anyhow!(busy()))?;
+    // What an earlier holder wrote is not ours.
+    file.set_len(0)
+        .with_context(|| format!("empty {}", path.display()))?;
     Ok(file)
 }
 
@@ -624,8 +639,11 @@ fn take_notify_pipe(dir: &Path) -> anyhow::Result<std::sync::Arc<fs::File>> {
 
 fn supervised_run(dir: &Path, id: SandboxId, lock: &fs::File) -> anyhow::Result<i32> {
     let notify = take_notify_pipe(dir)?;
-    let spec_path = dir.join("spec.json");
-    let bytes = fs::read(&spec_path).with_context(|| format!("read {}", spec_path.display()))?;
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut io::stdin().lock(), &mut bytes).context("read the spec")?;
+    // The sandbox's stdin is nothing, as it was before the spec came this way.
+    let null = fs::File::open("/dev/null").context("open /dev/null")?;
+    rustix::stdio::dup2_stdin(&null).context("give the sandbox an empty stdin")?;
     let mut spec: Spec = serde_json::from_slice(&bytes).context("the sandbox spec is invalid")?;
     let pinned = match spec.image.clone() {
         Image::Ref(reference) => {

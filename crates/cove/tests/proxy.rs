@@ -425,10 +425,10 @@ fn the_proxy_explains_what_it_cannot_reach() {
     assert_eq!(get(&format!("/proxy/{id}/{PORT}/info")).code, 200);
     // Seen from inside the sandbox's network namespace (its init's view): the proxy keeps a
     // connection to the port open.
-    let init = std::fs::read_to_string(server.data.join("sandboxes").join(&id).join("pid"))
-        .unwrap()
-        .trim()
-        .to_string();
+    // The last line of the sandbox directory's lock names its init.
+    let lock =
+        std::fs::read_to_string(server.data.join("sandboxes").join(&id).join("lock")).unwrap();
+    let init = lock.lines().last().unwrap().trim().to_string();
     let tcp = std::fs::read_to_string(format!("/proc/{init}/net/tcp")).unwrap();
     let port = format!(":{:04X}", PORT.parse::<u16>().unwrap());
     assert!(
