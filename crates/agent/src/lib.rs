@@ -1052,11 +1052,23 @@ fn spread_subdirectories(dir: &Path) {
 }
 
 /// The pid on the last whole line of a sandbox directory's `lock`: its supervisor's while it
-/// starts, its init's once it runs (see `supervise`).
+/// starts, its init's once it runs (see `supervise`). A sandbox started by an earlier version
+/// of Cove, still running after an upgrade, has it in the file `pid`.
 fn init_pid(dir: &Path) -> Option<i32> {
-    let text = fs::read_to_string(dir.join("lock")).ok()?;
-    let whole = &text[..text.rfind('\n')?];
-    whole.rsplit('\n').next()?.trim().parse().ok()
+    let last_line = |text: String| -> Option<i32> {
+        let whole = &text[..text.rfind('\n')?];
+        whole.rsplit('\n').next()?.trim().parse().ok()
+    };
+    fs::read_to_string(dir.join("lock"))
+        .ok()
+        .and_then(last_line)
+        .or_else(|| {
+            fs::read_to_string(dir.join("pid"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        })
 }
 
 /// Whether process `pid` exists and is named for sandbox `id` (as its init names itself).

@@ -152,15 +152,29 @@ impl StateLock {
     }
 }
 
-/// Whether the lock file at `lock_path` is a detached sandbox's (it has content).
-fn is_detached(lock_path: &Path) -> bool {
-    fs::metadata(lock_path).is_ok_and(|m| m.len() > 0)
+/// The mark of a detached sandbox's lock file (see [`StateLock::mark_detached`]): its content,
+/// or, for a sandbox started by an earlier version of Cove and still running after an upgrade,
+/// the content of the file `<id>.detached` beside it. `None` for an unmarked one.
+fn detached_mark(lock_path: &Path) -> Option<String> {
+    match fs::read_to_string(lock_path) {
+        Ok(mark) if !mark.is_empty() => Some(mark),
+        _ => fs::read_to_string(old_marker_path(lock_path)).ok(),
+    }
+}
+
+/// Where an earlier version of Cove marked a detached sandbox: `<id>.detached`.
+fn old_marker_path(lock_path: &Path) -> PathBuf {
+    let mut name = lock_path.as_os_str().to_owned();
+    name.push(".detached");
+    PathBuf::from(name)
 }
 
 /// Removes what a sandbox keeps under the state root `root`: its lock file (a missing one is no
-/// error).
+/// error), and an earlier version's mark.
 pub fn remove_state(root: &Path, id: &SandboxId) {
-    let _ = fs::remove_file(root.join(id.as_str()));
+    let lock_path = root.join(id.as_str());
+    let _ = fs::remove_file(old_marker_path(&lock_path));
+    let _ = fs::remove_file(&lock_path);
 }
 
 /// What one reaper pass removed.
@@ -221,8 +235,7 @@ fn in_nested_pid_ns(pid: i32) -> bool {
 /// Whether the lock file at `lock_path` is an ended detached sandbox's that its owner will
 /// finish: its owner's lock is held.
 fn owner_alive(lock_path: &Path) -> bool {
-    fs::read_to_string(lock_path)
-        .ok()
+    detached_mark(lock_path)
         .map(|owner| owner.trim().to_string())
         .filter(|owner| !owner.is_empty())
         .is_some_and(|owner| is_locked(Path::new(&owner)).unwrap_or(false))
@@ -285,8 +298,8 @@ fn gc_some(
                 }
                 continue;
             }
-            // Left by an earlier version, which marked detached sandboxes with a file
-            // beside the lock file: gone with its lock file.
+            // An earlier version's mark goes with its lock file (below); one whose lock file
+            // is gone is what a teardown interrupted between the two removals left.
             if let Some(id) = name.strip_suffix(".detached") {
                 if id.parse::<SandboxId>().is_ok() && !root.join(id).exists() && is_old(&path) {
                     reap_file(&path, &format!("detached marker of {id}"), &mut report);
@@ -299,7 +312,7 @@ fn gc_some(
             match is_locked(&path) {
                 Ok(true) => live.push(name),
                 Ok(false)
-                    if is_detached(&path)
+                    if detached_mark(&path).is_some()
                         && (scope == Scope::Abandoned || owned(&name) || owner_alive(&path)) =>
                 {
                     live.push(name);
@@ -308,6 +321,7 @@ fn gc_some(
                     // A server's sandbox, or a `cove run` one.
                     reap_cgroup(cgroups, &cgroup_name(&id), &mut report);
                     reap_cgroup(cgroups, &run_cgroup_name(&id), &mut report);
+                    let _ = fs::remove_file(old_marker_path(&path));
                     reap_file(&path, &format!("lock file of {name}"), &mut report);
                 }
                 Err(e) => report.failed.push(format!("{}: {e}", path.display())),
@@ -421,9 +435,8 @@ fn reap_file(path: &Path, what: &str, report: &mut GcReport) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_starts_reaping_looks_at_a_bounded_number_of_lock_files() {
-        let base = std::env::temp_dir().join(format!("cove-state-test-{}", std::process::id()));
+    /// A cgroup v2 hierarchy under `base/fake` with no sandbox in it.
+    fn fake_hierarchy(base: &Path) -> Hierarchy {
         let cgroups = base.join("fake");
         fs::create_dir_all(cgroups.join("sys/fs/cgroup")).unwrap();
         fs::write(
@@ -432,7 +445,13 @@ mod tests {
         )
         .unwrap();
         let mountinfo = "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
-        let hierarchy = Hierarchy::from_mountinfo(mountinfo, &cgroups).unwrap();
+        Hierarchy::from_mountinfo(mountinfo, &cgroups).unwrap()
+    }
+
+    #[test]
+    fn a_starts_reaping_looks_at_a_bounded_number_of_lock_files() {
+        let base = std::env::temp_dir().join(format!("cove-state-test-{}", std::process::id()));
+        let hierarchy = fake_hierarchy(&base);
         // 100 abandoned lock files (nobody holds them).
         let root = base.join("state");
         fs::create_dir_all(&root).unwrap();
@@ -444,6 +463,38 @@ mod tests {
         // The rest, now few enough to be looked at all at once.
         assert_eq!(reaped(&gc_nearby(&root, &hierarchy)), 100 - NEARBY as u64);
         assert_eq!(fs::read_dir(&root).unwrap().count(), 0);
+        fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn an_ended_detached_sandbox_is_left_to_its_living_owner_however_it_was_marked() {
+        let base = std::env::temp_dir().join(format!("cove-state-mark-{}", std::process::id()));
+        let root = base.join("state");
+        fs::create_dir_all(&root).unwrap();
+        let hierarchy = fake_hierarchy(&base);
+        let owner = base.join("server.lock");
+        let owner_lock = File::create(&owner).unwrap();
+        assert!(sys::try_lock(owner_lock.as_fd()).unwrap());
+        let owner_path = owner.to_str().unwrap();
+        // Marked in its content (this version), beside it (an earlier one), not at all.
+        let new = root.join("000000000001");
+        fs::write(&new, owner_path).unwrap();
+        let old = root.join("000000000002");
+        fs::write(&old, "").unwrap();
+        fs::write(old_marker_path(&old), owner_path).unwrap();
+        let plain = root.join("000000000003");
+        fs::write(&plain, "").unwrap();
+        assert!(owner_alive(&new) && owner_alive(&old) && !owner_alive(&plain));
+        assert_eq!(detached_mark(&plain), None);
+        // What every `cove run` reaps: the unmarked one only.
+        gc_nearby(&root, &hierarchy);
+        assert!(new.exists() && old.exists() && old_marker_path(&old).exists());
+        assert!(!plain.exists());
+        // Once the owner is gone, nobody will finish them.
+        drop(owner_lock);
+        assert!(!owner_alive(&new) && !owner_alive(&old));
+        remove_state(&root, &"000000000002".parse().unwrap());
+        assert!(!old.exists() && !old_marker_path(&old).exists());
         fs::remove_dir_all(&base).unwrap();
     }
 }
