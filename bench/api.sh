@@ -10,8 +10,10 @@
 # client, and `cove exec` as a user runs it (the CLI over the exec stream). Then CHURN rounds
 # (default 4) of TOTAL creates at CONC clients followed by their removal, as a busy server
 # sees sandboxes come and go: per round, sandboxes created per second and the machine's CPU
-# time per create (its busy time from /proc/stat, the client's included). Every sandbox is
-# removed at the end. Needs root.
+# time per create (its busy time from /proc/stat, the client's included). Last, the quota
+# check's cost: a tenant with quotas creates (not waiting for the sandbox to run) beside none
+# of its sandboxes, then beside QUOTA_N (default 1000). Every sandbox is removed at the end.
+# Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "api.sh: run as root" >&2; exit 1; }
@@ -20,6 +22,7 @@ CONC="${CONC:-50}"
 TOTAL="${TOTAL:-200}"
 EXECS="${EXECS:-100}"
 CHURN="${CHURN:-4}"
+QUOTA_N="${QUOTA_N:-1000}"
 WORK="${BENCH_WORK:-/var/tmp/cove-bench-api}"
 scripts/deps.sh bench
 COVE=$(scripts/build-release.sh 2>/dev/null)
@@ -34,10 +37,10 @@ for _ in $(seq 100); do grep -q "listening on" "$WORK/serve.log" 2>/dev/null && 
 URL=$(sed -n 's/^cove: listening on //p' "$WORK/serve.log")
 TOKEN=$(cat "$WORK/data/admin-token")
 
-python3 - "$URL" "$TOKEN" "$SEQ" "$CONC" "$TOTAL" "$EXECS" "$COVE" "$CHURN" <<'PY'
+python3 - "$URL" "$TOKEN" "$SEQ" "$CONC" "$TOTAL" "$EXECS" "$COVE" "$CHURN" "$QUOTA_N" <<'PY'
 import http.client, json, statistics, sys, threading, time, urllib.parse
 url, token, cove = sys.argv[1], sys.argv[2], sys.argv[7]
-seq, conc, total, execs, churn = map(int, sys.argv[3:7] + sys.argv[8:9])
+seq, conc, total, execs, churn, quota_n = map(int, sys.argv[3:7] + sys.argv[8:10])
 u = urllib.parse.urlparse(url)
 H = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
@@ -122,4 +125,29 @@ for r in range(churn):
         call(conn, "DELETE", f"/v1/sandboxes/{i}?force=true")
     print(f"churn round {r + 1}: {len(made) / elapsed:4.0f} created per second, "
           f"{cpu / len(made) * 1000:5.1f} ms of CPU per create")
+
+if quota_n > 0:
+    status, v = call(conn, "POST", "/v1/tenants", {"name": "bench", "quotas": {
+        "sandboxes": quota_n + 100, "memory": "1000T", "cpus_millis": 10**9}})
+    assert status == 201, (status, v)
+    H["Authorization"] = f"Bearer {v['token']}"
+    mine = []
+    def tenant_creates(n):
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter()
+            status, v = call(conn, "POST", "/v1/sandboxes?wait=false",
+                             {"cmd": ["sleep", "3600"], "limits": {"memory": "16M"}})
+            ts.append(time.perf_counter() - t)
+            assert status == 201, (status, v)
+            mine.append(v["id"])
+        return ts
+    alone = tenant_creates(30)
+    tenant_creates(quota_n - len(mine))
+    time.sleep(5)
+    beside = tenant_creates(30)
+    print(f"a tenant's create (quota checked, not waiting to run): p50 {pct(alone,50)*1000:5.1f} ms "
+          f"beside none of its sandboxes, {pct(beside,50)*1000:5.1f} ms beside {quota_n}")
+    for i in mine:
+        call(conn, "DELETE", f"/v1/sandboxes/{i}?force=true")
 PY

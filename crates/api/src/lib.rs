@@ -36,6 +36,7 @@ pub mod lifecycle;
 mod logs;
 pub mod metrics;
 pub mod openapi;
+pub mod quota;
 pub mod urls;
 pub mod webhooks;
 
@@ -165,8 +166,11 @@ pub struct Api {
     /// When each sandbox was last used (idle limits).
     pub activity: std::sync::Arc<lifecycle::Activity>,
     /// Serialises quota checks per tenant (count, then record), so that concurrent creates
-    /// cannot together pass a quota each of them alone respects.
+    /// cannot together pass a quota each of them alone respects; each holds the revision of
+    /// its tenant's last create.
     pub quota_locks: QuotaLocks,
+    /// What each tenant holds, for quota checks ([`quota::Holdings::start`]).
+    pub holdings: std::sync::Arc<quota::Holdings>,
     /// Set while the server stops every sandbox before it exits: no new ones, not ready.
     pub draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
@@ -217,25 +221,46 @@ pub trait Usage: Send + Sync + 'static {
 
 /// One lock per tenant, made on first use.
 pub type QuotaLocks =
-    std::sync::Arc<tokio::sync::Mutex<BTreeMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>>;
+    std::sync::Arc<tokio::sync::Mutex<BTreeMap<String, std::sync::Arc<tokio::sync::Mutex<u64>>>>>;
 
 impl Api {
     /// Checks that `spec` fits in `tenant`'s quotas next to its sandboxes that have not
     /// ended; the admin tenant has none.
-    async fn check_quota(&self, tenant: &str, spec: &Spec) -> Result<(), ApiError> {
+    /// Whether `tenant` may create a sandbox of `spec`; `last_create` is the revision of its
+    /// last create (see [`quota`]).
+    async fn check_quota(
+        &self,
+        tenant: &str,
+        spec: &Spec,
+        last_create: u64,
+    ) -> Result<(), ApiError> {
         let Some(quotas) = self.quotas(tenant).await? else {
             return Ok(());
         };
         check_timeout(tenant, &quotas, spec.limits.timeout)?;
-        let (mut count, mut memory, mut cpus) = (0u32, 0u64, 0u64);
-        let (_, records) = all_records(&self.store).await?;
-        for (_, r) in records {
-            if r.tenant == tenant && !r.state.is_final() {
-                count += 1;
-                memory += r.spec.limits.memory.as_bytes();
-                cpus += u64::from(r.spec.limits.cpus_millis);
-            }
+        let fits = |held: quota::Held| {
+            held.count < quotas.sandboxes
+                && held.memory + spec.limits.memory.as_bytes() <= quotas.memory.as_bytes()
+                && held.cpus_millis + u64::from(spec.limits.cpus_millis) <= quotas.cpus_millis
+        };
+        if self
+            .holdings
+            .of(tenant, last_create)
+            .await
+            .is_some_and(fits)
+        {
+            return Ok(());
         }
+        // Refused by the holdings (or they are unavailable): the store itself decides.
+        let mut held = quota::Held::default();
+        let (_, records) = all_records(&self.store).await?;
+        for (_, r) in records.iter().filter(|(_, r)| r.tenant == tenant) {
+            let h = quota::Held::of(r);
+            held.count += h.count;
+            held.memory += h.memory;
+            held.cpus_millis += h.cpus_millis;
+        }
+        let (count, memory, cpus) = (held.count, held.memory, held.cpus_millis);
         let over = |what: String| {
             Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -286,7 +311,7 @@ impl Api {
             })
     }
 
-    async fn quota_lock(&self, tenant: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    async fn quota_lock(&self, tenant: &str) -> std::sync::Arc<tokio::sync::Mutex<u64>> {
         self.quota_locks
             .lock()
             .await
@@ -919,11 +944,15 @@ async fn create_sandbox(
     let value = serde_json::to_vec(&record).expect("a record serialises");
     let lock = api.quota_lock(&record.tenant).await;
     let rev = {
-        let _held = lock.lock().await;
-        api.check_quota(&record.tenant, &record.spec).await?;
-        api.store
+        let mut last_create = lock.lock().await;
+        api.check_quota(&record.tenant, &record.spec, *last_create)
+            .await?;
+        let rev = api
+            .store
             .put(&key(&id), value, Expect::Absent, None)
-            .await?
+            .await?;
+        *last_create = rev;
+        rev
     };
     if q.wait == Some(false) {
         return Ok((StatusCode::CREATED, Json(view(&record))).into_response());

@@ -395,6 +395,9 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     {
         agent = agent.with_env("COVE_INIT_FILE", &init.to_string_lossy());
     }
+    let holdings = cove_api::quota::Holdings::start(store.clone())
+        .await
+        .context("read the sandboxes' records")?;
     let proxy = crate::edge::bind(&config.proxy, data, &config.domain).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -416,6 +419,7 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
         metrics: Default::default(),
         usage: std::sync::Arc::new(CgroupUsage),
         quota_locks: Default::default(),
+        holdings,
         activity: Default::default(),
         retention: Some(config.retention.as_std()).filter(|r| !r.is_zero()),
         webhooks_allow_private: config.webhooks_allow_private,

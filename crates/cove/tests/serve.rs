@@ -793,6 +793,52 @@ fn tenants_are_held_to_their_quotas() {
     }
 }
 
+/// Creates of one tenant at once: the quota holds exactly, whichever way each check is answered
+/// (the server's in-memory holdings, or the store).
+#[test]
+fn concurrent_creates_never_exceed_a_tenants_quota() {
+    require_root();
+    let server = Server::start();
+    let (code, v) = server.curl(
+        Some(&server.token),
+        "POST",
+        "/v1/tenants",
+        Some(r#"{"name":"three","quotas":{"sandboxes":3,"memory":"1G","cpus_millis":1000}}"#),
+    );
+    assert_eq!(code, 201, "{v}");
+    let token = v["token"].as_str().unwrap().to_string();
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (url, token) = (server.url.clone(), token.clone());
+            std::thread::spawn(move || {
+                Command::new(common::cove_bin())
+                    .args([
+                        "create", "--memory", "16M", "--cpus", "0.1", "--", "sleep", "300",
+                    ])
+                    .env("COVE_URL", &url)
+                    .env("COVE_TOKEN", &token)
+                    .output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    let outs: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let made: Vec<String> = outs
+        .iter()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .collect();
+    for o in outs.iter().filter(|o| !o.status.success()) {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("3 sandboxes already, quota 3"), "{err}");
+    }
+    assert_eq!(made.len(), 3, "{made:?}");
+    for id in &made {
+        server.cove_as(&token, &["rm", "-f", id]);
+        common::reap_orphans(id);
+    }
+}
+
 #[test]
 fn pause_freezes_and_resume_thaws() {
     require_root();
