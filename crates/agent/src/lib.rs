@@ -17,8 +17,9 @@
 //!   sandbox with the jail, its stdout and stderr going to `stdout.log` and `stderr.log`, and
 //!   exits once the command runs: the sandbox is then *detached*, with no host process of its
 //!   own. Its init holds `lock` (flock) for the sandbox's whole life, the last line of `lock`
-//!   names it, and it writes how the command ended to `status`. Nothing ties it to the agent: a restart of `cove serve`, even
-//!   `kill -9`, leaves it running. A start that fails leaves `report.json`.
+//!   names it, and it writes how the command ended to `status`. Nothing ties it to the agent:
+//!   a restart of `cove serve`, even `kill -9`, leaves it running. A start that fails leaves
+//!   `report.json`.
 //! - A sandbox whose `lock` is free has ended: with `status`, the agent finishes it (the
 //!   jail's teardown, in a blocking task) and writes `report.json`; the record gets the reason,
 //!   exit code and report. One that ended without either is recorded `lost`.

@@ -225,9 +225,8 @@ pub type QuotaLocks =
 
 impl Api {
     /// Checks that `spec` fits in `tenant`'s quotas next to its sandboxes that have not
-    /// ended; the admin tenant has none.
-    /// Whether `tenant` may create a sandbox of `spec`; `last_create` is the revision of its
-    /// last create (see [`quota`]).
+    /// ended; the admin tenant has none. `last_create` is the revision of the tenant's last
+    /// create (see [`quota`]).
     async fn check_quota(
         &self,
         tenant: &str,
@@ -238,16 +237,8 @@ impl Api {
             return Ok(());
         };
         check_timeout(tenant, &quotas, spec.limits.timeout)?;
-        let fits = |held: quota::Held| {
-            held.count < quotas.sandboxes
-                && held.memory + spec.limits.memory.as_bytes() <= quotas.memory.as_bytes()
-                && held.cpus_millis + u64::from(spec.limits.cpus_millis) <= quotas.cpus_millis
-        };
-        if self
-            .holdings
-            .of(tenant, last_create)
-            .await
-            .is_some_and(fits)
+        if let Some(held) = self.holdings.of(tenant, last_create).await
+            && fits(tenant, &quotas, spec, held).is_ok()
         {
             return Ok(());
         }
@@ -255,44 +246,9 @@ impl Api {
         let mut held = quota::Held::default();
         let (_, records) = all_records(&self.store).await?;
         for (_, r) in records.iter().filter(|(_, r)| r.tenant == tenant) {
-            let h = quota::Held::of(r);
-            held.count += h.count;
-            held.memory += h.memory;
-            held.cpus_millis += h.cpus_millis;
+            held.add(quota::Held::of(r));
         }
-        let (count, memory, cpus) = (held.count, held.memory, held.cpus_millis);
-        let over = |what: String| {
-            Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "quota_exceeded",
-                format!("tenant {tenant}: {what}"),
-            ))
-        };
-        if count + 1 > quotas.sandboxes {
-            return over(format!(
-                "{count} sandboxes already, quota {}",
-                quotas.sandboxes
-            ));
-        }
-        let want_mem = memory + spec.limits.memory.as_bytes();
-        if want_mem > quotas.memory.as_bytes() {
-            return over(format!(
-                "{} more memory would make {}, quota {}",
-                spec.limits.memory,
-                cove_types::Size::bytes(want_mem),
-                quotas.memory
-            ));
-        }
-        let want_cpus = cpus + u64::from(spec.limits.cpus_millis);
-        if want_cpus > quotas.cpus_millis {
-            return over(format!(
-                "{} more CPUs would make {}, quota {}",
-                f64::from(spec.limits.cpus_millis) / 1000.0,
-                want_cpus as f64 / 1000.0,
-                quotas.cpus_millis as f64 / 1000.0
-            ));
-        }
-        Ok(())
+        fits(tenant, &quotas, spec, held)
     }
 
     /// The quotas of `tenant` (none for the admin, who has no tenant record).
@@ -319,6 +275,43 @@ impl Api {
             .or_default()
             .clone()
     }
+}
+
+/// Whether a sandbox of `spec` fits in `quotas` beside what `tenant` holds: 429 with the
+/// numbers if not.
+fn fits(tenant: &str, quotas: &Quotas, spec: &Spec, held: quota::Held) -> Result<(), ApiError> {
+    let over = |what: String| {
+        Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "quota_exceeded",
+            format!("tenant {tenant}: {what}"),
+        ))
+    };
+    if held.count + 1 > quotas.sandboxes {
+        return over(format!(
+            "{} sandboxes already, quota {}",
+            held.count, quotas.sandboxes
+        ));
+    }
+    let want_mem = held.memory + spec.limits.memory.as_bytes();
+    if want_mem > quotas.memory.as_bytes() {
+        return over(format!(
+            "{} more memory would make {}, quota {}",
+            spec.limits.memory,
+            cove_types::Size::bytes(want_mem),
+            quotas.memory
+        ));
+    }
+    let want_cpus = held.cpus_millis + u64::from(spec.limits.cpus_millis);
+    if want_cpus > quotas.cpus_millis {
+        return over(format!(
+            "{} more CPUs would make {}, quota {}",
+            f64::from(spec.limits.cpus_millis) / 1000.0,
+            want_cpus as f64 / 1000.0,
+            quotas.cpus_millis as f64 / 1000.0
+        ));
+    }
+    Ok(())
 }
 
 /// A timeout over the tenant's maximum is over quota.

@@ -44,7 +44,8 @@ impl Held {
         }
     }
 
-    fn add(&mut self, other: Held) {
+    /// Counts `other` too.
+    pub fn add(&mut self, other: Held) {
         self.count += other.count;
         self.memory += other.memory;
         self.cpus_millis += other.cpus_millis;

@@ -165,9 +165,11 @@ fn detached_mark(lock_path: &Path) -> Option<String> {
 /// Where an earlier version of Cove marked a detached sandbox: `<id>.detached`.
 fn old_marker_path(lock_path: &Path) -> PathBuf {
     let mut name = lock_path.as_os_str().to_owned();
-    name.push(".detached");
+    name.push(OLD_MARKER_SUFFIX);
     PathBuf::from(name)
 }
+
+const OLD_MARKER_SUFFIX: &str = ".detached";
 
 /// Removes what a sandbox keeps under the state root `root`: its lock file (a missing one is no
 /// error), and an earlier version's mark.
@@ -300,7 +302,7 @@ fn gc_some(
             }
             // An earlier version's mark goes with its lock file (below); one whose lock file
             // is gone is what a teardown interrupted between the two removals left.
-            if let Some(id) = name.strip_suffix(".detached") {
+            if let Some(id) = name.strip_suffix(OLD_MARKER_SUFFIX) {
                 if id.parse::<SandboxId>().is_ok() && !root.join(id).exists() && is_old(&path) {
                     reap_file(&path, &format!("detached marker of {id}"), &mut report);
                 }
