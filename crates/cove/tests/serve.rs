@@ -735,14 +735,8 @@ fn a_server_killed_mid_burst_loses_nothing_and_leaks_nothing() {
 fn tenants_are_held_to_their_quotas() {
     require_root();
     let server = Server::start();
-    let (code, v) = server.curl(
-        Some(&server.token),
-        "POST",
-        "/v1/tenants",
-        Some(r#"{"name":"small","quotas":{"sandboxes":2,"memory":"1G","cpus_millis":1500}}"#),
-    );
-    assert_eq!(code, 201, "{v}");
-    let small = v["token"].as_str().unwrap().to_string();
+    let small = server
+        .tenant(r#"{"name":"small","quotas":{"sandboxes":2,"memory":"1G","cpus_millis":1500}}"#);
     let create = |args: &[&str]| {
         let mut all = vec!["create"];
         all.extend_from_slice(args);
@@ -799,14 +793,8 @@ fn tenants_are_held_to_their_quotas() {
 fn concurrent_creates_never_exceed_a_tenants_quota() {
     require_root();
     let server = Server::start();
-    let (code, v) = server.curl(
-        Some(&server.token),
-        "POST",
-        "/v1/tenants",
-        Some(r#"{"name":"three","quotas":{"sandboxes":3,"memory":"1G","cpus_millis":1000}}"#),
-    );
-    assert_eq!(code, 201, "{v}");
-    let token = v["token"].as_str().unwrap().to_string();
+    let token = server
+        .tenant(r#"{"name":"three","quotas":{"sandboxes":3,"memory":"1G","cpus_millis":1000}}"#);
     let clients: Vec<_> = (0..8)
         .map(|_| {
             let (url, token) = (server.url.clone(), token.clone());

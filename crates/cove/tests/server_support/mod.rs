@@ -130,6 +130,13 @@ impl Server {
         )
     }
 
+    /// Creates a tenant (`body`: the JSON of `POST /v1/tenants`) and returns its token.
+    pub fn tenant(&self, body: &str) -> String {
+        let (code, v) = self.curl(Some(&self.token), "POST", "/v1/tenants", Some(body));
+        assert_eq!(code, 201, "{v}");
+        v["token"].as_str().unwrap().to_string()
+    }
+
     pub fn cove(&self, args: &[&str]) -> Out {
         self.cove_as(&self.token, args)
     }
