@@ -151,6 +151,48 @@ fn dev_is_minimal() {
 }
 
 #[test]
+fn one_tmpfs_holds_every_writable_path() {
+    require_root();
+    // `/`, `/etc`, `/dev/shm` and the masks of `/proc` directories are binds of the one
+    // writable layer (a superblock each would cost kernel memory), so `/dev/shm` counts
+    // against `--disk`, and nothing else of the layer is in view.
+    let out = Run::new(&[
+        "--disk",
+        "8M",
+        "--",
+        "sh",
+        "-c",
+        "grep -c ' - tmpfs ' /proc/self/mountinfo; \
+         grep ' - tmpfs ' /proc/self/mountinfo | cut -d' ' -f3 | sort -u | wc -l; \
+         echo $(ls /); \
+         head -c 6M /dev/zero > /tmp/a; head -c 6M /dev/zero > /dev/shm/b; echo shm=$?",
+    ])
+    .output();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{}{}", out.stdout, out.stderr);
+    // `/`, `/etc`, `/dev/shm` and two masked directories of this kernel's `/proc`.
+    assert!(lines[0].parse::<u32>().unwrap() >= 4, "{}", out.stdout);
+    assert_eq!(
+        lines[1], "1",
+        "more than one tmpfs superblock: {}",
+        out.stdout
+    );
+    let root: Vec<&str> = lines[2].split(' ').collect();
+    for name in ["etc", "proc", "dev", "tmp", "usr"] {
+        assert!(root.contains(&name), "{name} missing from /: {}", lines[2]);
+    }
+    for name in ["empty", "shm"] {
+        assert!(
+            !root.contains(&name),
+            "the layer's {name} is in view: {}",
+            lines[2]
+        );
+    }
+    assert_eq!(lines[3], "shm=1", "/dev/shm is not within --disk");
+    assert!(out.stderr.contains("No space left"), "{}", out.stderr);
+}
+
+#[test]
 fn network_is_loopback_only_and_hostname_is_private() {
     let f = probe(&[], &["--hostname", "sandbox-test"]);
     assert_eq!(f["net_ifaces"], "lo");

@@ -2,11 +2,13 @@
 //! entered with `pivot_root` and the host's tree detached.
 //!
 //! Layout: a size-capped tmpfs is the sandbox's only writable storage (`--disk`). For the `host`
-//! image it *is* the root, holding `/etc` (generated, plus a short allow-list of host files that
-//! toolchains need), `/tmp`, `/home`, `/root`, with the host's `/usr`, `/bin`, `/sbin`, `/lib*`
-//! bound read-only. For a directory image, the tmpfs carries an overlayfs upper layer over the
-//! read-only image. `/proc` is a new procfs for the sandbox's pid namespace with the leaky files
-//! masked; `/dev` is a small tmpfs with only the safe host devices bound in.
+//! image its `root` directory is the root, holding `/etc` (generated, plus a short allow-list of
+//! host files that toolchains need, read-only), `/tmp`, `/home`, `/root`, with the host's `/usr`,
+//! `/bin`, `/sbin`, `/lib*` bound read-only. For a directory image, the tmpfs carries an overlayfs
+//! upper layer over the read-only image. Beside the root, the same tmpfs holds `/dev/shm` and the
+//! empty directory that masks `/proc` directories. `/proc` is a new procfs for the sandbox's pid
+//! namespace with the leaky files masked; `/dev` is a read-only bind of a template of the safe
+//! host devices (or a small tmpfs with them bound in).
 //!
 //! Rejected: binding the whole host `/etc` (leaks host configuration the sandbox was never
 //! given) and creating device nodes with `mknod` (impossible in a user namespace; binds of the
@@ -84,11 +86,11 @@ const HOST_ETC: &[&str] = &[
 ];
 
 /// `/proc` files that leak host information or offer host-wide knobs, and that the sandbox
-/// could otherwise open: hidden behind `/dev/null` (files) or an empty read-only tmpfs
-/// (directories, [`PROC_MASKED_DIRS`]). Files the kernel makes readable by global root only
-/// (`kpagecount`, `kpageflags`, `kpagecgroup`, `vmallocinfo`, `slabinfo`, mode 0400) need no
-/// mask: root inside is an unprivileged uid outside. `kcore` and `sysrq-trigger` are masked all
-/// the same, as the first files anyone checks.
+/// could otherwise open: hidden behind `/dev/null` (files) or a read-only bind of an empty
+/// directory (directories, [`PROC_MASKED_DIRS`]). Files the kernel makes readable by global
+/// root only (`kpagecount`, `kpageflags`, `kpagecgroup`, `vmallocinfo`, `slabinfo`, mode 0400)
+/// need no mask: root inside is an unprivileged uid outside. `kcore` and `sysrq-trigger` are
+/// masked all the same, as the first files anyone checks.
 const PROC_MASKED: &[&str] = &[
     "kcore",
     "kallsyms",
@@ -107,7 +109,7 @@ const PROC_MASKED: &[&str] = &[
     "dynamic_debug",
 ];
 
-/// The entries of [`PROC_MASKED`] that are directories (hidden by an empty tmpfs).
+/// The entries of [`PROC_MASKED`] that are directories (hidden by an empty directory).
 const PROC_MASKED_DIRS: &[&str] = &["acpi", "asound", "scsi", "driver", "dynamic_debug"];
 
 /// `/proc` subtrees made read-only. Only `sys` holds files a process may write to
@@ -238,8 +240,13 @@ pub(crate) fn enter(plan: &RootPlan) -> Result<(), RootfsError> {
         .map_err(err("mount writable layer on", staging))?;
     let root = match &plan.image {
         RootImage::Host => {
-            host_image(staging, plan)?;
-            staging.clone()
+            // A directory of the writable layer, made a mount point (pivot_root needs one) by
+            // a bind onto itself: the layer's other directories stay out of the sandbox's view.
+            let root = staging.join("root");
+            mkdir(&root, 0o755)?;
+            bind(&root, &root, false, false)?;
+            host_image(&root, plan)?;
+            root
         }
         RootImage::Layers(layers) => {
             let root = overlay_image(staging, layers)?;
@@ -254,8 +261,16 @@ pub(crate) fn enter(plan: &RootPlan) -> Result<(), RootfsError> {
             root
         }
     };
-    mount_proc(&root)?;
-    mount_dev(&root, plan.dev_template.as_deref())?;
+    // Beside the root in the writable layer: an empty directory for the masks of `/proc`, and
+    // the sandbox's `/dev/shm`. Binds of the one tmpfs, not a tmpfs each: every superblock
+    // costs kernel memory, and every memory cgroup on the host pays a little more for each
+    // superblock that exists (docs/jail.md, "Superblocks").
+    let empty = staging.join("empty");
+    mkdir(&empty, 0o555)?;
+    let shm = staging.join("shm");
+    mkdir(&shm, 0o1777)?;
+    mount_proc(&root, &empty)?;
+    mount_dev(&root, plan.dev_template.as_deref(), &shm)?;
     for b in &plan.binds {
         user_bind(&root, b)?;
     }
@@ -291,14 +306,11 @@ fn host_image(root: &Path, plan: &RootPlan) -> Result<(), RootfsError> {
     ] {
         mkdir(&root.join(d), mode)?;
     }
+    // `/etc` is a directory of the root made its own mount by a bind onto itself, so that it can
+    // be read-only while the root stays writable.
     let etc = root.join("etc");
     mkdir(&etc, 0o755)?;
-    tmpfs(
-        &etc,
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        "size=1m,mode=0755",
-    )
-    .map_err(err("mount /etc on", &etc))?;
+    bind(&etc, &etc, false, false)?;
     let user_line = if plan.uid != 0 {
         let home = root.join("home/user");
         mkdir(&home, 0o755)?;
@@ -352,8 +364,15 @@ fn host_image(root: &Path, plan: &RootPlan) -> Result<(), RootfsError> {
         }
         bind(&host, &dst, false, false)?;
     }
-    // The generated files and the host entries become read-only together.
-    make_readonly(&etc)
+    // The generated files and the host entries become read-only (and `noexec`) together.
+    sys::set_mount_attrs(
+        s(&etc),
+        sys::MOUNT_ATTR_RDONLY
+            | sys::MOUNT_ATTR_NOSUID
+            | sys::MOUNT_ATTR_NODEV
+            | sys::MOUNT_ATTR_NOEXEC,
+    )
+    .map_err(err("make read-only", &etc))
 }
 
 /// Overlayfs over `layers` (bottom first). `userxattr`: mounted inside the sandbox's user
@@ -391,7 +410,7 @@ fn overlay_image(staging: &Path, layers: &[PathBuf]) -> Result<PathBuf, RootfsEr
     Ok(merged)
 }
 
-fn mount_proc(root: &Path) -> Result<(), RootfsError> {
+fn mount_proc(root: &Path, empty: &Path) -> Result<(), RootfsError> {
     let proc = root.join("proc");
     mkdir(&proc, 0o555)?;
     sys::mount(
@@ -402,22 +421,26 @@ fn mount_proc(root: &Path) -> Result<(), RootfsError> {
         None,
     )
     .map_err(err("mount proc on", &proc))?;
-    // The first directory gets an empty read-only tmpfs; the others a bind of it (one
-    // superblock to make and tear down, not one each).
-    let mut empty: Option<PathBuf> = None;
+    // The first directory gets a read-only bind of `empty`; the others a bind of that first
+    // mask, which carries its read-only flag along (one attribute change, not one each).
+    let mut first: Option<PathBuf> = None;
     for name in PROC_MASKED {
         let p = proc.join(name);
-        let masked = match &empty {
+        let masked = match &first {
             _ if !PROC_MASKED_DIRS.contains(name) => {
                 sys::mount(Some("/dev/null"), s(&p), None, libc::MS_BIND, None)
             }
-            Some(first) => sys::mount(Some(s(first)), s(&p), None, libc::MS_BIND, None),
-            None => tmpfs(
-                &p,
-                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                "size=0,mode=0555",
-            )
-            .inspect(|()| empty = Some(p.clone())),
+            Some(f) => sys::mount(Some(s(f)), s(&p), None, libc::MS_BIND, None),
+            None => sys::mount(Some(s(empty)), s(&p), None, libc::MS_BIND, None).and_then(|()| {
+                first = Some(p.clone());
+                sys::set_mount_attrs(
+                    s(&p),
+                    sys::MOUNT_ATTR_RDONLY
+                        | sys::MOUNT_ATTR_NOSUID
+                        | sys::MOUNT_ATTR_NODEV
+                        | sys::MOUNT_ATTR_NOEXEC,
+                )
+            }),
         };
         match masked {
             // Not every kernel has every file.
@@ -434,7 +457,7 @@ fn mount_proc(root: &Path) -> Result<(), RootfsError> {
     Ok(())
 }
 
-fn mount_dev(root: &Path, template: Option<&Path>) -> Result<(), RootfsError> {
+fn mount_dev(root: &Path, template: Option<&Path>, shm: &Path) -> Result<(), RootfsError> {
     let dev = root.join("dev");
     mkdir(&dev, 0o755)?;
     match template {
@@ -457,9 +480,8 @@ fn mount_dev(root: &Path, template: Option<&Path>) -> Result<(), RootfsError> {
         Some("newinstance,ptmxmode=0666,mode=0620"),
     )
     .map_err(err("mount devpts on", &pts))?;
-    let shm = dev.join("shm");
-    tmpfs(&shm, libc::MS_NOSUID | libc::MS_NODEV, "size=64m,mode=1777")
-        .map_err(err("mount /dev/shm on", &shm))
+    // Shared memory lives in the writable layer, within `--disk`.
+    bind(shm, &dev.join("shm"), false, false)
 }
 
 /// `/dev` without a template: a small tmpfs with the host's nodes bound onto empty files.

@@ -1053,6 +1053,8 @@ pub(crate) const MOUNT_ATTR_RDONLY: u64 = 0x1;
 pub(crate) const MOUNT_ATTR_NOSUID: u64 = 0x2;
 /// `MOUNT_ATTR_NODEV`.
 pub(crate) const MOUNT_ATTR_NODEV: u64 = 0x4;
+/// `MOUNT_ATTR_NOEXEC`.
+pub(crate) const MOUNT_ATTR_NOEXEC: u64 = 0x8;
 
 /// `mount_setattr(2)` on the mount at `path` and, recursively, every mount below it: one call
 /// makes a whole subtree read-only, where the old API needs a remount per mount.
