@@ -91,6 +91,10 @@ def quiet():
             break
     open("/proc/sys/vm/drop_caches", "w").write("3\n")
 
+# Kernel memory that is neither slab, page tables nor stacks (seccomp programs are vmalloc'd,
+# per-CPU counters of namespaces and cgroups), and what files and processes hold.
+OTHER = ["VmallocUsed", "Percpu", "Shmem", "AnonPages", "Cached"]
+
 def pss(pid):
     try:
         for line in open(f"/proc/{pid}/smaps_rollup"):
@@ -130,6 +134,20 @@ def processes(kind):
         count, total = roles.get(role, (0, 0))
         roles[role] = (count + 1, total + pss(p))
     return roles
+
+def superblocks(kind):
+    """Filesystems a sandbox mounted for itself: the distinct devices in one httpd's mount
+    table that the host's has not. Each costs every memory cgroup on the host a little more
+    (docs/jail.md, "Superblocks"). The IPC namespace's internal mqueue mount comes on top."""
+    def devs(pid):
+        return {l.split()[2] for l in open(f"/proc/{pid}/mountinfo")}
+    for p in os.listdir("/proc"):
+        if p.isdigit() and "busybox httpd" in cmdline(p):
+            try:
+                return len(devs(p) - devs(1))
+            except OSError:
+                continue
+    return -1
 
 def start(kind, i):
     if kind == "cove":
@@ -180,6 +198,7 @@ for kind in ["crun", "cove"]:
     quiet()
     after = meminfo()
     procs = processes(kind)
+    sbs = superblocks(kind)
     if kind == "cove":
         # The control plane's own growth (records, the agent's state) is the sandboxes' too.
         procs["server"] = (0, pss(server_pid) - server_before)
@@ -188,7 +207,8 @@ for kind in ["crun", "cove"]:
     rows[kind] = dict(avail=per("MemAvailable"), slab=per("Slab"), sunreclaim=per("SUnreclaim"),
                       pagetables=per("PageTables"), stacks=per("KernelStack"),
                       procs={r: (c / n, t / n) for r, (c, t) in procs.items()},
-                      served=served, start_s=started, idle_cpu=idle_cpu)
+                      served=served, start_s=started, idle_cpu=idle_cpu,
+                      superblocks=sbs, other={k: (after[k] - before[k]) / n for k in OTHER if k in after})
     stop(kind, handles)
     time.sleep(3)
 
@@ -200,6 +220,8 @@ for kind, r in rows.items():
                    for role, (c, p) in sorted(r["procs"].items()))
     print(f"{kind:10} {r['avail']:14.0f} {r['slab']:8.0f} {r['sunreclaim']:10.0f} {r['pagetables']:8.0f} "
           f"{r['stacks']:7.0f}  {ps}{'' if r['served'] else '  (NOT SERVING)'}")
+    print(f"{'':10} also grew: " + ", ".join(f"{k} {v:.0f}" for k, v in r["other"].items())
+          + f"; superblocks of its own: {r['superblocks']}")
 print(f"cove serve's own CPU while its {n} sandboxes idled: "
       f"{100 * rows['cove']['idle_cpu']:.1f}% of one core")
 ratio = rows["cove"]["avail"] / rows["crun"]["avail"]

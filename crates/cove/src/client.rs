@@ -236,7 +236,7 @@ pub struct CreateArgs {
     /// Maximum processes and threads.
     #[arg(long, value_name = "N")]
     pids: Option<u64>,
-    /// Size of the private writable layer.
+    /// Size of the private writable layer (/dev/shm included).
     #[arg(long, value_name = "SIZE")]
     disk: Option<Size>,
     #[command(flatten)]

@@ -59,7 +59,7 @@ pub struct RunArgs {
     /// Maximum number of processes and threads.
     #[arg(long, value_name = "N", default_value_t = cove_types::DEFAULT_PIDS)]
     pids: u64,
-    /// Size of the private writable layer (/, /tmp, /home…), discarded at exit.
+    /// Size of the private writable layer (/, /tmp, /home, /dev/shm…), discarded at exit.
     #[arg(long, value_name = "SIZE", default_value = "256M")]
     disk: Size,
     #[command(flatten)]
