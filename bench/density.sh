@@ -6,6 +6,7 @@
 #
 #   sudo bench/density.sh              # 300 sandboxes per tool
 #   N=1000 SETTLE=20 sudo bench/density.sh
+#   ORDER="cove crun" sudo bench/density.sh   # which tool is measured first
 #
 # Cove's sandboxes are created through `cove serve` (the whole product: the API, its agent and
 # whatever it keeps per sandbox); crun's are `crun run -d` (detached: nothing left per
@@ -183,7 +184,7 @@ def stop(kind, handles):
                            stderr=subprocess.DEVNULL)
 
 rows = {}
-for kind in ["crun", "cove"]:
+for kind in os.environ.get("ORDER", "crun cove").split():
     quiet()
     before = meminfo()
     server_before = pss(server_pid)
