@@ -2,7 +2,8 @@
 # Idle density: the memory one idle sandbox costs the machine, Cove beside crun in one run.
 # Each sandbox runs busybox httpd (from the same busybox rootfs: a stored image for Cove, the
 # bundle's root for crun) in its own network namespace; the whole machine's MemAvailable drop
-# counts kernel memory too (namespaces, cgroups, page tables, stacks), not only process RSS.
+# counts kernel memory too (namespaces, cgroups, page tables, stacks), not only process RSS
+# (free pages parked on the per-CPU lists are counted as free: MemAvailable leaves them out).
 #
 #   sudo bench/density.sh              # 300 sandboxes per tool
 #   N=1000 SETTLE=20 sudo bench/density.sh
@@ -74,8 +75,26 @@ def call(method, path, body=None):
         sys.exit(f"density.sh: {method} {path}: {r.status} {data[:300]!r}")
     return json.loads(data) if data else None
 
+def pcp_kib():
+    """Free pages parked on the per-CPU lists (/proc/zoneinfo's pagesets). MemFree, and so
+    MemAvailable, leaves them out, and the kernel sizes these lists to the allocation rate: up
+    to tens of MiB per CPU here, filled or drained between two readings, which moved the
+    per-sandbox figure by up to 100 KiB at 300 sandboxes. Counted as free."""
+    total, in_pagesets = 0, False
+    for line in open("/proc/zoneinfo"):
+        f = line.split()
+        if f[:1] == ["pagesets"]:
+            in_pagesets = True
+        elif f[:1] == ["node_unreclaimable:"]:
+            in_pagesets = False
+        elif in_pagesets and f[:1] == ["count:"]:
+            total += int(f[1])
+    return total * os.sysconf("SC_PAGE_SIZE") // 1024
+
 def meminfo():
-    return {l.split(":")[0]: int(l.split()[1]) for l in open("/proc/meminfo")}
+    m = {l.split(":")[0]: int(l.split()[1]) for l in open("/proc/meminfo")}
+    m["MemAvailable"] += pcp_kib()
+    return m
 
 def quiet():
     """Page cache dropped, and the kernel done freeing what earlier sandboxes left (network
