@@ -294,13 +294,14 @@ fn the_sandbox_may_listen_on_low_ports_but_not_reconfigure_its_network() {
         "import socket, fcntl, struct\n\
 s = socket.socket(); s.bind(('127.0.0.1', 80)); s.listen(); print('listening on 80')\n\
 c = socket.create_connection(('127.0.0.1', 80)); print('connected')\n\
+socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP); print('icmp echo')\n\
 ifr = struct.pack('16sh', b'lo', 0)\n\
 try:\n    fcntl.ioctl(socket.socket(), 0x8914, ifr)\n    print('lo reconfigured')\n\
 except PermissionError:\n    print('lo: EPERM')\n",
     ])
     .output();
     assert_eq!(
-        out.stdout, "listening on 80\nconnected\nlo: EPERM\n",
+        out.stdout, "listening on 80\nconnected\nicmp echo\nlo: EPERM\n",
         "{}",
         out.stderr
     );

@@ -179,8 +179,13 @@ fn contain(plan: &ChildPlan, fds: &ChildFds) -> Result<Never, Failure> {
     die_with_supervisor(&fds.go).step("tie the sandbox's life to the supervisor")?;
     sys::sethostname(&plan.root.hostname).step("set the hostname")?;
     clock.mark("namespaces");
-    rootfs::enter(&plan.root).step("build the root filesystem")?;
+    let net_sysctls = rootfs::enter(&plan.root).step("build the root filesystem")?;
     clock.mark("rootfs");
+    // The supervisor writes the network namespace's settings through this directory of the
+    // sandbox's own procfs (see `netns::write_sysctls`) before it sends the cgroup.
+    sys::send_fds(fds.cgroup.as_raw_fd(), &[net_sysctls.as_raw_fd()])
+        .step("hand the supervisor the network settings")?;
+    drop(net_sysctls);
     join_cgroup(&fds.cgroup).step("join the sandbox's cgroup")?;
     sys::unshare(libc::CLONE_NEWCGROUP).step("enter a new cgroup namespace")?;
     clock.mark("cgroup");

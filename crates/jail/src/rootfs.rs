@@ -16,6 +16,7 @@
 
 use std::fs;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
@@ -228,8 +229,10 @@ fn write(p: &Path, content: &str) -> Result<(), RootfsError> {
 }
 
 /// Builds the whole sandbox root and enters it. Runs in the child, as root of the new user
-/// namespace, inside the new mount namespace.
-pub(crate) fn enter(plan: &RootPlan) -> Result<(), RootfsError> {
+/// namespace, inside the new mount namespace. Returns the sandbox's `/proc/sys/net/ipv4`
+/// directory (`O_PATH`), opened on its own procfs before `/proc/sys` is made read-only: the
+/// supervisor configures the network namespace through it (see `netns::write_sysctls`).
+pub(crate) fn enter(plan: &RootPlan) -> Result<OwnedFd, RootfsError> {
     // Nothing we mount may propagate back to the host, and nothing the host mounts later may
     // appear in the sandbox.
     sys::mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None)
@@ -269,12 +272,13 @@ pub(crate) fn enter(plan: &RootPlan) -> Result<(), RootfsError> {
     mkdir(&empty, 0o555)?;
     let shm = staging.join("shm");
     mkdir(&shm, 0o1777)?;
-    mount_proc(&root, &empty)?;
+    let net_sysctls = mount_proc(&root, &empty)?;
     mount_dev(&root, plan.dev_template.as_deref(), &shm)?;
     for b in &plan.binds {
         user_bind(&root, b)?;
     }
-    pivot(&root)
+    pivot(&root)?;
+    Ok(net_sysctls)
 }
 
 fn host_image(root: &Path, plan: &RootPlan) -> Result<(), RootfsError> {
@@ -410,7 +414,7 @@ fn overlay_image(staging: &Path, layers: &[PathBuf]) -> Result<PathBuf, RootfsEr
     Ok(merged)
 }
 
-fn mount_proc(root: &Path, empty: &Path) -> Result<(), RootfsError> {
+fn mount_proc(root: &Path, empty: &Path) -> Result<OwnedFd, RootfsError> {
     let proc = root.join("proc");
     mkdir(&proc, 0o555)?;
     sys::mount(
@@ -421,6 +425,8 @@ fn mount_proc(root: &Path, empty: &Path) -> Result<(), RootfsError> {
         None,
     )
     .map_err(err("mount proc on", &proc))?;
+    let ipv4 = proc.join("sys/net/ipv4");
+    let net_sysctls = sys::open_path_dir(s(&ipv4)).map_err(err("open", &ipv4))?;
     // The first directory gets a read-only bind of `empty`; the others a bind of that first
     // mask, which carries its read-only flag along (one attribute change, not one each).
     let mut first: Option<PathBuf> = None;
@@ -454,7 +460,7 @@ fn mount_proc(root: &Path, empty: &Path) -> Result<(), RootfsError> {
             bind(&p, &p, true, true)?;
         }
     }
-    Ok(())
+    Ok(net_sysctls)
 }
 
 fn mount_dev(root: &Path, template: Option<&Path>, shm: &Path) -> Result<(), RootfsError> {

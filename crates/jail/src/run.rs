@@ -9,7 +9,7 @@
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -613,6 +613,22 @@ fn make_cgroup(
                 .map_err(prep(format!("open {}", f.display())))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // The child's `/proc/sys/net/ipv4`, sent once its procfs is mounted: the namespace's
+    // settings must be in place before the child joins the cgroup and starts the command.
+    match sys::recv_fds(to_child.as_raw_fd()) {
+        Ok(dirs) => match dirs.first() {
+            Some(dir) => netns::write_sysctls(dir.as_fd())
+                .map_err(prep("configure the sandbox's network namespace"))?,
+            None => {
+                return Err(prep("configure the sandbox's network namespace")(
+                    io::Error::other("the sandbox sent no /proc/sys/net/ipv4"),
+                ));
+            }
+        },
+        // The child has already failed (its status pipe says why) or died.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+        Err(e) => return Err(prep("receive the sandbox's network settings")(e)),
+    }
     let raw: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
     match sys::send_fds(to_child.as_raw_fd(), &raw) {
         // The child has already failed (and said why on the status pipe, which is the

@@ -769,6 +769,31 @@ pub(crate) fn try_lock(fd: BorrowedFd<'_>) -> io::Result<bool> {
     }
 }
 
+/// Opens the directory at `path` as an `O_PATH` descriptor (a place to `openat` from; no
+/// permission to read it is needed), close-on-exec.
+pub(crate) fn open_path_dir(path: &str) -> io::Result<OwnedFd> {
+    let c = cstr(path)?;
+    // SAFETY: `c` is a valid path string for the duration of the call.
+    let fd = check(unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: open returned a new descriptor that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens `name` relative to the directory `dir` (`openat`), close-on-exec.
+pub(crate) fn open_at(dir: BorrowedFd<'_>, name: &str, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let c = cstr(name)?;
+    // SAFETY: `c` is a valid path string for the duration of the call; `dir` is a live
+    // descriptor borrowed for it.
+    let fd = check(unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags | libc::O_CLOEXEC) })?;
+    // SAFETY: openat returned a new descriptor that nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Brings the loopback interface of the current network namespace up.
 pub(crate) fn loopback_up() -> io::Result<()> {
     // SAFETY: socket takes integer arguments.
