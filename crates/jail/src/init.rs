@@ -179,13 +179,13 @@ fn contain(plan: &ChildPlan, fds: &ChildFds) -> Result<Never, Failure> {
     die_with_supervisor(&fds.go).step("tie the sandbox's life to the supervisor")?;
     sys::sethostname(&plan.root.hostname).step("set the hostname")?;
     clock.mark("namespaces");
-    let net_sysctls = rootfs::enter(&plan.root).step("build the root filesystem")?;
-    clock.mark("rootfs");
     // The supervisor writes the network namespace's settings through this directory of the
-    // sandbox's own procfs (see `netns::write_sysctls`) before it sends the cgroup.
-    sys::send_fds(fds.cgroup.as_raw_fd(), &[net_sysctls.as_raw_fd()])
-        .step("hand the supervisor the network settings")?;
-    drop(net_sysctls);
+    // sandbox's own procfs (see `netns::write_sysctls`), then sends the cgroup.
+    rootfs::enter(&plan.root, |ipv4| {
+        sys::send_fds(fds.cgroup.as_raw_fd(), &[ipv4.as_raw_fd()])
+    })
+    .step("build the root filesystem")?;
+    clock.mark("rootfs");
     join_cgroup(&fds.cgroup).step("join the sandbox's cgroup")?;
     sys::unshare(libc::CLONE_NEWCGROUP).step("enter a new cgroup namespace")?;
     clock.mark("cgroup");

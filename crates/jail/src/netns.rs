@@ -155,11 +155,16 @@ fn configure() -> io::Result<()> {
 /// alive that took 3 ms of every start (`perf`: `proc_sys_compare`), and grew with each
 /// sandbox. The sandbox's procfs is new, so its cache holds one entry each.
 pub(crate) fn write_sysctls(ipv4: BorrowedFd<'_>) -> io::Result<()> {
+    // The child that sent it runs only Cove's code, but the path it opened ran through the
+    // image's tree: write nowhere but into a procfs, and follow no link there.
+    if !sys::is_procfs(ipv4)? {
+        return Err(io::Error::other("not a /proc/sys directory"));
+    }
     for (name, value) in [
         ("ip_unprivileged_port_start", "0"),
         ("ping_group_range", "0 2147483647"),
     ] {
-        let f = fs::File::from(sys::open_at(ipv4, name, libc::O_WRONLY)?);
+        let f = fs::File::from(sys::open_at(ipv4, name, libc::O_WRONLY | libc::O_NOFOLLOW)?);
         (&f).write_all(value.as_bytes())?;
     }
     Ok(())

@@ -229,10 +229,14 @@ fn write(p: &Path, content: &str) -> Result<(), RootfsError> {
 }
 
 /// Builds the whole sandbox root and enters it. Runs in the child, as root of the new user
-/// namespace, inside the new mount namespace. Returns the sandbox's `/proc/sys/net/ipv4`
-/// directory (`O_PATH`), opened on its own procfs before `/proc/sys` is made read-only: the
-/// supervisor configures the network namespace through it (see `netns::write_sysctls`).
-pub(crate) fn enter(plan: &RootPlan) -> Result<OwnedFd, RootfsError> {
+/// namespace, inside the new mount namespace. As soon as the sandbox's procfs is mounted,
+/// `net_sysctls` gets its `/proc/sys/net/ipv4` directory (`O_PATH`, opened before `/proc/sys`
+/// is made read-only), for the supervisor to configure the network namespace through (see
+/// `netns::write_sysctls`) while the rest is built.
+pub(crate) fn enter(
+    plan: &RootPlan,
+    net_sysctls: impl FnOnce(OwnedFd) -> io::Result<()>,
+) -> Result<(), RootfsError> {
     // Nothing we mount may propagate back to the host, and nothing the host mounts later may
     // appear in the sandbox.
     sys::mount(None, "/", None, libc::MS_REC | libc::MS_PRIVATE, None)
@@ -272,13 +276,13 @@ pub(crate) fn enter(plan: &RootPlan) -> Result<OwnedFd, RootfsError> {
     mkdir(&empty, 0o555)?;
     let shm = staging.join("shm");
     mkdir(&shm, 0o1777)?;
-    let net_sysctls = mount_proc(&root, &empty)?;
+    let ipv4 = mount_proc(&root, &empty)?;
+    net_sysctls(ipv4).map_err(err("hand over", "/proc/sys/net/ipv4"))?;
     mount_dev(&root, plan.dev_template.as_deref(), &shm)?;
     for b in &plan.binds {
         user_bind(&root, b)?;
     }
-    pivot(&root)?;
-    Ok(net_sysctls)
+    pivot(&root)
 }
 
 fn host_image(root: &Path, plan: &RootPlan) -> Result<(), RootfsError> {

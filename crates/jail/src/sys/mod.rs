@@ -1140,6 +1140,15 @@ pub(crate) fn statfs_type(path: &str) -> io::Result<(i64, u64)> {
     Ok((st.f_type as i64, (fsid[0] as u64) << 32 | fsid[1] as u64))
 }
 
+/// Whether `fd` is on a procfs (`fstatfs`'s `f_type` is `PROC_SUPER_MAGIC`).
+pub(crate) fn is_procfs(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: statfs is plain data filled in by the kernel.
+    let mut st = unsafe { std::mem::zeroed::<libc::statfs>() };
+    // SAFETY: a live descriptor and a valid output pointer for the duration of the call.
+    check(unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) })?;
+    Ok(st.f_type == libc::PROC_SUPER_MAGIC)
+}
+
 /// `mknod(2)` of a character device `major:minor` with `mode` permission bits.
 pub(crate) fn mknod_char(path: &str, mode: u32, major: u32, minor: u32) -> io::Result<()> {
     let c = cstr(path)?;
