@@ -12,7 +12,9 @@
 # sees sandboxes come and go: per round, sandboxes created per second and the machine's CPU
 # time per create (its busy time from /proc/stat, the client's included). Last, the quota
 # check's cost: a tenant with quotas creates (not waiting for the sandbox to run) beside none
-# of its sandboxes, then beside QUOTA_N (default 1000). Every sandbox is removed at the end.
+# of its sandboxes, then beside QUOTA_N (default 1000), and create-to-running one at a time
+# beside 30 idle sandboxes and beside QUOTA_N + 30 (what grows with every live sandbox).
+# Every sandbox is removed at the end.
 # Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -148,13 +150,27 @@ if quota_n > 0:
             b0 = busy_jiffies(); time.sleep(1)
             if busy_jiffies() - b0 < 0.1 * os.sysconf("SC_CLK_TCK") * os.cpu_count():
                 return
+    def sequential_runs(n):
+        """Create-to-running, one at a time, each removed once the next is made."""
+        ts = []
+        for _ in range(n):
+            dt, i = create(conn)
+            ts.append(dt)
+            call(conn, "DELETE", f"/v1/sandboxes/{i}?force=true")
+        return ts
     settle()
     alone = tenant_creates(30)
+    settle()
+    run_alone = sequential_runs(30)
     tenant_creates(quota_n - len(mine))
     settle()
     beside = tenant_creates(30)
+    settle()
+    run_beside = sequential_runs(30)
     print(f"a tenant's create (quota checked, not waiting to run): p50 {pct(alone,50)*1000:5.1f} ms "
           f"beside none of its sandboxes, {pct(beside,50)*1000:5.1f} ms beside {quota_n}")
+    print(f"create-to-running, sequential, beside {len(alone)} idle sandboxes: "
+          f"p50 {pct(run_alone,50)*1000:5.1f} ms; beside {len(mine)}: {pct(run_beside,50)*1000:5.1f} ms")
     for i in mine:
         call(conn, "DELETE", f"/v1/sandboxes/{i}?force=true")
 PY
