@@ -152,7 +152,7 @@ fn configure() -> io::Result<()> {
 /// Not through the host's `/proc`: every network namespace whose settings were ever looked up
 /// there leaves its own `net` and `ipv4` entries under the one `/proc/sys` in that procfs's
 /// dentry cache, and every later lookup compares against all of them. With 1500 sandboxes
-/// alive that took 3 ms of every start (`perf`: `proc_sys_compare`), and grew with each
+/// alive that took 3-5 ms of every start (`perf`: `proc_sys_compare`), and grew with each
 /// sandbox. The sandbox's procfs is new, so its cache holds one entry each.
 pub(crate) fn write_sysctls(ipv4: BorrowedFd<'_>) -> io::Result<()> {
     // The child that sent it runs only Cove's code, but the path it opened ran through the
