@@ -784,6 +784,66 @@ pub(crate) fn open_path_dir(path: &str) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Up to `max` entry names of the directory at `path` (not `.` and `..`), read from position
+/// `start` (a `seekdir` cookie: on ext4's hashed directories, a point in hash order) in small
+/// `getdents64` batches, so that a large directory costs only what is read; a position past
+/// the end reads nothing. Returns the names and whether the end was reached.
+pub(crate) fn dir_names_from(
+    path: &str,
+    start: i64,
+    max: usize,
+) -> io::Result<(Vec<String>, bool)> {
+    let c = cstr(path)?;
+    // SAFETY: `c` is a valid path string for the duration of the call.
+    let fd = check(unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: open returned a new descriptor that nobody else owns.
+    let dir = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: integer arguments on a descriptor we own.
+    if start != 0 && unsafe { libc::lseek(dir.as_raw_fd(), start, libc::SEEK_SET) } < 0 {
+        return Ok((Vec::new(), true));
+    }
+    let mut names = Vec::new();
+    // About a hundred entries of Cove's names per call.
+    let mut buf = vec![0u8; 4096];
+    while names.len() < max {
+        // SAFETY: `buf` is writable for its whole length for the duration of the call.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getdents64,
+                dir.as_raw_fd(),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Ok((names, true));
+        }
+        let mut off = 0usize;
+        // struct linux_dirent64: d_ino u64, d_off i64, d_reclen u16, d_type u8, d_name[].
+        while off + 19 <= n as usize {
+            let reclen = u16::from_ne_bytes([buf[off + 16], buf[off + 17]]) as usize;
+            if reclen == 0 || off + reclen > n as usize {
+                break;
+            }
+            let name = &buf[off + 19..off + reclen];
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+            if name != b"." && name != b".." && names.len() < max {
+                names.push(String::from_utf8_lossy(name).into_owned());
+            }
+            off += reclen;
+        }
+    }
+    Ok((names, false))
+}
+
 /// Opens `name` relative to the directory `dir` (`openat`), close-on-exec.
 pub(crate) fn open_at(dir: BorrowedFd<'_>, name: &str, flags: libc::c_int) -> io::Result<OwnedFd> {
     let c = cstr(name)?;
