@@ -772,14 +772,14 @@ pub(crate) fn try_lock(fd: BorrowedFd<'_>) -> io::Result<bool> {
 /// Opens the directory at `path` as an `O_PATH` descriptor (a place to `openat` from; no
 /// permission to read it is needed), close-on-exec.
 pub(crate) fn open_path_dir(path: &str) -> io::Result<OwnedFd> {
+    open_dir(path, libc::O_PATH)
+}
+
+/// `open(path, O_DIRECTORY | O_CLOEXEC | flags)`.
+fn open_dir(path: &str, flags: libc::c_int) -> io::Result<OwnedFd> {
     let c = cstr(path)?;
     // SAFETY: `c` is a valid path string for the duration of the call.
-    let fd = check(unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    })?;
+    let fd = check(unsafe { libc::open(c.as_ptr(), flags | libc::O_DIRECTORY | libc::O_CLOEXEC) })?;
     // SAFETY: open returned a new descriptor that nobody else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -793,16 +793,7 @@ pub(crate) fn dir_names_from(
     start: i64,
     max: usize,
 ) -> io::Result<(Vec<String>, bool)> {
-    let c = cstr(path)?;
-    // SAFETY: `c` is a valid path string for the duration of the call.
-    let fd = check(unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    })?;
-    // SAFETY: open returned a new descriptor that nobody else owns.
-    let dir = unsafe { OwnedFd::from_raw_fd(fd) };
+    let dir = open_dir(path, libc::O_RDONLY)?;
     // SAFETY: integer arguments on a descriptor we own.
     if start != 0 && unsafe { libc::lseek(dir.as_raw_fd(), start, libc::SEEK_SET) } < 0 {
         return Ok((Vec::new(), true));
