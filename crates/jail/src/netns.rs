@@ -135,14 +135,10 @@ fn take_pooled(dir: &Path) -> Option<NetNs> {
 /// A new network namespace for the calling thread, configured for a sandbox.
 fn create_here() -> io::Result<NetNs> {
     sys::unshare(libc::CLONE_NEWNET)?;
-    configure()?;
+    // Loopback up; the sysctls come later, from `write_sysctls`.
+    sys::loopback_up()?;
     let fd: OwnedFd = fs::File::open("/proc/thread-self/ns/net")?.into();
     Ok(NetNs(fd))
-}
-
-/// Loopback up. The sysctls come later, from [`write_sysctls`].
-fn configure() -> io::Result<()> {
-    sys::loopback_up()
 }
 
 /// Ports from 0 and ICMP echo sockets usable without capabilities, written by host root

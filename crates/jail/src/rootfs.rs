@@ -207,12 +207,11 @@ fn tmpfs(dst: &Path, flags: libc::c_ulong, opts: &str) -> io::Result<()> {
 /// Makes the mount at `dst` and every mount below it read-only, `nosuid` and `nodev` in one
 /// call (flags the kernel locked on host mounts, like `noexec`, are kept as they are).
 fn make_readonly(dst: &Path) -> Result<(), RootfsError> {
-    sys::set_mount_attrs(
-        s(dst),
-        sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
-    )
-    .map_err(err("make read-only", dst))
+    sys::set_mount_attrs(s(dst), READONLY).map_err(err("make read-only", dst))
 }
+
+/// What [`make_readonly`] sets: read-only, `nosuid`, `nodev`.
+const READONLY: u64 = sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
 
 fn mkdir(p: &Path, mode: u32) -> Result<(), RootfsError> {
     match fs::DirBuilder::new().mode(mode).create(p) {
@@ -373,14 +372,8 @@ fn host_image(root: &Path, plan: &RootPlan) -> Result<(), RootfsError> {
         bind(&host, &dst, false, false)?;
     }
     // The generated files and the host entries become read-only (and `noexec`) together.
-    sys::set_mount_attrs(
-        s(&etc),
-        sys::MOUNT_ATTR_RDONLY
-            | sys::MOUNT_ATTR_NOSUID
-            | sys::MOUNT_ATTR_NODEV
-            | sys::MOUNT_ATTR_NOEXEC,
-    )
-    .map_err(err("make read-only", &etc))
+    sys::set_mount_attrs(s(&etc), READONLY | sys::MOUNT_ATTR_NOEXEC)
+        .map_err(err("make read-only", &etc))
 }
 
 /// Overlayfs over `layers` (bottom first). `userxattr`: mounted inside the sandbox's user
@@ -443,13 +436,7 @@ fn mount_proc(root: &Path, empty: &Path) -> Result<OwnedFd, RootfsError> {
             Some(f) => sys::mount(Some(s(f)), s(&p), None, libc::MS_BIND, None),
             None => sys::mount(Some(s(empty)), s(&p), None, libc::MS_BIND, None).and_then(|()| {
                 first = Some(p.clone());
-                sys::set_mount_attrs(
-                    s(&p),
-                    sys::MOUNT_ATTR_RDONLY
-                        | sys::MOUNT_ATTR_NOSUID
-                        | sys::MOUNT_ATTR_NODEV
-                        | sys::MOUNT_ATTR_NOEXEC,
-                )
+                sys::set_mount_attrs(s(&p), READONLY | sys::MOUNT_ATTR_NOEXEC)
             }),
         };
         match masked {

@@ -275,12 +275,14 @@ pub const NEARBY: usize = 64;
 /// bounded call reads from a random position (a point in hash order on ext4) and wraps around
 /// to the start if the end comes first.
 fn entry_names(root: &Path, max: usize) -> io::Result<Vec<String>> {
+    if max == usize::MAX {
+        return fs::read_dir(root)?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect();
+    }
     let path = root
         .to_str()
         .ok_or_else(|| io::Error::other("state root is not UTF-8"))?;
-    if max == usize::MAX {
-        return Ok(sys::dir_names_from(path, 0, max)?.0);
-    }
     let mut random = [0u8; 8];
     sys::getrandom(&mut random)?;
     // Non-negative: a directory position.
