@@ -43,6 +43,11 @@ fn main() {
             // writable data, the zeroed data and the stack share one page.
             "-C",
             "link-arg=-Wl,-z,norelro",
+            // Each segment starts a page of its own: the writable one is then one page
+            // wherever the code before it ends (it would straddle two once the code pushed
+            // its start past the last 2.1 KiB of a page).
+            "-C",
+            "link-arg=-Wl,-z,separate-code",
         ])
         .arg("-o")
         .arg(&out)

@@ -231,3 +231,32 @@ fn the_resident_init_is_a_few_pages_and_reaps_orphans() {
         assert!(!stat.contains(") Z "), "a zombie was left: {stat}");
     }
 }
+
+#[test]
+fn init_leaves_the_cgroup_so_that_it_is_removed_while_init_exits() {
+    require_root();
+    let v1 = cove_jail::cgroup::Hierarchy::detect()
+        .expect("detect the cgroup hierarchy")
+        .version()
+        == cove_jail::cgroup::Version::V1;
+    // The first init (a command that ends at once) and the resident init (one that outlives
+    // the first init's 20 ms) both leave the cgroup before they exit, on v1, and the
+    // supervisor removes it then (`uncgrouped` in the timing line).
+    for cmd in [&["true"][..], &["sleep", "0.1"]] {
+        let out = Run::new(&[&["--timing", "--"][..], cmd].concat()).output();
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert_eq!(
+            out.stderr.contains(" uncgrouped="),
+            v1,
+            "{cmd:?}: {}",
+            out.stderr
+        );
+    }
+    // An orphan of the command keeps the cgroup until init's exit kills it: the cgroup is then
+    // removed after that exit, as on v2, and nothing is left (`Run::output` checks).
+    let started = Instant::now();
+    let out = Run::new(&["--timing", "--", "sh", "-c", "sleep 30 & exit 0"]).output();
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(!out.stderr.contains(" uncgrouped="), "{}", out.stderr);
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

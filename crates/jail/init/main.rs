@@ -6,12 +6,15 @@
 //! supervisor (see `docs/jail.md`). This program does what init does from then on: it reaps
 //! every zombie of the pid namespace, passes the signals that come from outside the namespace
 //! on to the command, and when the command ends, writes its wait status and resource usage to
-//! the supervisor's status pipe and exits.
+//! the supervisor's status pipe, leaves the sandbox's cgroup when it was given the files for
+//! that (then says `L`, so that the supervisor removes the cgroup while this process exits),
+//! and exits.
 //!
 //! It is built by the jail's build script with no standard library and no C library (raw
 //! system calls, x86_64 Linux), linked static and non-relocatable: nothing to load, nothing to
 //! relocate, no heap. Its arguments are `cove-<id> <status fd> <command pid> <parent-death
-//! signal>` (0 for a detached sandbox, which outlives its supervisor); its signal mask
+//! signal> <leave fds>` (signal 0 for a detached sandbox, which outlives its supervisor; the
+//! cgroup files to write `0` to before exiting, comma-separated, or `-`); its signal mask
 //! (everything blocked), its credentials and its pending signals come from the first init.
 
 #![no_std]
@@ -83,6 +86,14 @@ struct Stack([u8; STACK_SIZE]);
 #[unsafe(no_mangle)]
 static mut STACK: Stack = Stack([0; STACK_SIZE]);
 
+/// The most cgroup files to leave by: one per cgroup v1 hierarchy Cove uses.
+const MAX_LEAVE: usize = 8;
+
+/// The files `report` leaves the cgroup by (set once, before `cove_init_serve` runs; the
+/// process has one thread).
+static mut LEAVE: [usize; MAX_LEAVE] = [0; MAX_LEAVE];
+static mut LEAVE_N: usize = 0;
+
 /// What `cove_init_start` hands to `cove_init_serve` (returned in rax:rdx).
 #[repr(C)]
 struct Args {
@@ -152,14 +163,38 @@ unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
 
 /// A decimal argument.
 fn parse(s: *const u8) -> Option<usize> {
-    let mut n: usize = 0;
+    let mut one = [0; 1];
+    match parse_list(s, &mut one) {
+        Some(1) => Some(one[0]),
+        _ => None,
+    }
+}
+
+/// A comma-separated list of decimal numbers into `out`, or `-` for none: how many.
+fn parse_list(s: *const u8, out: &mut [usize]) -> Option<usize> {
+    // SAFETY: a NUL-terminated argument string from the kernel (two bytes are there when the
+    // first is not the NUL).
+    if unsafe { *s == b'-' && *s.add(1) == 0 } {
+        return Some(0);
+    }
+    let (mut n, mut count, mut digits) = (0usize, 0usize, 0usize);
     let mut i = 0;
     loop {
-        // SAFETY: a NUL-terminated argument string from the kernel.
+        // SAFETY: as above; the loop stops at the NUL.
         let c = unsafe { *s.add(i) };
         match c {
-            0 if i > 0 => return Some(n),
-            b'0'..=b'9' => n = n.checked_mul(10)?.checked_add(usize::from(c - b'0'))?,
+            0 | b',' if digits > 0 => {
+                *out.get_mut(count)? = n;
+                count += 1;
+                if c == 0 {
+                    return Some(count);
+                }
+                (n, digits) = (0, 0);
+            }
+            b'0'..=b'9' => {
+                n = n.checked_mul(10)?.checked_add(usize::from(c - b'0'))?;
+                digits += 1;
+            }
             _ => return None,
         }
         i += 1;
@@ -215,7 +250,8 @@ fn micros(tv: [i64; 2]) -> u64 {
         .saturating_add(tv[1] as u64)
 }
 
-/// Writes `W <wait status> <utime us> <stime us> <maxrss KiB>` and exits.
+/// Writes `W <wait status> <utime us> <stime us> <maxrss KiB>`, leaves the cgroup (then
+/// writes `L`) and exits.
 fn report(status_fd: usize, wstatus: i32, usage: &Rusage) -> ! {
     let mut line = Line {
         buf: [0; 96],
@@ -242,6 +278,17 @@ fn report(status_fd: usize, wstatus: i32, usage: &Rusage) -> ! {
             0,
         )
     };
+    // SAFETY: set before serving began, read-only since; copied, not borrowed.
+    let (leave, n) = unsafe { (LEAVE, LEAVE_N) };
+    // SAFETY: one-byte writes from a static.
+    let left = n > 0
+        && leave[..n.min(MAX_LEAVE)]
+            .iter()
+            .all(|&fd| unsafe { syscall(SYS_WRITE, fd, b"0".as_ptr() as usize, 1, 0) } == 1);
+    if left {
+        // SAFETY: as above.
+        unsafe { syscall(SYS_WRITE, status_fd, b"L\n".as_ptr() as usize, 2, 0) };
+    }
     exit(0)
 }
 
@@ -250,21 +297,30 @@ fn report(status_fd: usize, wstatus: i32, usage: &Rusage) -> ! {
 extern "C" fn cove_init_start(sp: *const usize) -> Args {
     // SAFETY: at process entry the stack holds argc, then argc argument pointers.
     let (argc, argv) = unsafe { (*sp, sp.add(1) as *const *const u8) };
-    if argc != 4 {
+    if argc != 5 {
         exit(125);
     }
-    // SAFETY: argc says these four pointers exist.
-    let (name, status_fd, command, death) = unsafe {
+    let mut leave = [0; MAX_LEAVE];
+    // SAFETY: argc says these five pointers exist.
+    let (name, status_fd, command, death, leave_n) = unsafe {
         (
             *argv,
             parse(*argv.add(1)),
             parse(*argv.add(2)),
             parse(*argv.add(3)),
+            parse_list(*argv.add(4), &mut leave),
         )
     };
-    let (Some(status_fd), Some(command), Some(death)) = (status_fd, command, death) else {
+    let (Some(status_fd), Some(command), Some(death), Some(leave_n)) =
+        (status_fd, command, death, leave_n)
+    else {
         exit(125)
     };
+    // SAFETY: the process's one thread, before anything reads them.
+    unsafe {
+        LEAVE = leave;
+        LEAVE_N = leave_n;
+    }
     // SAFETY: prctl with integer arguments, and PR_SET_NAME with a NUL-terminated string
     // (the kernel copies at most 16 bytes). An execve makes a process dumpable again and may
     // reset its parent-death signal: both are set again first (a detached sandbox has none).

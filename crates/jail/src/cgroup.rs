@@ -665,6 +665,19 @@ impl Cgroup {
         self.dirs.iter().map(|d| d.join(file)).collect()
     }
 
+    /// On v1, the parent's [`Cgroup::self_join_files`]: a process of this cgroup moves itself
+    /// out by writing `0` to them. Empty on v2, where that move takes the global lock.
+    pub fn self_leave_files(&self) -> Vec<PathBuf> {
+        match self.version {
+            Version::V1 => self
+                .dirs
+                .iter()
+                .filter_map(|d| Some(d.parent()?.join("tasks")))
+                .collect(),
+            Version::V2 => Vec::new(),
+        }
+    }
+
     /// The directory to pass to `clone3(CLONE_INTO_CGROUP)` on v2; `None` on v1.
     pub fn v2_dir(&self) -> Option<&Path> {
         match self.version {
@@ -895,6 +908,16 @@ impl Cgroup {
             }
         }
         Ok(())
+    }
+
+    /// One attempt at [`Cgroup::remove`], without waiting: false at the first directory that
+    /// cannot go yet (its processes are still exiting), which `remove` then finishes.
+    pub fn try_remove(&self) -> bool {
+        self.valid
+            && self.dirs.iter().all(|dir| match fs::remove_dir(dir) {
+                Ok(()) => true,
+                Err(e) => e.kind() == ErrorKind::NotFound,
+            })
     }
 
     /// Write `limits` into the freshly made directories. `memsw`: v1 swap accounting exists.

@@ -44,6 +44,10 @@ pub(crate) struct ChildPlan {
     /// The command dies with the process that forked it: for exec, whose parent is a helper
     /// outside the sandbox (the main command's parent is init, which outlives it anyway).
     pub die_with_parent: bool,
+    /// Init leaves the sandbox's cgroup once the command has been reaped, before it exits:
+    /// the supervisor then removes the cgroup while init's namespaces are torn down (see
+    /// [`join_cgroup`]). The supervisor sends the files for that after the joining ones.
+    pub leave_cgroup: bool,
 }
 
 /// The descriptors the child keeps.
@@ -186,7 +190,7 @@ fn contain(plan: &ChildPlan, fds: &ChildFds) -> Result<Never, Failure> {
     })
     .step("build the root filesystem")?;
     clock.mark("rootfs");
-    join_cgroup(&fds.cgroup).step("join the sandbox's cgroup")?;
+    let leave = join_cgroup(&fds.cgroup, plan.leave_cgroup).step("join the sandbox's cgroup")?;
     sys::unshare(libc::CLONE_NEWCGROUP).step("enter a new cgroup namespace")?;
     clock.mark("cgroup");
     let tty = if plan.tty {
@@ -200,6 +204,7 @@ fn contain(plan: &ChildPlan, fds: &ChildFds) -> Result<Never, Failure> {
         .into_iter()
         .chain(tty.as_ref().map(|t| t.as_raw_fd()))
         .chain(fds.init_exe.as_ref().map(|f| f.as_raw_fd()))
+        .chain(leave.iter().map(|f| f.as_raw_fd()))
         .chain(
             fds.detached
                 .iter()
@@ -207,7 +212,7 @@ fn contain(plan: &ChildPlan, fds: &ChildFds) -> Result<Never, Failure> {
         )
         .collect::<Vec<_>>();
     sys::close_fds_except(&keep).step("close inherited descriptors")?;
-    init(plan, fds, tty.as_ref(), clock)
+    init(plan, fds, tty.as_ref(), &leave, clock)
 }
 
 /// Opens a terminal on the sandbox's own devpts (so that `tty` and `/dev/pts/0` mean something
@@ -228,21 +233,43 @@ fn terminal(fds: &ChildFds) -> std::io::Result<OwnedFd> {
 /// migration against the credentials the file was opened with (host root), not the child's,
 /// which are root of the sandbox's user namespace by now. Before this, the child is Cove's own
 /// code only: the command is forked after.
-fn join_cgroup(sock: &OwnedFd) -> std::io::Result<()> {
-    let files = sys::recv_fds(sock.as_raw_fd()).map_err(|e| {
+///
+/// With `leave_after` ([`ChildPlan::leave_cgroup`]) the supervisor sends as many files again,
+/// its parent's: returned, for init to move itself out once the command has been reaped (the
+/// same self-move, cheap on v1). The cgroup is then empty while init's exit tears down its
+/// namespaces, and the supervisor removes it meanwhile, not after.
+fn join_cgroup(sock: &OwnedFd, leave_after: bool) -> std::io::Result<Vec<OwnedFd>> {
+    let mut files = sys::recv_fds(sock.as_raw_fd()).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             std::io::Error::other("the supervisor went away")
         } else {
             e
         }
     })?;
-    if files.is_empty() {
-        return Err(std::io::Error::other("the supervisor sent no cgroup"));
+    if files.is_empty() || (leave_after && files.len() % 2 != 0) {
+        return Err(std::io::Error::other(format!(
+            "the supervisor sent {} cgroup files",
+            files.len()
+        )));
     }
+    let leave = if leave_after {
+        files.split_off(files.len() / 2)
+    } else {
+        Vec::new()
+    };
     for f in &files {
         sys::write_all(f.as_raw_fd(), b"0")?;
     }
-    Ok(())
+    Ok(leave)
+}
+
+/// Moves init out of the sandbox's cgroup (see [`join_cgroup`]); false if there is nothing to
+/// leave by or a move failed (the supervisor then removes the cgroup after init's exit).
+fn leave_cgroup(files: &[OwnedFd]) -> bool {
+    !files.is_empty()
+        && files
+            .iter()
+            .all(|f| sys::write_all(f.as_raw_fd(), b"0").is_ok())
 }
 
 fn wait_for_supervisor(go: &OwnedFd) -> std::io::Result<()> {
@@ -285,6 +312,7 @@ fn init(
     plan: &ChildPlan,
     fds: &ChildFds,
     tty: Option<&OwnedFd>,
+    leave: &[OwnedFd],
     mut clock: Clock,
 ) -> Result<Never, Failure> {
     let pipe_fd = fds.status.as_raw_fd();
@@ -356,7 +384,8 @@ fn init(
             None => Some(all.wait().step("wait for signals")?),
         }) else {
             if let Some(exe) = exe.take() {
-                let _ = become_resident(exe, status_fd, pid, &plan.id, fds.detached.is_none());
+                let tied = fds.detached.is_none();
+                let _ = become_resident(exe, status_fd, pid, &plan.id, tied, leave);
                 sys::release_free_memory();
             }
             continue;
@@ -368,6 +397,11 @@ fn init(
                         "W {wstatus} {} {} {}\n",
                         usage.utime_us, usage.stime_us, usage.maxrss_kib
                     ));
+                    // "L": the cgroup no longer holds init (orphans of the command may still
+                    // be in it; this exit kills them).
+                    if leave_cgroup(leave) {
+                        send("L\n".to_string());
+                    }
                     sys::exit(0);
                 }
             }
@@ -380,21 +414,36 @@ fn init(
 }
 
 /// Replaces this process with the resident init (see `init/main.rs`), which goes on waiting
-/// for `command` and reporting on `status_fd`. Its signal mask, pending signals (a SIGCHLD of
-/// a command that already ended) and credentials carry over the exec. Returns only on failure.
+/// for `command` and reporting on `status_fd`, and leaves the cgroup by `leave` as this one
+/// would. Its signal mask, pending signals (a SIGCHLD of a command that already ended) and
+/// credentials carry over the exec. Returns only on failure.
 fn become_resident(
     exe: &OwnedFd,
     status_fd: RawFd,
     command: libc::pid_t,
     id: &str,
     die_with_supervisor: bool,
+    leave: &[OwnedFd],
 ) -> std::io::Result<Never> {
     sys::keep_on_exec(status_fd)?;
+    for f in leave {
+        sys::keep_on_exec(f.as_raw_fd())?;
+    }
+    let leave = if leave.is_empty() {
+        "-".to_string()
+    } else {
+        leave
+            .iter()
+            .map(|f| f.as_raw_fd().to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     let argv = [
         format!("cove-{id}"),
         status_fd.to_string(),
         command.to_string(),
         if die_with_supervisor { "9" } else { "0" }.to_string(),
+        leave,
     ]
     .map(|a| CString::new(a).expect("no NUL in numbers and ids"));
     Err(sys::execve_fd(exe.as_raw_fd(), &argv, &[]))

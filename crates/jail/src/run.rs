@@ -208,7 +208,12 @@ fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
         // Made by `supervise` once the child runs (see `init::join_cgroup`); removed below
         // whatever happened (a directory that was never made is no error).
         let cg = layout.open(&cg_name);
-        let plan = plan(spec, &id, state.mount_point(), opts)?;
+        let mut plan = plan(spec, &id, state.mount_point(), opts)?;
+        // `cove run` returns only once the cgroup is gone: init leaves it before its exit, so
+        // that its removal overlaps the teardown of init's namespaces. Not on v2 (one
+        // directory to remove, and the move would take the global lock), nor for a detached
+        // sandbox (nobody waits for its removal).
+        plan.leave_cgroup = opts.detach.is_none() && !cg.self_leave_files().is_empty();
         if opts.timing {
             eprintln!(
                 "cove: timing: detected={}us locked={}us planned={}us",
@@ -385,6 +390,7 @@ pub(crate) fn plan(
         timing: opts.timing,
         report_started: opts.on_start.is_some(),
         die_with_parent: false,
+        leave_cgroup: false,
     })
 }
 
@@ -495,8 +501,8 @@ fn supervise(
 
     // From here on the child exists: any failure must kill and reap it. The cgroup is made
     // while the child builds its root filesystem.
-    let started =
-        setup_from_outside(pid, &go_w).and_then(|()| make_cgroup(layout, cg, limits, &cgroup_tx));
+    let started = setup_from_outside(pid, &go_w)
+        .and_then(|()| make_cgroup(layout, cg, limits, plan.leave_cgroup, &cgroup_tx));
     drop(cgroup_tx);
     let t_joined = t_start.elapsed();
     if let Err(e) = started {
@@ -530,8 +536,10 @@ fn supervise(
         final_stats: None,
         reported: None,
         reaped: None,
+        uncgrouped: None,
         on_start: opts.on_start.clone(),
         detach: opts.detach.is_some(),
+        leaves: plan.leave_cgroup,
     };
     let result = sup.wait(status_r, sigfd, &go_w);
     let _ = old_mask.set_mask();
@@ -548,12 +556,15 @@ fn supervise(
 
     if opts.timing {
         eprintln!(
-            "cove: timing: prepare={}us clone={}us joined={}us child[{}] reported={}us reaped={}us",
+            "cove: timing: prepare={}us clone={}us joined={}us child[{}] reported={}us{} reaped={}us",
             t_prep.as_micros(),
             t_clone.as_micros(),
             t_joined.as_micros(),
             init_report.timings.as_deref().unwrap_or("-"),
             sup.reported.unwrap_or_default().as_micros(),
+            sup.uncgrouped
+                .map(|t| format!(" uncgrouped={}us", t.as_micros()))
+                .unwrap_or_default(),
             sup.reaped.unwrap_or_default().as_micros(),
         );
     }
@@ -594,17 +605,25 @@ enum Waited {
 
 /// Writes the id maps and lets the child go (it joins its cgroup itself).
 /// Makes the sandbox's cgroup with its limits and sends the child the files that move it in
-/// (opened here, as host root: see `init::join_cgroup`).
+/// (opened here, as host root: see `init::join_cgroup`), and with `leave` those that move it
+/// out again.
 fn make_cgroup(
     layout: &Hierarchy,
     cg: &Cgroup,
     limits: &cgroup::Limits,
+    leave: bool,
     to_child: &OwnedFd,
 ) -> Result<(), RunError> {
     layout.create(cg.name(), limits)?;
+    let leave_files = if leave {
+        cg.self_leave_files()
+    } else {
+        Vec::new()
+    };
     let files = cg
         .self_join_files()
         .iter()
+        .chain(&leave_files)
         .map(|f| {
             fs::OpenOptions::new()
                 .write(true)
@@ -665,10 +684,14 @@ struct Supervisor<'a> {
     /// When init reported the command's end, and when init was reaped (for `--timing`).
     reported: Option<Duration>,
     reaped: Option<Duration>,
+    /// When the cgroup was removed while init exited (`L`), if it was.
+    uncgrouped: Option<Duration>,
     /// See [`RunOptions::on_start`].
     on_start: Option<std::sync::Arc<File>>,
     /// Return once the command runs ([`start_detached`]).
     detach: bool,
+    /// Init leaves the cgroup before it exits ([`ChildPlan::leave_cgroup`]).
+    leaves: bool,
 }
 
 impl Supervisor<'_> {
@@ -691,7 +714,9 @@ impl Supervisor<'_> {
                 fds.extend(r.poll_fds());
             }
             let revents = sys::poll(&fds, timeout).map_err(prep("wait for the sandbox"))?;
-            if revents[0] != 0 {
+            // Every line already read in, not only the one that woke the poll.
+            let mut readable = revents[0] != 0;
+            while readable && status_open {
                 let mut line = String::new();
                 match reader.read_line(&mut line) {
                     Ok(0) | Err(_) => status_open = false,
@@ -707,20 +732,31 @@ impl Supervisor<'_> {
                                 return Ok(Waited::Detached);
                             }
                             sys::release_free_memory();
+                        } else if line == "L\n" {
+                            // Init left the cgroup (`init::join_cgroup`): remove it while
+                            // init exits. Orphans of the command may keep it a little longer.
+                            if self.cg.try_remove() {
+                                self.uncgrouped = Some(self.started.elapsed());
+                            }
+                            if relay.is_none() {
+                                status_open = false;
+                            }
                         } else {
                             parse_status_line(line.trim_end(), &mut report);
                             if report.wait_status.is_some() && self.final_stats.is_none() {
                                 self.reported = Some(self.started.elapsed());
                                 self.final_stats = self.cg.stats().ok();
                                 // Init only exits after this: wait for that at once (with
-                                // a terminal, its last output is drained first).
-                                if relay.is_none() {
+                                // a terminal, its last output is drained first), or first
+                                // for init to leave the cgroup ("L", or the end of the pipe).
+                                if relay.is_none() && !self.leaves {
                                     status_open = false;
                                 }
                             }
                         }
                     }
                 }
+                readable = !reader.buffer().is_empty();
             }
             if revents[1] != 0 {
                 while let Some(sig) = sys::read_signalfd(&sigfd).map_err(prep("read signals"))? {
