@@ -426,12 +426,14 @@ fn become_resident(
     leave: &[OwnedFd],
 ) -> std::io::Result<Never> {
     sys::keep_on_exec(status_fd)?;
-    for f in leave {
-        sys::keep_on_exec(f.as_raw_fd())?;
-    }
-    let leave = if leave.is_empty() {
+    // More than it takes would end it at once (125): then it does not leave, and the supervisor
+    // removes the cgroup after its exit.
+    let leave = if leave.is_empty() || leave.len() > RESIDENT_MAX_LEAVE {
         "-".to_string()
     } else {
+        for f in leave {
+            sys::keep_on_exec(f.as_raw_fd())?;
+        }
         leave
             .iter()
             .map(|f| f.as_raw_fd().to_string())
@@ -448,6 +450,9 @@ fn become_resident(
     .map(|a| CString::new(a).expect("no NUL in numbers and ids"));
     Err(sys::execve_fd(exe.as_raw_fd(), &argv, &[]))
 }
+
+/// The most files the resident init leaves a cgroup by (`MAX_LEAVE` in `init/main.rs`).
+const RESIDENT_MAX_LEAVE: usize = 8;
 
 /// How long after the command's start init becomes the resident init.
 const RESIDENT_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
