@@ -100,28 +100,44 @@ fn the_reaper_removes_planted_stale_objects_and_never_a_live_sandbox() {
         );
     }
 
-    // It said so, in its logs and its metrics.
-    let log = server.log();
-    for object in [
+    // It said so, in its logs and its metrics. A pass logs what it removed once it is over,
+    // after its last removal: the lines may come a moment after the objects went.
+    let objects = [
         format!("cove/{cg_id} (killed 1 processes)"),
         format!("cove-{run_id} (killed 1 processes)"),
         format!("veth {veth}"),
         format!("{dir_id} (no record)"),
-    ] {
-        assert!(
-            log.lines()
-                .any(|l| l.contains("reaper removed a stale object") && l.contains(&object)),
-            "no log line for {object}:\n{log}"
-        );
+    ];
+    let said = |log: &str, object: &str| {
+        log.lines()
+            .any(|l| l.contains("reaper removed a stale object") && l.contains(object))
+    };
+    let mut log = server.log();
+    while !objects.iter().all(|o| said(&log, o)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        log = server.log();
     }
-    let (_, m) = scrape(&server, &server.token);
-    assert!(sample(&m, "cove_reaper_runs_total", serde_json::json!({})) >= 1.0);
-    for object in ["process", "cgroup", "veth", "sandbox_dir"] {
-        let n = sample(
-            &m,
+    for object in &objects {
+        assert!(said(&log, object), "no log line for {object}:\n{log}");
+    }
+    // The counters move right after the lines are written.
+    let removed = |m: &std::collections::BTreeMap<String, Vec<(serde_json::Value, f64)>>,
+                   object: &str| {
+        sample(
+            m,
             "cove_reaper_removed_total",
             serde_json::json!({ "object": object }),
-        );
+        )
+    };
+    let kinds = ["process", "cgroup", "veth", "sandbox_dir"];
+    let (_, mut m) = scrape(&server, &server.token);
+    while kinds.iter().any(|k| removed(&m, k) < 1.0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        m = scrape(&server, &server.token).1;
+    }
+    assert!(sample(&m, "cove_reaper_runs_total", serde_json::json!({})) >= 1.0);
+    for object in kinds {
+        let n = removed(&m, object);
         assert!(n >= 1.0, "{object}: {n}");
     }
 
