@@ -213,7 +213,7 @@ fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
         // that its removal overlaps the teardown of init's namespaces. Not on v2 (one
         // directory to remove, and the move would take the global lock), nor for a detached
         // sandbox (nobody waits for its removal).
-        plan.leave_cgroup = opts.detach.is_none() && !cg.self_leave_files().is_empty();
+        plan.leave_cgroup = opts.detach.is_none() && layout.version() == cgroup::Version::V1;
         if opts.timing {
             eprintln!(
                 "cove: timing: detected={}us locked={}us planned={}us",
