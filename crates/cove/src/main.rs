@@ -56,6 +56,9 @@ enum Command {
     Supervise {
         /// The sandbox's directory.
         dir: std::path::PathBuf,
+        /// Start it warm for this spec (JSON); the spec to run comes on stdin when claimed.
+        #[arg(long)]
+        warm: Option<String>,
     },
     /// Manage stored images (pull, import, ls, inspect, rm, prune).
     #[command(
@@ -101,7 +104,18 @@ fn parse_hot() -> Option<Command> {
         }
         "supervise" => match rest {
             [_, dir] if !dir.to_str().is_some_and(|d| d.starts_with('-')) => {
-                Some(Command::Supervise { dir: dir.into() })
+                Some(Command::Supervise {
+                    dir: dir.into(),
+                    warm: None,
+                })
+            }
+            [_, flag, template, dir]
+                if flag == "--warm" && !dir.to_str().is_some_and(|d| d.starts_with('-')) =>
+            {
+                Some(Command::Supervise {
+                    dir: dir.into(),
+                    warm: Some(template.to_str()?.to_owned()),
+                })
             }
             _ => None,
         },
@@ -122,7 +136,7 @@ fn main() -> ExitCode {
         Command::Gc { json, pool } => run::gc(json, pool),
         Command::Image(cmd) => image::image(cmd),
         Command::Serve(args) => serve::serve(*args),
-        Command::Supervise { dir } => serve::supervise(dir),
+        Command::Supervise { dir, warm } => serve::supervise(dir, warm),
         Command::ExecIn(args) => exec_in::exec_in(args),
         Command::Client(cmd) => client::client(
             conn.as_ref()

@@ -221,6 +221,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         init_file: None,
         quiet: false,
         freezer: false,
+        warm: None,
     };
     let report = run_sandbox(&spec, &opts)?;
     drop(pinned);

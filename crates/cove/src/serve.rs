@@ -560,7 +560,12 @@ pub(crate) fn root_only_secret(
 /// every later one. Measured here with twelve files per sandbox, rounds of 200 creates and 200
 /// removals at 50 clients went from 148 to 82 sandboxes a second in four rounds, 38 % of the
 /// server's CPU time in that search.
-pub fn supervise(dir: PathBuf) -> anyhow::Result<ExitCode> {
+///
+/// With `warm` (a spec, as JSON: the node agent's template), the sandbox is started warm for
+/// it (see `cove_jail::run::RunOptions::warm`): `warm` on stdout once it waits, the spec to run
+/// on stdin when it is claimed. Never claimed (stdin closed with nothing on it), it removes
+/// itself and its directory.
+pub fn supervise(dir: PathBuf, warm: Option<String>) -> anyhow::Result<ExitCode> {
     let lock = locked(&dir.join("lock"), || {
         format!("another supervisor runs {}", dir.display())
     })?;
@@ -578,7 +583,7 @@ pub fn supervise(dir: PathBuf) -> anyhow::Result<ExitCode> {
     };
     say_pid(std::process::id())?;
     let id = dir_id(&dir)?;
-    let report = match supervised_run(&dir, id, &lock) {
+    let report = match supervised_run(&dir, id, &lock, warm.as_deref()) {
         Ok(init) => {
             // The sandbox is on its own: the agent signals its init from now on, and finds
             // how it ended in `status` (named so only now: a supervisor that died before this
@@ -586,6 +591,11 @@ pub fn supervise(dir: PathBuf) -> anyhow::Result<ExitCode> {
             say_pid(init as u32)?;
             fs::rename(dir.join("status.new"), dir.join("status"))
                 .context("put the status file in place")?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) if matches!(e.downcast_ref(), Some(cove_jail::run::RunError::Unclaimed)) => {
+            drop(lock);
+            fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
             return Ok(ExitCode::SUCCESS);
         }
         Err(e) => RunReport {
@@ -641,10 +651,28 @@ fn take_notify_pipe(dir: &Path) -> anyhow::Result<std::sync::Arc<fs::File>> {
     Ok(std::sync::Arc::new(fs::File::from(notify)))
 }
 
-fn supervised_run(dir: &Path, id: SandboxId, lock: &fs::File) -> anyhow::Result<i32> {
+fn supervised_run(
+    dir: &Path,
+    id: SandboxId,
+    lock: &fs::File,
+    warm: Option<&str>,
+) -> anyhow::Result<i32> {
     let notify = take_notify_pipe(dir)?;
-    let mut bytes = Vec::new();
-    io::Read::read_to_end(&mut io::stdin().lock(), &mut bytes).context("read the spec")?;
+    // Warm, the spec comes once the sandbox is built: stdin is kept for it.
+    let input = match warm {
+        Some(_) => Some(fs::File::from(
+            rustix::io::fcntl_dupfd_cloexec(io::stdin(), 3).context("keep the spec's pipe")?,
+        )),
+        None => None,
+    };
+    let bytes = match warm {
+        Some(template) => template.as_bytes().to_vec(),
+        None => {
+            let mut bytes = Vec::new();
+            io::Read::read_to_end(&mut io::stdin().lock(), &mut bytes).context("read the spec")?;
+            bytes
+        }
+    };
     // The sandbox's stdin is nothing, as it was before the spec came this way.
     let null = fs::File::open("/dev/null").context("open /dev/null")?;
     rustix::stdio::dup2_stdin(&null).context("give the sandbox an empty stdin")?;
@@ -668,10 +696,37 @@ fn supervised_run(dir: &Path, id: SandboxId, lock: &fs::File) -> anyhow::Result<
     };
     spec.validate()?;
     // What `exec` needs to run commands the way the main one runs (the image's environment,
-    // working directory and user applied).
+    // working directory and user applied): the claimed spec, for a warm sandbox.
     let resolved = dir.join("resolved.json");
-    fs::write(&resolved, serde_json::to_vec_pretty(&spec)?)
-        .with_context(|| format!("write {}", resolved.display()))?;
+    let claim = match input {
+        Some(input) => {
+            let input = std::sync::Mutex::new(Some(input));
+            let resolved = resolved.clone();
+            Some(cove_jail::run::Claim(std::sync::Arc::new(move || {
+                let Some(mut input) = input.lock().ok().and_then(|mut i| i.take()) else {
+                    return Ok(None);
+                };
+                let mut bytes = Vec::new();
+                io::Read::read_to_end(&mut input, &mut bytes)
+                    .map_err(|e| format!("read the spec: {e}"))?;
+                if bytes.is_empty() {
+                    return Ok(None);
+                }
+                let spec: Spec = serde_json::from_slice(&bytes)
+                    .map_err(|e| format!("the sandbox spec is invalid: {e}"))?;
+                spec.validate().map_err(|e| e.to_string())?;
+                let json = serde_json::to_vec_pretty(&spec).map_err(|e| e.to_string())?;
+                fs::write(&resolved, json)
+                    .map_err(|e| format!("write {}: {e}", resolved.display()))?;
+                Ok(Some(spec))
+            })))
+        }
+        None => {
+            fs::write(&resolved, serde_json::to_vec_pretty(&spec)?)
+                .with_context(|| format!("write {}", resolved.display()))?;
+            None
+        }
+    };
     let status_path = dir.join("status.new");
     let status = OpenOptions::new()
         .create(true)
@@ -704,6 +759,7 @@ fn supervised_run(dir: &Path, id: SandboxId, lock: &fs::File) -> anyhow::Result<
         quiet: true,
         freezer: true,
         init_file: std::env::var_os("COVE_INIT_FILE").map(PathBuf::from),
+        warm: claim,
     };
     let init = cove_jail::run::start_detached(&spec, &opts)?;
     drop(pinned);

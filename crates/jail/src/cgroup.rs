@@ -440,6 +440,12 @@ impl Hierarchy {
         Ok(())
     }
 
+    /// Writes `limits` into `cgroup`, made by [`Hierarchy::create`] without them (a warm
+    /// sandbox's, limited when it is claimed).
+    pub fn limit(&self, cgroup: &Cgroup, limits: &Limits) -> Result<()> {
+        cgroup.apply(limits, self.memsw)
+    }
+
     /// A handle on an existing cgroup (for garbage collection), whether or not its directories
     /// exist in every controller. Nothing is checked here; an invalid name makes every
     /// operation on the handle fail with [`CgroupError::InvalidName`].

@@ -21,6 +21,7 @@ const CAP_KILL: u32 = 5;
 
 /// Everything the child needs, prepared by the supervisor before the clone so that the child
 /// does no parsing and no policy decisions.
+#[derive(Clone)]
 pub(crate) struct ChildPlan {
     pub id: String,
     pub root: RootPlan,
@@ -63,6 +64,10 @@ pub(crate) struct ChildFds {
     pub cgroup: OwnedFd,
     /// Set for a detached sandbox (`run::start_detached`).
     pub detached: Option<Detached>,
+    /// Set for a warm sandbox (`RunOptions::warm`): once in its cgroup, the child says `C` on
+    /// the status pipe and waits here for its command ([`encode_claim`]), which the plan it
+    /// was cloned with does not have yet.
+    pub claim: Option<OwnedFd>,
 }
 
 /// A detached sandbox's descriptors (numbers valid in the child: the clone copied them).
@@ -193,6 +198,15 @@ fn contain(plan: &ChildPlan, fds: &ChildFds) -> Result<Never, Failure> {
     let leave = join_cgroup(&fds.cgroup, plan.leave_cgroup).step("join the sandbox's cgroup")?;
     sys::unshare(libc::CLONE_NEWCGROUP).step("enter a new cgroup namespace")?;
     clock.mark("cgroup");
+    let claimed;
+    let plan = match &fds.claim {
+        Some(claim) => {
+            sys::write_all(fds.status.as_raw_fd(), b"C\n").step("say the sandbox is warm")?;
+            claimed = wait_for_claim(claim, plan).step("wait for the sandbox's command")?;
+            &claimed
+        }
+        None => plan,
+    };
     let tty = if plan.tty {
         Some(terminal(fds).step("open the sandbox's terminal")?)
     } else {
@@ -270,6 +284,90 @@ fn leave_cgroup(files: &[OwnedFd]) -> bool {
         && files
             .iter()
             .all(|f| sys::write_all(f.as_raw_fd(), b"0").is_ok())
+}
+
+/// The parts of a plan a warm sandbox's claim decides, in the order [`decode_claim`] reads
+/// them: each a string ended by a NUL (none of them can hold one), lists after their length.
+/// Everything the root filesystem depends on (image, disk, binds, user, hostname) was fixed
+/// when the sandbox was started warm; the supervisor only claims it for a spec that agrees.
+pub(crate) fn encode_claim(plan: &ChildPlan) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut field = |bytes: &[u8]| {
+        out.extend_from_slice(bytes);
+        out.push(0);
+    };
+    for list in [&plan.argv, &plan.envp] {
+        field(list.len().to_string().as_bytes());
+        for s in list {
+            field(s.as_bytes());
+        }
+    }
+    field(plan.search_path.len().to_string().as_bytes());
+    for d in &plan.search_path {
+        field(d.as_os_str().as_encoded_bytes());
+    }
+    field(plan.workdir.as_os_str().as_encoded_bytes());
+    field(plan.rlimits.len().to_string().as_bytes());
+    for (res, soft, hard) in &plan.rlimits {
+        for n in [u64::from(*res), *soft, *hard] {
+            field(n.to_string().as_bytes());
+        }
+    }
+    out
+}
+
+/// `warm` with the parts [`encode_claim`] wrote in `bytes` in place of its own.
+pub(crate) fn decode_claim(bytes: &[u8], warm: &ChildPlan) -> std::io::Result<ChildPlan> {
+    use std::os::unix::ffi::OsStrExt;
+    fn bad() -> std::io::Error {
+        std::io::Error::other("the supervisor sent a malformed command")
+    }
+    fn number(field: &[u8]) -> Option<u64> {
+        std::str::from_utf8(field).ok()?.parse().ok()
+    }
+    fn strings<'a>(
+        take: &mut impl FnMut() -> std::io::Result<&'a [u8]>,
+    ) -> std::io::Result<Vec<CString>> {
+        let n = number(take()?).ok_or_else(bad)?;
+        (0..n)
+            .map(|_| CString::new(take()?).map_err(|_| bad()))
+            .collect()
+    }
+    let body = bytes.strip_suffix(&[0]).ok_or_else(bad)?;
+    let mut fields = body.split(|&b| b == 0);
+    let mut take = || fields.next().ok_or_else(bad);
+    let mut plan = warm.clone();
+    plan.argv = strings(&mut take)?;
+    plan.envp = strings(&mut take)?;
+    let path = |b: &[u8]| PathBuf::from(std::ffi::OsStr::from_bytes(b));
+    plan.search_path = strings(&mut take)?
+        .iter()
+        .map(|s| path(s.as_bytes()))
+        .collect();
+    plan.workdir = path(take()?);
+    let n = number(take()?).ok_or_else(bad)?;
+    plan.rlimits = (0..n)
+        .map(|_| {
+            let mut n = || take().ok().and_then(number).ok_or_else(bad);
+            let res = libc::__rlimit_resource_t::try_from(n()?).map_err(|_| bad())?;
+            Ok((res, n()?, n()?))
+        })
+        .collect::<std::io::Result<_>>()?;
+    if plan.argv.is_empty() || take().is_ok() {
+        return Err(bad());
+    }
+    Ok(plan)
+}
+
+/// Waits for a warm sandbox's command (the whole of what the supervisor writes before it
+/// closes its end); `plan` with it.
+fn wait_for_claim(claim: &OwnedFd, plan: &ChildPlan) -> std::io::Result<ChildPlan> {
+    let mut bytes = Vec::new();
+    File::from(claim.try_clone()?).read_to_end(&mut bytes)?;
+    if bytes.is_empty() {
+        return Err(std::io::Error::other("no command came"));
+    }
+    decode_claim(&bytes, plan)
 }
 
 fn wait_for_supervisor(go: &OwnedFd) -> std::io::Result<()> {

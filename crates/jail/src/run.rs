@@ -58,6 +58,9 @@ pub enum RunError {
     Cgroup(#[from] cgroup::CgroupError),
     #[error("{step}: {message}")]
     Setup { step: String, message: String },
+    /// A warm sandbox's claim said none would come ([`RunOptions::warm`]).
+    #[error("the warm sandbox was not claimed")]
+    Unclaimed,
 }
 
 fn prep(what: impl Into<String>) -> impl FnOnce(io::Error) -> RunError {
@@ -93,6 +96,47 @@ pub struct RunOptions {
     /// [`crate::init::install_resident_init`]); each sandbox gets a memory file of its own
     /// without it.
     pub init_file: Option<PathBuf>,
+    /// Start the sandbox *warm* (detached only): everything is built from the spec given to
+    /// [`start_detached`], a template whose command is not run; once the child waits in its
+    /// cgroup, `on_start` is told `warm` (one line) and the claim is called for the spec to
+    /// run, which must [`fits_warm`] the template. The cgroup is made without limits and
+    /// gets the claimed spec's then. A claim of `Ok(None)` means none will come: the sandbox
+    /// is removed and [`RunError::Unclaimed`] returned.
+    pub warm: Option<Claim>,
+}
+
+/// Where a warm sandbox's spec comes from ([`RunOptions::warm`]): blocks until it is known.
+#[derive(Clone)]
+pub struct Claim(pub std::sync::Arc<dyn Fn() -> Result<Option<Spec>, String> + Send + Sync>);
+
+impl std::fmt::Debug for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Claim")
+    }
+}
+
+/// Whether a sandbox started warm from `template` can run `spec`: everything its root
+/// filesystem and namespaces were built from agrees (the `host` image, no binds, the same
+/// disk, user and hostname, network `none`, no terminal). The command, its environment,
+/// working directory, resource limits and timeouts are the claim's own.
+pub fn fits_warm(template: &Spec, spec: &Spec) -> bool {
+    [template, spec].iter().all(|s| {
+        s.image == Image::Host
+            && s.mounts.is_empty()
+            && s.net == NetMode::None
+            && !s.tty
+            && s.hostname.is_none()
+    }) && spec.user == template.user
+        && spec.limits.disk == template.limits.disk
+}
+
+/// The cgroup limits of `spec`.
+fn cgroup_limits(spec: &Spec) -> cgroup::Limits {
+    cgroup::Limits {
+        memory_bytes: Some(spec.limits.memory.as_bytes()),
+        cpu_millis: Some(spec.limits.cpus_millis as u64),
+        pids: Some(spec.limits.pids),
+    }
 }
 
 /// What a detached sandbox keeps (see [`start_detached`]).
@@ -189,10 +233,11 @@ fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
     let t_locked = t_start.elapsed();
     let state_lock = state.lock_fd();
     let result = (|| -> Result<Outcome, RunError> {
-        let limits = cgroup::Limits {
-            memory_bytes: Some(spec.limits.memory.as_bytes()),
-            cpu_millis: Some(spec.limits.cpus_millis as u64),
-            pids: Some(spec.limits.pids),
+        // A warm sandbox's limits are its claim's, written then.
+        let limits = if opts.warm.is_some() {
+            cgroup::Limits::default()
+        } else {
+            cgroup_limits(spec)
         };
         // Nothing pauses a `cove run` sandbox: no freezer cgroup for it unless asked.
         let layout = if opts.freezer {
@@ -425,6 +470,13 @@ fn supervise(
     let (go_r, go_w) = sys::pipe().map_err(prep("create a pipe"))?;
     let (cgroup_tx, cgroup_rx) = sys::socketpair().map_err(prep("create a socket pair"))?;
     let (status_r, status_w) = sys::pipe().map_err(prep("create a pipe"))?;
+    let (claim_r, claim_w) = match opts.warm {
+        Some(_) => {
+            let (r, w) = sys::pipe().map_err(prep("create a pipe"))?;
+            (Some(r), Some(w))
+        }
+        None => (None, None),
+    };
     let init_exe =
         init::resident_init(opts.init_file.as_deref()).map_err(prep("load the resident init"))?;
     let sigs = SigSet::of(SUPERVISOR_SIGNALS);
@@ -467,6 +519,7 @@ fn supervise(
         drop(status_r);
         drop(sigfd);
         drop(cgroup_tx);
+        drop(claim_w);
         init::child_main(
             plan,
             ChildFds {
@@ -483,12 +536,14 @@ fn supervise(
                         .chain([state_lock])
                         .collect(),
                 }),
+                claim: claim_r,
             },
         );
     }
     drop(go_r);
     drop(status_w);
     drop(cgroup_rx);
+    drop(claim_r);
     let left = home_net.enter();
     drop(net);
     if let Err(e) = left {
@@ -511,6 +566,25 @@ fn supervise(
         let _ = old_mask.set_mask();
         return Err(e);
     }
+    // Warm: from here on, the claimed spec and its plan.
+    let claimed;
+    let (spec, plan) = match (&opts.warm, claim_w) {
+        (Some(claim), Some(to_child)) => {
+            match take_claim(claim, spec, plan, (layout, cg), &status_r, to_child, opts) {
+                Ok(c) => {
+                    claimed = c;
+                    (&claimed.0, &claimed.1)
+                }
+                Err(e) => {
+                    let _ = sys::kill(pid, libc::SIGKILL);
+                    let _ = sys::wait4(pid, 0);
+                    let _ = old_mask.set_mask();
+                    return Err(e);
+                }
+            }
+        }
+        _ => (spec, plan),
+    };
 
     // Opportunistic reaping of sandboxes whose supervisor was killed, while ours starts (not
     // for a server's sandbox: the server's reaper does it).
@@ -574,6 +648,77 @@ fn supervise(
     let mut report = sup.report(&init_report, init_status);
     report.egress_denied_packets = egress.as_mut().and_then(egress::Egress::finish);
     Ok(Outcome::Ended(report))
+}
+
+/// A warm sandbox's claim: waits for the child to be in place (`C` on the status pipe), says
+/// `warm`, and waits for the spec to run; then writes that spec's limits into the cgroup and
+/// sends the child its command (`init::encode_claim`). Returns the spec and its plan.
+fn take_claim(
+    claim: &Claim,
+    template: &Spec,
+    warm: &ChildPlan,
+    (layout, cg): (&Hierarchy, &Cgroup),
+    status: &OwnedFd,
+    to_child: OwnedFd,
+    opts: &RunOptions,
+) -> Result<(Spec, ChildPlan), RunError> {
+    let line = read_line(status).map_err(prep("wait for the warm sandbox"))?;
+    if line != "C" {
+        let mut report = InitReport::default();
+        parse_status_line(&line, &mut report);
+        let (step, message) = report.setup_error.unwrap_or_else(|| {
+            (
+                "start the sandbox warm".into(),
+                "it ended before it was ready".into(),
+            )
+        });
+        return Err(RunError::Setup { step, message });
+    }
+    if let Some(f) = &opts.on_start {
+        let _ = (&**f).write_all(b"warm\n");
+    }
+    let spec = (claim.0)()
+        .map_err(|message| RunError::Setup {
+            step: "receive the sandbox's spec".into(),
+            message,
+        })?
+        .ok_or(RunError::Unclaimed)?;
+    if !fits_warm(template, &spec) {
+        return Err(RunError::Setup {
+            step: "claim the warm sandbox".into(),
+            message: "the spec needs what the warm sandbox was not built with (image, binds, \
+                      disk, user, hostname, network or terminal)"
+                .into(),
+        });
+    }
+    spec.validate()?;
+    let id: SandboxId = warm.id.parse().map_err(|_| RunError::Setup {
+        step: "claim the warm sandbox".into(),
+        message: format!("{:?} is not a sandbox id", warm.id),
+    })?;
+    let mut plan = plan(&spec, &id, warm.root.staging.clone(), opts)?;
+    plan.leave_cgroup = warm.leave_cgroup;
+    layout.limit(cg, &cgroup_limits(&spec))?;
+    sys::write_all(to_child.as_raw_fd(), &init::encode_claim(&plan))
+        .map_err(prep("send the sandbox its command"))?;
+    Ok((spec, plan))
+}
+
+/// One line from `fd`, read a byte at a time (what follows it stays in the pipe), without
+/// its newline.
+fn read_line(fd: &OwnedFd) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < 4096 {
+        if sys::read(fd.as_raw_fd(), &mut b)? == 0 {
+            break;
+        }
+        if b[0] == b'\n' {
+            break;
+        }
+        line.push(b[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
 }
 
 /// Removes a sandbox's cgroup, and a server's sandboxes' shared parent (in `shared_parent`)
