@@ -44,6 +44,9 @@ use cove_types::{
     Desired, EndReason, RunReport, SandboxId, SandboxRecord, SandboxState, sandbox::now_ms,
 };
 
+pub mod warm;
+pub use warm::WarmPool;
+
 /// How often the agent's periodic checks run.
 pub const POLL: Duration = Duration::from_millis(200);
 /// How many running sandboxes each poll checks, in turn (besides those being started or
@@ -159,6 +162,11 @@ pub struct Agent {
     /// Exit watches report here when a sandbox's init exits.
     exited_tx: tokio::sync::mpsc::UnboundedSender<SandboxId>,
     exited_rx: Option<tokio::sync::mpsc::UnboundedReceiver<SandboxId>>,
+    /// The warm pool, if there is one (see [`warm`]).
+    pool: warm::Pool,
+    /// Warm supervisors report here once their sandbox waits for its spec.
+    warm_tx: tokio::sync::mpsc::UnboundedSender<SandboxId>,
+    warm_rx: Option<tokio::sync::mpsc::UnboundedReceiver<SandboxId>>,
 }
 
 impl Agent {
@@ -173,6 +181,7 @@ impl Agent {
         let (started_tx, started_rx) = tokio::sync::mpsc::unbounded_channel();
         let (finished_tx, finished_rx) = tokio::sync::mpsc::unbounded_channel();
         let (exited_tx, exited_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (warm_tx, warm_rx) = tokio::sync::mpsc::unbounded_channel();
         Ok(Agent {
             store,
             root,
@@ -191,6 +200,9 @@ impl Agent {
             rotation: VecDeque::new(),
             exited_tx,
             exited_rx: Some(exited_rx),
+            pool: warm::Pool::default(),
+            warm_tx,
+            warm_rx: Some(warm_rx),
         })
     }
 
@@ -213,9 +225,21 @@ impl Agent {
         let mut started = self.started_rx.take().expect("run is called once");
         let mut finished = self.finished_rx.take().expect("run is called once");
         let mut exited = self.exited_rx.take().expect("run is called once");
+        let mut warmed = self.warm_rx.take().expect("run is called once");
+        let pool = self.pool.shared.clone();
+        let taken = || async {
+            match &pool {
+                Some(p) => p.taken.notified().await,
+                None => std::future::pending().await,
+            }
+        };
+        self.refill();
         let mut last_sweep = Instant::now();
         loop {
             tokio::select! {
+                Some(id) = warmed.recv() => self.member_ready(id),
+                // A create took a warm sandbox: start the next one now.
+                () = taken() => self.refill(),
                 // Off the loop: the write waits for a group commit, other sandboxes need not.
                 Some(id) = started.recv() => {
                     tokio::spawn(mark_running(self.store.clone(), id));
@@ -259,6 +283,7 @@ impl Agent {
                     } else {
                         self.poll().await?;
                     }
+                    self.refill();
                 }
             }
         }
@@ -393,6 +418,16 @@ impl Agent {
         let dir = self.dir(&id);
         // Nothing started it yet: no supervisor of ours, none alive from before a restart, no
         // report of one that already ended, and no sandbox it left detached.
+        if record.state == SandboxState::Pending && self.is_member(&id) {
+            // A create took this warm sandbox for the record.
+            if record.desired == Desired::Running {
+                return self.claim(record, rev).await;
+            }
+            self.unclaim(&id);
+            return self
+                .end(rev, record, EndReason::Killed, None, None, None)
+                .await;
+        }
         let untouched = record.state == SandboxState::Pending
             && !self.children.contains_key(&id)
             && !supervisor_alive(&dir)
@@ -505,7 +540,31 @@ impl Agent {
     /// (no file: on this project's hosts every file made and removed per sandbox costs every
     /// later one, see `supervise`).
     fn spawn(&self, record: &SandboxRecord) -> Result<tokio::process::Child, AgentError> {
-        let dir = self.dir(&record.id);
+        // The timeout is the agent's to enforce (at `deadline_ms`, which may move), not the
+        // jail's.
+        let mut spec = record.spec.clone();
+        spec.limits.timeout = None;
+        let spec = serde_json::to_vec(&spec).expect("a spec serialises");
+        let mut child = self.spawn_supervisor(&record.id, None)?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A supervisor that dies first breaks the pipe: its end is found by `check`.
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = stdin.write_all(&spec).await;
+            });
+        }
+        Ok(child)
+    }
+
+    /// Makes the directory of sandbox `id` and starts its supervisor, its stdin a pipe for the
+    /// spec; warm for the template `warm` (JSON) if given (see [`warm`]). What it says on its
+    /// stdout goes to `started_tx` and `warm_tx`.
+    fn spawn_supervisor(
+        &self,
+        id: &SandboxId,
+        warm: Option<&str>,
+    ) -> Result<tokio::process::Child, AgentError> {
+        let dir = self.dir(id);
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&dir)
@@ -517,11 +576,6 @@ impl Agent {
                 }
             })
             .map_err(io_err("create", &dir))?;
-        // The timeout is the agent's to enforce (at `deadline_ms`, which may move), not the
-        // jail's.
-        let mut spec = record.spec.clone();
-        spec.limits.timeout = None;
-        let spec = serde_json::to_vec(&spec).expect("a spec serialises");
         let log = |name: &str| -> Result<File, AgentError> {
             let path = dir.join(name);
             OpenOptions::new()
@@ -532,8 +586,11 @@ impl Agent {
                 .map_err(io_err("create", &path))
         };
         let mut cmd = tokio::process::Command::new(&self.cove);
-        cmd.arg("supervise")
-            .arg(&dir)
+        cmd.arg("supervise");
+        if let Some(template) = warm {
+            cmd.arg("--warm").arg(template);
+        }
+        cmd.arg(&dir)
             .stdin(std::process::Stdio::piped())
             // A pipe on which it says `started`; it puts `stdout.log` in its place itself.
             .stdout(std::process::Stdio::piped())
@@ -554,21 +611,23 @@ impl Agent {
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut child = cmd.spawn().map_err(io_err("start", &self.cove))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            // A supervisor that dies first breaks the pipe: its end is found by `check`.
-            tokio::spawn(async move {
-                use tokio::io::AsyncWriteExt;
-                let _ = stdin.write_all(&spec).await;
-            });
-        }
         if let Some(out) = child.stdout.take() {
-            let (tx, id) = (self.started_tx.clone(), record.id);
+            let (started, warmed, id) = (self.started_tx.clone(), self.warm_tx.clone(), *id);
             tokio::spawn(async move {
                 use tokio::io::AsyncBufReadExt;
-                let mut line = String::new();
                 let mut reader = tokio::io::BufReader::new(out);
-                if reader.read_line(&mut line).await.is_ok() && line == "started\n" {
-                    let _ = tx.send(id);
+                loop {
+                    let mut line = String::new();
+                    match reader.read_line(&mut line).await {
+                        Ok(n) if n > 0 && line == "warm\n" => {
+                            let _ = warmed.send(id);
+                        }
+                        Ok(n) if n > 0 && line == "started\n" => {
+                            let _ = started.send(id);
+                            return;
+                        }
+                        _ => return,
+                    }
                 }
             });
         }

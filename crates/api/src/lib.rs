@@ -173,6 +173,8 @@ pub struct Api {
     pub holdings: std::sync::Arc<quota::Holdings>,
     /// Set while the server stops every sandbox before it exits: no new ones, not ready.
     pub draining: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Sandboxes started ahead, which creates that fit them take (`None`: no pool).
+    pub warm: Option<std::sync::Arc<dyn Warm>>,
 }
 
 /// A sandbox's resource usage now.
@@ -216,6 +218,35 @@ pub trait Usage: Send + Sync + 'static {
     /// twice a second for idle policies that count CPU use).
     fn cpu_seconds(&self, id: SandboxId) -> Option<f64> {
         self.read(id).map(|u| u.cpu_seconds)
+    }
+}
+
+/// Sandboxes started ahead of creates (the node agent's warm pool); the binary provides it.
+pub trait Warm: Send + Sync + 'static {
+    /// The id of a started sandbox that can run `spec`, reserved for it, if one is ready: the
+    /// create records the sandbox under that id, or gives it back.
+    fn take(&self, spec: &cove_types::Spec) -> Option<SandboxId>;
+    /// Returns an id taken for a create that did not record it.
+    fn give_back(&self, id: SandboxId);
+    /// How many are ready now.
+    fn ready(&self) -> usize;
+}
+
+/// An id taken from the warm pool for a create, given back unless the create records it.
+struct Taken<'a>(Option<(&'a dyn Warm, SandboxId)>);
+
+impl Taken<'_> {
+    /// The create recorded it.
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if let Some((warm, id)) = self.0.take() {
+            warm.give_back(id);
+        }
     }
 }
 
@@ -902,13 +933,22 @@ async fn create_sandbox(
     {
         spec.limits.timeout = Some(max);
     }
-    let id = new_id().map_err(|_| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "no randomness",
-        )
-    })?;
+    // A warm sandbox if one fits: the agent hands it this spec instead of starting one.
+    let taken = Taken(
+        api.warm
+            .as_deref()
+            .and_then(|w| w.take(&spec).map(|id| (w, id))),
+    );
+    let id = match taken.0 {
+        Some((_, id)) => id,
+        None => new_id().map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "no randomness",
+            )
+        })?,
+    };
     let now = now_ms();
     let spec_timeout = spec.limits.timeout;
     let record = SandboxRecord {
@@ -947,6 +987,10 @@ async fn create_sandbox(
         *last_create = rev;
         rev
     };
+    if taken.0.is_some() {
+        api.metrics.warm_taken.inc();
+    }
+    taken.keep();
     if q.wait == Some(false) {
         return Ok((StatusCode::CREATED, Json(view(&record))).into_response());
     }

@@ -182,6 +182,8 @@ pub struct Metrics {
     reaper_failures: Counter,
     node_capacity: Family<ResourceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     node_allocated: Family<ResourceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    warm_ready: Gauge,
+    pub(crate) warm_taken: Counter,
     /// One scrape at a time rebuilds the per-sandbox series and encodes.
     scrape: tokio::sync::Mutex<()>,
 }
@@ -277,7 +279,21 @@ impl Default for Metrics {
             "The limits of the sandboxes that have not ended, summed, by resource",
             node_allocated.clone(),
         );
+        let warm_ready = Gauge::default();
+        registry.register(
+            "cove_warm_pool_ready",
+            "Warm sandboxes ready for a create to take",
+            warm_ready.clone(),
+        );
+        let warm_taken = Counter::default();
+        registry.register(
+            "cove_warm_pool_taken",
+            "Sandboxes created from the warm pool",
+            warm_taken.clone(),
+        );
         Metrics {
+            warm_ready,
+            warm_taken,
             per_sandbox,
             idle_warnings,
             idle_actions,
@@ -552,6 +568,8 @@ pub(crate) async fn metrics(
     }
     api.metrics
         .set_node(node_capacity(), (memory, cpus as f64 / 1000.0));
+    let ready = api.warm.as_ref().map_or(0, |w| w.ready());
+    api.metrics.warm_ready.set(ready as i64);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &api.metrics.registry).map_err(|_| {
         ApiError::new(

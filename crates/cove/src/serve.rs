@@ -152,6 +152,13 @@ pub struct ServeArgs {
     /// With --on-shutdown stop: how long to wait for the sandboxes to end [default: 30s].
     #[arg(long, value_name = "DUR")]
     shutdown_grace: Option<cove_types::Duration>,
+    /// Sandboxes kept started ahead of creates (the warm pool). A create whose sandbox fits
+    /// them (the `host` image, no binds, network `none`, the default disk, user root, no
+    /// hostname or terminal of its own) takes one and only hands it its command, environment
+    /// and limits: it runs in a fraction of a cold start's time. Others start cold. Each
+    /// costs about what an idle sandbox does; `0`: no pool [default: 0].
+    #[arg(long, value_name = "N")]
+    warm_pool: Option<u32>,
 }
 
 /// The server's settings, as the configuration file holds them.
@@ -184,6 +191,8 @@ pub struct Config {
     pub on_shutdown: OnShutdown,
     /// With `on_shutdown = "stop"`: how long to wait for them to end.
     pub shutdown_grace: cove_types::Duration,
+    /// Sandboxes kept started ahead of creates (0: none).
+    pub warm_pool: u32,
 }
 
 /// What happens to running sandboxes when the server is asked to stop.
@@ -221,6 +230,7 @@ impl Default for Config {
             reap_interval: cove_types::Duration::from_millis(60_000),
             on_shutdown: OnShutdown::Keep,
             shutdown_grace: cove_types::Duration::from_millis(30_000),
+            warm_pool: 0,
         }
     }
 }
@@ -302,6 +312,15 @@ impl ServeArgs {
         }
         if let Some(g) = self.shutdown_grace {
             config.shutdown_grace = g;
+        }
+        if let Some(n) = self.warm_pool {
+            config.warm_pool = n;
+        }
+        if config.warm_pool > MAX_WARM_POOL {
+            bail!(
+                "warm_pool {}: at most {MAX_WARM_POOL} (each one is a started sandbox)",
+                config.warm_pool
+            );
         }
         config.proxy.check()?;
         if config.domain.is_empty()
@@ -395,6 +414,15 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     {
         agent = agent.with_env("COVE_INIT_FILE", &init.to_string_lossy());
     }
+    // The pool's sandboxes are built for the default limits' disk and the default user.
+    let warm = (config.warm_pool > 0).then(|| {
+        let mut template = cove_types::Spec::new(vec!["true".into()]);
+        template.limits = config.limits.clone();
+        cove_agent::WarmPool::new(config.warm_pool as usize, template)
+    });
+    if let Some(pool) = &warm {
+        agent = agent.with_pool(pool.clone());
+    }
     let holdings = cove_api::quota::Holdings::start(store.clone())
         .await
         .context("read the sandboxes' records")?;
@@ -424,6 +452,7 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
         retention: Some(config.retention.as_std()).filter(|r| !r.is_zero()),
         webhooks_allow_private: config.webhooks_allow_private,
         draining: Default::default(),
+        warm: warm.map(|p| std::sync::Arc::new(Pool(p)) as std::sync::Arc<dyn cove_api::Warm>),
     };
     let shutdown = {
         let api = api.clone();
@@ -764,6 +793,24 @@ fn supervised_run(
     let init = cove_jail::run::start_detached(&spec, &opts)?;
     drop(pinned);
     Ok(init)
+}
+
+/// The largest warm pool a configuration may ask for.
+const MAX_WARM_POOL: u32 = 1024;
+
+/// The agent's warm pool, as the API takes from it.
+struct Pool(std::sync::Arc<cove_agent::WarmPool>);
+
+impl cove_api::Warm for Pool {
+    fn take(&self, spec: &Spec) -> Option<SandboxId> {
+        self.0.take(spec)
+    }
+    fn give_back(&self, id: SandboxId) {
+        self.0.give_back(id);
+    }
+    fn ready(&self) -> usize {
+        self.0.ready()
+    }
 }
 
 /// Sandboxes' usage, from their cgroups.

@@ -1,0 +1,284 @@
+//! The warm pool: sandboxes started before anyone asked for them, so that a create only has to
+//! hand one its command.
+//!
+//! A cold start spends about 10 ms of CPU building a sandbox (namespaces, root filesystem,
+//! cgroup, the supervisor's own start) before the command runs. A warm sandbox has done all of
+//! that: its supervisor (`cove supervise --warm TEMPLATE DIR`) built it from the pool's
+//! *template* spec and waits, its child waiting in the sandbox's cgroup. A create whose spec
+//! fits the template ([`cove_jail::run::fits_warm`]: the `host` image, no binds, network
+//! `none`, the template's disk and user, no hostname or terminal of its own) takes a ready one's
+//! id ([`WarmPool::take`]) and records the sandbox under it; when the agent sees that record it
+//! writes the spec to the supervisor's stdin, which sets the cgroup's limits and sends the child
+//! the command, environment, working directory and rlimits. From there on it is an ordinary
+//! sandbox.
+//!
+//! The pool is kept at its size: a member taken is replaced at once, a few at a time
+//! ([`MAX_WARMING`]) so that refilling does not starve the creates it serves. A member that
+//! fails before it is ready is logged and removed, and the next attempt waits, longer after
+//! each failure in a row. A member taken but never recorded (the create failed without giving it
+//! back) is dropped after [`TAKEN_TIMEOUT`]. Dropping a member closes its supervisor's stdin:
+//! it removes the sandbox and its directory itself, which is also what happens to every member
+//! when the server exits, however it exits.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cove_types::{SandboxId, SandboxRecord, Spec};
+use tokio::io::AsyncWriteExt;
+
+use crate::{Agent, AgentError};
+
+/// At most this many members are being started at once.
+pub const MAX_WARMING: usize = 2;
+/// A member taken for a create that has not been recorded this long is dropped.
+pub const TAKEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The wait before the next start after a member failed, doubled for each failure in a row
+/// up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_millis(250);
+const MAX_RETRY: Duration = Duration::from_secs(60);
+
+/// The pool's shared side: which members are ready, for the API to take.
+pub struct WarmPool {
+    size: usize,
+    template: Spec,
+    state: Mutex<Shared>,
+    /// Told when a member is taken, so that the agent starts another at once.
+    pub(crate) taken: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// Ready members, the most recently ready last.
+    ready: Vec<SandboxId>,
+    /// Members taken for a create, and when.
+    taken: HashMap<SandboxId, Instant>,
+}
+
+impl WarmPool {
+    /// A pool of `size` sandboxes built for `template` (its command is never run).
+    pub fn new(size: usize, template: Spec) -> Arc<WarmPool> {
+        Arc::new(WarmPool {
+            size,
+            template,
+            state: Mutex::new(Shared::default()),
+            taken: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// How many members the pool keeps.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The id of a ready member that can run `spec`, reserved for it: the caller records the
+    /// sandbox under this id (the agent then hands the member its spec), or gives it back.
+    pub fn take(&self, spec: &Spec) -> Option<SandboxId> {
+        if !cove_jail::run::fits_warm(&self.template, spec) {
+            return None;
+        }
+        let mut state = self.lock();
+        let id = state.ready.pop()?;
+        state.taken.insert(id, Instant::now());
+        drop(state);
+        self.taken.notify_one();
+        Some(id)
+    }
+
+    /// Returns a member taken for a create that did not record it.
+    pub fn give_back(&self, id: SandboxId) {
+        let mut state = self.lock();
+        if state.taken.remove(&id).is_some() {
+            state.ready.push(id);
+        }
+    }
+
+    /// How many members are ready now.
+    pub fn ready(&self) -> usize {
+        self.lock().ready.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        // A panic elsewhere while holding it leaves plain lists behind: still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Forgets `id`, ready or taken.
+    fn forget(&self, id: &SandboxId) {
+        let mut state = self.lock();
+        state.ready.retain(|r| r != id);
+        state.taken.remove(id);
+    }
+}
+
+/// A member, on the agent's side.
+pub(crate) struct Member {
+    child: tokio::process::Child,
+    /// Where its spec goes; closing it unclaimed removes the member.
+    stdin: tokio::process::ChildStdin,
+    /// It said `warm`.
+    ready: bool,
+}
+
+/// What the agent keeps for its pool.
+#[derive(Default)]
+pub(crate) struct Pool {
+    pub(crate) shared: Option<Arc<WarmPool>>,
+    pub(crate) members: HashMap<SandboxId, Member>,
+    /// Failures in a row, and when the next start may be tried.
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+impl Agent {
+    /// Keeps `pool` filled; creates take its members (see [`warm`](crate::warm)).
+    pub fn with_pool(mut self, pool: Arc<WarmPool>) -> Agent {
+        self.pool.shared = Some(pool);
+        self
+    }
+
+    /// Whether `id` is a member of the pool.
+    pub(crate) fn is_member(&self, id: &SandboxId) -> bool {
+        self.pool.members.contains_key(id)
+    }
+
+    /// A member said `warm`: creates may take it.
+    pub(crate) fn member_ready(&mut self, id: SandboxId) {
+        if let (Some(m), Some(shared)) = (self.pool.members.get_mut(&id), &self.pool.shared) {
+            m.ready = true;
+            self.pool.failures = 0;
+            shared.lock().ready.push(id);
+        }
+    }
+
+    /// Starts members until the pool is full (at most [`MAX_WARMING`] starting at once), and
+    /// drops those that died or were taken and never recorded.
+    pub(crate) fn refill(&mut self) {
+        let Some(shared) = self.pool.shared.clone() else {
+            return;
+        };
+        let now = Instant::now();
+        let stale: Vec<SandboxId> = shared
+            .lock()
+            .taken
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) >= TAKEN_TIMEOUT)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            tracing::warn!(sandbox = %id, "a warm sandbox taken for a create was never recorded: dropped");
+            self.drop_member(&id);
+        }
+        let mut ended = Vec::new();
+        for (id, m) in &mut self.pool.members {
+            if let Ok(Some(status)) = m.child.try_wait() {
+                ended.push((*id, m.ready, status));
+            }
+        }
+        for (id, ready, status) in ended {
+            self.pool.members.remove(&id);
+            shared.forget(&id);
+            let dir = self.dir(&id);
+            let why = std::fs::read(dir.join("report.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<cove_types::RunReport>(&b).ok())
+                .and_then(|r| r.message)
+                .unwrap_or_else(|| format!("its supervisor exited ({status})"));
+            let _ = std::fs::remove_dir_all(&dir);
+            tracing::warn!(sandbox = %id, error = %why, "a warm sandbox failed");
+            if !ready {
+                self.pool.failures += 1;
+                let wait = FIRST_RETRY
+                    .saturating_mul(1 << self.pool.failures.min(16))
+                    .min(MAX_RETRY);
+                self.pool.retry_at = Some(now + wait);
+            }
+        }
+        if self.pool.retry_at.is_some_and(|at| now < at) {
+            return;
+        }
+        let taken = shared.lock().taken.len();
+        let template = serde_json::to_string(&shared.template).expect("a spec serialises");
+        loop {
+            let members = self.pool.members.len().saturating_sub(taken);
+            let starting = self.pool.members.values().filter(|m| !m.ready).count();
+            if members >= shared.size || starting >= MAX_WARMING {
+                return;
+            }
+            let id = match cove_jail::run::new_id() {
+                Ok(id) => id,
+                Err(_) => return,
+            };
+            match self.spawn_supervisor(&id, Some(&template)) {
+                Ok(mut child) => {
+                    let Some(stdin) = child.stdin.take() else {
+                        return;
+                    };
+                    self.pool.members.insert(
+                        id,
+                        Member {
+                            child,
+                            stdin,
+                            ready: false,
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start a warm sandbox");
+                    let _ = std::fs::remove_dir_all(self.dir(&id));
+                    self.pool.failures += 1;
+                    self.pool.retry_at = Some(now + MAX_RETRY.min(FIRST_RETRY * 8));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Drops member `id`: its supervisor, its stdin closed, removes the sandbox and its
+    /// directory.
+    fn drop_member(&mut self, id: &SandboxId) {
+        if let Some(shared) = &self.pool.shared {
+            shared.forget(id);
+        }
+        // Its supervisor is collected as an ordinary child once it exits.
+        if let Some(m) = self.pool.members.remove(id) {
+            self.children.insert(*id, m.child);
+        }
+    }
+
+    /// Hands member `record.id` the record's spec. A member that died meanwhile is replaced
+    /// by a cold start.
+    pub(crate) async fn claim(
+        &mut self,
+        record: SandboxRecord,
+        rev: u64,
+    ) -> Result<(), AgentError> {
+        let id = record.id;
+        if let Some(shared) = &self.pool.shared {
+            shared.forget(&id);
+        }
+        let Some(mut member) = self.pool.members.remove(&id) else {
+            return self.start(record, rev).await;
+        };
+        if !matches!(member.child.try_wait(), Ok(None)) {
+            let _ = std::fs::remove_dir_all(self.dir(&id));
+            return self.start(record, rev).await;
+        }
+        let mut spec = record.spec.clone();
+        // The agent's to enforce, as for any sandbox (see `spawn`).
+        spec.limits.timeout = None;
+        let spec = serde_json::to_vec(&spec).expect("a spec serialises");
+        let mut stdin = member.stdin;
+        // A supervisor that dies first breaks the pipe: its end is found by `check`.
+        tokio::spawn(async move {
+            let _ = stdin.write_all(&spec).await;
+        });
+        self.children.insert(id, member.child);
+        Ok(())
+    }
+
+    /// Drops a member whose record was stopped before it ran.
+    pub(crate) fn unclaim(&mut self, id: &SandboxId) {
+        self.drop_member(id);
+    }
+}
