@@ -10,11 +10,14 @@
 # client, and `cove exec` as a user runs it (the CLI over the exec stream). Then CHURN rounds
 # (default 4) of TOTAL creates at CONC clients followed by their removal, as a busy server
 # sees sandboxes come and go: per round, sandboxes created per second and the machine's CPU
-# time per create (its busy time from /proc/stat, the client's included). Last, the quota
+# time per create (its busy time from /proc/stat, the client's included; with a warm pool,
+# until the pool is full again). Last, the quota
 # check's cost: a tenant with quotas creates (not waiting for the sandbox to run) beside none
 # of its sandboxes, then beside QUOTA_N (default 1000), and create-to-running one at a time
 # beside 30 idle sandboxes and beside QUOTA_N + 30 (what grows with every live sandbox).
 # Every sandbox is removed at the end.
+# WARM=N runs the server with a warm pool of N sandboxes (`--warm-pool N`): each measured
+# phase then starts with the pool full, and says how many of its creates the pool served.
 # Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +28,7 @@ TOTAL="${TOTAL:-200}"
 EXECS="${EXECS:-100}"
 CHURN="${CHURN:-4}"
 QUOTA_N="${QUOTA_N:-1000}"
+WARM="${WARM:-0}"
 WORK="${BENCH_WORK:-/var/tmp/cove-bench-api}"
 scripts/deps.sh bench
 COVE=$(scripts/build-release.sh 2>/dev/null)
@@ -33,16 +37,16 @@ rm -rf "$WORK"; mkdir -p "$WORK"
 SERVER_PID=
 cleanup() { [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
-"$COVE" serve --listen 127.0.0.1:0 --proxy-listen 127.0.0.1:0 --proxy-tls-listen 127.0.0.1:0 --data-dir "$WORK/data" 2>"$WORK/serve.log" &
+"$COVE" serve --listen 127.0.0.1:0 --proxy-listen 127.0.0.1:0 --proxy-tls-listen 127.0.0.1:0 --data-dir "$WORK/data" --warm-pool "$WARM" 2>"$WORK/serve.log" &
 SERVER_PID=$!
 for _ in $(seq 100); do grep -q "listening on" "$WORK/serve.log" 2>/dev/null && break; sleep 0.05; done
 URL=$(sed -n 's/^cove: listening on //p' "$WORK/serve.log")
 TOKEN=$(cat "$WORK/data/admin-token")
 
-python3 - "$URL" "$TOKEN" "$SEQ" "$CONC" "$TOTAL" "$EXECS" "$COVE" "$CHURN" "$QUOTA_N" <<'PY'
-import http.client, json, statistics, sys, threading, time, urllib.parse
+python3 - "$URL" "$TOKEN" "$SEQ" "$CONC" "$TOTAL" "$EXECS" "$COVE" "$CHURN" "$QUOTA_N" "$WARM" <<'PY'
+import http.client, json, re, statistics, sys, threading, time, urllib.parse
 url, token, cove = sys.argv[1], sys.argv[2], sys.argv[7]
-seq, conc, total, execs, churn, quota_n = map(int, sys.argv[3:7] + sys.argv[8:10])
+seq, conc, total, execs, churn, quota_n, warm = map(int, sys.argv[3:7] + sys.argv[8:11])
 u = urllib.parse.urlparse(url)
 H = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
@@ -59,6 +63,25 @@ def create(conn):
     assert status == 201 and v["state"] == "running", (status, v)
     return dt, v["id"]
 
+def metric(name):
+    c = http.client.HTTPConnection(u.hostname, u.port)
+    c.request("GET", "/metrics", headers=H)
+    text = c.getresponse().read().decode()
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+def pool_full():
+    """With a warm pool: waits until it is full again (up to 60 s); the count taken so far."""
+    if warm:
+        for _ in range(600):
+            if metric("cove_warm_pool_ready") >= warm:
+                break
+            time.sleep(0.1)
+    return metric("cove_warm_pool_taken_total")
+
+def served(before, n):
+    return f", {metric('cove_warm_pool_taken_total') - before:.0f} of {n} from the warm pool" if warm else ""
+
 def pct(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
@@ -66,9 +89,10 @@ def pct(xs, p):
 ids = []
 conn = http.client.HTTPConnection(u.hostname, u.port)
 lat = []
+taken = pool_full()
 for _ in range(seq):
     dt, i = create(conn); lat.append(dt); ids.append(i)
-print(f"create-to-running, sequential:  p50 {pct(lat,50)*1000:6.1f} ms  p99 {pct(lat,99)*1000:6.1f} ms  ({seq} sandboxes)")
+print(f"create-to-running, sequential:  p50 {pct(lat,50)*1000:6.1f} ms  p99 {pct(lat,99)*1000:6.1f} ms  ({seq} sandboxes{served(taken, seq)})")
 
 per = total // conc
 def concurrently(made):
@@ -85,11 +109,12 @@ def concurrently(made):
     for t in threads: t.join()
     return lat
 
+taken = pool_full()
 t0 = time.perf_counter()
 lat_c = concurrently(ids)
 elapsed = time.perf_counter() - t0
 n = per * conc
-print(f"create-to-running, {conc} concurrent: p50 {pct(lat_c,50)*1000:6.1f} ms  p99 {pct(lat_c,99)*1000:6.1f} ms  ({n} sandboxes)")
+print(f"create-to-running, {conc} concurrent: p50 {pct(lat_c,50)*1000:6.1f} ms  p99 {pct(lat_c,99)*1000:6.1f} ms  ({n} sandboxes{served(taken, n)})")
 print(f"sandboxes created per second at {conc} concurrent: {n / elapsed:.0f}")
 
 ex = []
@@ -120,13 +145,17 @@ def busy_jiffies():
     return sum(f) - f[3] - f[4]   # all but idle and iowait, summed over the CPUs
 for r in range(churn):
     made = []
+    taken = pool_full()
     b0, t0 = busy_jiffies(), time.perf_counter()
     concurrently(made)
-    elapsed, cpu = time.perf_counter() - t0, (busy_jiffies() - b0) / os.sysconf("SC_CLK_TCK")
+    elapsed = time.perf_counter() - t0
+    served_now = served(taken, len(made))
+    pool_full()  # the pool's refill is part of what the creates cost
+    cpu = (busy_jiffies() - b0) / os.sysconf("SC_CLK_TCK")
     for i in made:
         call(conn, "DELETE", f"/v1/sandboxes/{i}?force=true")
     print(f"churn round {r + 1}: {len(made) / elapsed:4.0f} created per second, "
-          f"{cpu / len(made) * 1000:5.1f} ms of CPU per create")
+          f"{cpu / len(made) * 1000:5.1f} ms of CPU per create{served_now}")
 
 if quota_n > 0:
     status, v = call(conn, "POST", "/v1/tenants", {"name": "bench", "quotas": {

@@ -198,6 +198,8 @@ fn contain(plan: &ChildPlan, fds: &ChildFds) -> Result<Never, Failure> {
     let leave = join_cgroup(&fds.cgroup, plan.leave_cgroup).step("join the sandbox's cgroup")?;
     sys::unshare(libc::CLONE_NEWCGROUP).step("enter a new cgroup namespace")?;
     clock.mark("cgroup");
+    // Named before a warm sandbox waits: its waiting child is found by its id as init is.
+    sys::set_name(&format!("cove-{}", plan.id)).step("name the init process")?;
     let claimed;
     let plan = match &fds.claim {
         Some(claim) => {
@@ -212,7 +214,6 @@ fn contain(plan: &ChildPlan, fds: &ChildFds) -> Result<Never, Failure> {
     } else {
         None
     };
-    sys::set_name(&format!("cove-{}", plan.id)).step("name the init process")?;
     sys::set_dumpable(false).step("make init non-dumpable")?;
     let keep = [fds.status.as_raw_fd()]
         .into_iter()

@@ -1219,3 +1219,78 @@ pub fn signame(sig: libc::c_int) -> String {
     };
     name.to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(cmd: &[&str]) -> Spec {
+        Spec::new(cmd.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn a_claim_carries_the_command_environment_directory_and_rlimits() {
+        let id: SandboxId = "0123456789ab".parse().unwrap();
+        let opts = RunOptions::default();
+        let warm = plan(&spec(&["true"]), &id, PathBuf::from("/x"), &opts).unwrap();
+        let mut claimed = spec(&["sh", "-c", "echo \"$A\"", ""]);
+        claimed.env = vec!["A=b=c".parse().unwrap(), "EMPTY=".parse().unwrap()];
+        claimed.workdir = Some(PathBuf::from("/srv/app"));
+        claimed.limits.nofile = Some(77);
+        claimed.limits.fsize = Some("1M".parse().unwrap());
+        let want = plan(&claimed, &id, PathBuf::from("/x"), &opts).unwrap();
+        let got = init::decode_claim(&init::encode_claim(&want), &warm).unwrap();
+        assert_eq!(got.argv, want.argv);
+        assert_eq!(got.envp, want.envp);
+        assert_eq!(got.search_path, want.search_path);
+        assert_eq!(got.workdir, want.workdir);
+        assert_eq!(got.rlimits, want.rlimits);
+        // What the root filesystem was built from stays the warm sandbox's.
+        assert_eq!(got.root.staging, warm.root.staging);
+        // Anything cut short or with more after it is refused, not half-applied.
+        let bytes = init::encode_claim(&want);
+        for cut in [0, 1, bytes.len() / 2, bytes.len() - 1] {
+            assert!(init::decode_claim(&bytes[..cut], &warm).is_err(), "{cut}");
+        }
+        let mut more = bytes.clone();
+        more.extend_from_slice(b"x\0");
+        assert!(init::decode_claim(&more, &warm).is_err());
+        let mut no_command = want.clone();
+        no_command.argv.clear();
+        assert!(init::decode_claim(&init::encode_claim(&no_command), &warm).is_err());
+    }
+
+    #[test]
+    fn only_specs_that_need_nothing_the_warm_sandbox_lacks_fit_it() {
+        let template = spec(&["true"]);
+        let mut fits = spec(&["python3", "-m", "http.server"]);
+        fits.env = vec!["K=v".parse().unwrap()];
+        fits.workdir = Some(PathBuf::from("/tmp"));
+        fits.limits.memory = "64M".parse().unwrap();
+        fits.limits.cpus_millis = 250;
+        fits.limits.pids = 10;
+        fits.limits.timeout = Some("1m".parse().unwrap());
+        assert!(fits_warm(&template, &fits));
+        type Change = Box<dyn Fn(&mut Spec)>;
+        let unfit: Vec<(&str, Change)> = vec![
+            (
+                "image",
+                Box::new(|s| s.image = Image::Path("/srv/root".into())),
+            ),
+            ("user", Box::new(|s| s.user = "1000".parse().unwrap())),
+            ("hostname", Box::new(|s| s.hostname = Some("web".into()))),
+            ("disk", Box::new(|s| s.limits.disk = "1G".parse().unwrap())),
+            ("network", Box::new(|s| s.net = NetMode::Egress)),
+            ("terminal", Box::new(|s| s.tty = true)),
+            (
+                "binds",
+                Box::new(|s| s.mounts = vec!["/srv:/srv".parse().unwrap()]),
+            ),
+        ];
+        for (what, change) in unfit {
+            let mut s = fits.clone();
+            change(&mut s);
+            assert!(!fits_warm(&template, &s), "{what}");
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The warm pool of `cove serve`: sandboxes started ahead of creates, taken by those that fit,
+//! replaced as they go, and removed with nothing left when the server goes.
+
+mod common;
+mod server_support;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::require_root;
+use server_support::{Server, sample, scrape};
+
+/// The sandbox directories under the server's data directory.
+fn sandbox_dirs(data: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(data.join("sandboxes"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.len() == 12)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until the pool has `n` members ready; their ids (the only sandbox directories
+/// besides those in `besides`).
+fn ready_members(server: &Server, n: f64, besides: &BTreeSet<String>) -> BTreeSet<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, m) = scrape(server, &server.token);
+        let ready = sample(&m, "cove_warm_pool_ready", serde_json::json!({}));
+        if ready == n {
+            return sandbox_dirs(&server.data)
+                .difference(besides)
+                .cloned()
+                .collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool has {ready} ready, not {n}: {}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Processes whose command line names `needle` (a member's supervisor and its child name its
+/// directory).
+fn processes_naming(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            cmdline
+                .contains(needle)
+                .then(|| format!("{}: {cmdline}", e.file_name().to_string_lossy()))
+        })
+        .collect()
+}
+
+#[test]
+fn a_warm_pool_serves_the_creates_that_fit_and_leaves_nothing_behind() {
+    require_root();
+    let mut server = Server::start_with(
+        std::env::temp_dir().join(format!("cove-warm-{}", common::new_id())),
+        &["--warm-pool", "2"],
+    );
+    let none = BTreeSet::new();
+    let warm = ready_members(&server, 2.0, &none);
+    assert_eq!(warm.len(), 2, "{warm:?}");
+
+    // A create that fits takes a member: its id is one of theirs, and it runs with its own
+    // command, environment, working directory and limits, contained like any sandbox.
+    let id = server.create(&[
+        "-e",
+        "GREETING=warm",
+        "-w",
+        "/tmp",
+        "--memory",
+        "64M",
+        "--pids",
+        "40",
+        "--nofile",
+        "77",
+        "--",
+        "sh",
+        "-c",
+        "echo $GREETING; pwd; hostname; id -u; ulimit -n; grep CapEff /proc/self/status; sleep 1000",
+    ]);
+    assert!(warm.contains(&id), "{id} is not one of {warm:?}");
+    let v = server.wait_for_state(&id, "running");
+    assert_eq!(v["state"], "running", "{v}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let logs = loop {
+        let out = server.cove(&["logs", &id]);
+        if out.stdout.contains("CapEff") || Instant::now() > deadline {
+            break out.stdout;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        logs,
+        format!("warm\n/tmp\n{id}\n0\n77\nCapEff:\t0000000000000000\n"),
+        "{}",
+        server.log()
+    );
+    let memory = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/memory/cove/{id}/memory.limit_in_bytes"
+    ))
+    .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/cove/{id}/memory.max")))
+    .unwrap();
+    assert_eq!(memory.trim(), (64u64 << 20).to_string());
+    let pids = std::fs::read_to_string(format!("/sys/fs/cgroup/pids/cove/{id}/pids.max"))
+        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/cove/{id}/pids.max")))
+        .unwrap();
+    assert_eq!(pids.trim(), "40");
+    // Exec runs with the claimed spec's environment and working directory.
+    let out = server.cove(&["exec", &id, "--", "sh", "-c", "echo $GREETING; pwd"]);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (0, "warm\n/tmp\n"),
+        "{}",
+        out.stderr
+    );
+
+    // One that does not fit (another user: the root filesystem's /etc and home differ)
+    // starts cold, and runs as it asked.
+    let cold = server.create(&["-u", "1000", "--", "sh", "-c", "id -u; sleep 1000"]);
+    assert!(!warm.contains(&cold), "{cold} came from the pool");
+    server.wait_for_state(&cold, "running");
+
+    // The member taken is replaced.
+    let live: BTreeSet<String> = [id.clone(), cold.clone()].into();
+    let refilled = ready_members(&server, 2.0, &live);
+    assert_eq!(refilled.len(), 2, "{refilled:?}");
+    assert_eq!(
+        refilled.intersection(&warm).count(),
+        1,
+        "{refilled:?} {warm:?}"
+    );
+    let (_, m) = scrape(&server, &server.token);
+    assert_eq!(
+        sample(&m, "cove_warm_pool_taken_total", serde_json::json!({})),
+        1.0
+    );
+
+    // Ended like any other sandbox.
+    for s in [&id, &cold] {
+        assert_eq!(server.cove(&["rm", "-f", s]).code, 0);
+    }
+    // However the server goes, its members remove themselves, directories included.
+    let data = server.data.clone();
+    server.kill9();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (!sandbox_dirs(&data).is_empty() || !processes_naming(&data.to_string_lossy()).is_empty())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sandbox_dirs(&data), BTreeSet::new());
+    assert_eq!(
+        processes_naming(&data.to_string_lossy()),
+        Vec::<String>::new()
+    );
+    for member in refilled.iter().chain(&warm).chain([&id, &cold]) {
+        common::reap_orphans(member);
+        common::assert_no_leaks(member);
+    }
+    let _ = std::fs::remove_dir_all(&data);
+}
