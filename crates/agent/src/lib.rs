@@ -226,23 +226,17 @@ impl Agent {
         let mut finished = self.finished_rx.take().expect("run is called once");
         let mut exited = self.exited_rx.take().expect("run is called once");
         let mut warmed = self.warm_rx.take().expect("run is called once");
-        let pool = self.pool.shared.clone();
-        let taken = || async {
-            match &pool {
-                Some(p) => p.taken.notified().await,
-                None => std::future::pending().await,
-            }
-        };
         self.refill();
         let mut last_sweep = Instant::now();
         loop {
             tokio::select! {
                 Some(id) = warmed.recv() => self.member_ready(id),
-                // A create took a warm sandbox: start the next one now.
-                () = taken() => self.refill(),
                 // Off the loop: the write waits for a group commit, other sandboxes need not.
                 Some(id) = started.recv() => {
                     tokio::spawn(mark_running(self.store.clone(), id));
+                    // A member taken from the pool is replaced now that its claim is done (not
+                    // when it was taken: the new one's start would compete with the claim).
+                    self.refill();
                 }
                 // A detached sandbox's report is written: record its end now.
                 Some(id) = finished.recv() => {

@@ -12,8 +12,9 @@
 //! the command, environment, working directory and rlimits. From there on it is an ordinary
 //! sandbox.
 //!
-//! The pool is kept at its size: a member taken is replaced at once, a few at a time
-//! ([`MAX_WARMING`]) so that refilling does not starve the creates it serves. A member that
+//! The pool is kept at its size: a member taken is replaced once its claim is done (a start
+//! meanwhile would compete with the claim for the CPU), a few at a time ([`MAX_WARMING`]) so
+//! that refilling does not starve the creates it serves. A member that
 //! fails before it is ready is logged and removed, and the next attempt waits, longer after
 //! each failure in a row. A member taken but never recorded (the create failed without giving it
 //! back) is dropped after [`TAKEN_TIMEOUT`]. Dropping a member closes its supervisor's stdin:
@@ -43,8 +44,6 @@ pub struct WarmPool {
     size: usize,
     template: Spec,
     state: Mutex<Shared>,
-    /// Told when a member is taken, so that the agent starts another at once.
-    pub(crate) taken: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -62,7 +61,6 @@ impl WarmPool {
             size,
             template,
             state: Mutex::new(Shared::default()),
-            taken: tokio::sync::Notify::new(),
         })
     }
 
@@ -80,8 +78,6 @@ impl WarmPool {
         let mut state = self.lock();
         let id = state.ready.pop()?;
         state.taken.insert(id, Instant::now());
-        drop(state);
-        self.taken.notify_one();
         Some(id)
     }
 
