@@ -729,6 +729,8 @@ fn supervised_run(
     let resolved = dir.join("resolved.json");
     let claim = match input {
         Some(input) => {
+            // Made now, written at the claim: no file is made on a claim's way.
+            fs::write(&resolved, b"").with_context(|| format!("create {}", resolved.display()))?;
             let input = std::sync::Mutex::new(Some(input));
             let resolved = resolved.clone();
             Some(cove_jail::run::Claim(std::sync::Arc::new(move || {

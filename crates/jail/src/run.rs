@@ -217,6 +217,11 @@ pub fn start_detached(spec: &Spec, opts: &RunOptions) -> Result<libc::pid_t, Run
 
 fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
     let t_start = Instant::now();
+    if opts.warm.is_some() {
+        // Built ahead of need, a warm sandbox yields the CPU to the starts and claims someone
+        // waits for (its child inherits this until the claim puts both back).
+        sys::set_nice(0, WARM_NICE).map_err(prep("lower the warm sandbox's priority"))?;
+    }
     spec.validate()?;
     check_host_paths(spec, opts)?;
     let id = match opts.id {
@@ -570,7 +575,15 @@ fn supervise(
     let claimed;
     let (spec, plan) = match (&opts.warm, claim_w) {
         (Some(claim), Some(to_child)) => {
-            match take_claim(claim, spec, plan, (layout, cg), &status_r, to_child, opts) {
+            match take_claim(
+                claim,
+                spec,
+                (plan, pid),
+                (layout, cg),
+                &status_r,
+                to_child,
+                opts,
+            ) {
                 Ok(c) => {
                     claimed = c;
                     (&claimed.0, &claimed.1)
@@ -650,13 +663,16 @@ fn supervise(
     Ok(Outcome::Ended(report))
 }
 
+/// The nice value a warm sandbox is built at, until it is claimed.
+const WARM_NICE: i32 = 10;
+
 /// A warm sandbox's claim: waits for the child to be in place (`C` on the status pipe), says
 /// `warm`, and waits for the spec to run; then writes that spec's limits into the cgroup and
 /// sends the child its command (`init::encode_claim`). Returns the spec and its plan.
 fn take_claim(
     claim: &Claim,
     template: &Spec,
-    warm: &ChildPlan,
+    (warm, child): (&ChildPlan, libc::pid_t),
     (layout, cg): (&Hierarchy, &Cgroup),
     status: &OwnedFd,
     to_child: OwnedFd,
@@ -692,6 +708,10 @@ fn take_claim(
         });
     }
     spec.validate()?;
+    // Someone waits for it now: back to the ordinary priority, the child first (the command
+    // inherits its).
+    sys::set_nice(child, 0).map_err(prep("restore the sandbox's priority"))?;
+    sys::set_nice(0, 0).map_err(prep("restore the supervisor's priority"))?;
     let id: SandboxId = warm.id.parse().map_err(|_| RunError::Setup {
         step: "claim the warm sandbox".into(),
         message: format!("{:?} is not a sandbox id", warm.id),

@@ -232,6 +232,13 @@ pub(crate) fn set_name(name: &str) -> io::Result<()> {
     check(unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr() as libc::c_ulong, 0, 0, 0) }).map(drop)
 }
 
+/// Sets the nice value of process `pid` (0: this one). Lowering it takes CAP_SYS_NICE.
+pub(crate) fn set_nice(pid: libc::pid_t, nice: i32) -> io::Result<()> {
+    // SAFETY: setpriority takes plain integers. PRIO_PROCESS is a c_int constant; glibc's
+    // prototype takes its enum, hence the cast.
+    check(unsafe { libc::setpriority(libc::PRIO_PROCESS as _, pid as libc::id_t, nice) }).map(drop)
+}
+
 /// Secure bits: root gets no capabilities from execve, and these bits can never be changed again.
 pub(crate) fn lock_securebits() -> io::Result<()> {
     const SECBIT_NOROOT: libc::c_ulong = 1 << 0;
