@@ -61,6 +61,12 @@ fn processes_naming(needle: &str) -> Vec<String> {
         .collect()
 }
 
+/// The nice value of process `pid` (the 19th field of its `stat`, counted after its name).
+fn nice_of(pid: &str) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.split(' ').nth(16)?.parse().ok()
+}
+
 #[test]
 fn a_warm_pool_serves_the_creates_that_fit_and_leaves_nothing_behind() {
     require_root();
@@ -71,6 +77,16 @@ fn a_warm_pool_serves_the_creates_that_fit_and_leaves_nothing_behind() {
     let none = BTreeSet::new();
     let warm = ready_members(&server, 2.0, &none);
     assert_eq!(warm.len(), 2, "{warm:?}");
+    // Its supervisor and the sandbox's waiting child yield the CPU to the work someone waits
+    // for.
+    for member in &warm {
+        let procs = processes_naming(&format!("sandboxes/{member}"));
+        assert_eq!(procs.len(), 2, "{procs:?}");
+        for p in procs {
+            let pid = p.split(':').next().unwrap();
+            assert_eq!(nice_of(pid), Some(10), "{p}");
+        }
+    }
 
     // A create that fits takes a member: its id is one of theirs, and it runs with its own
     // command, environment, working directory and limits, contained like any sandbox.
@@ -88,7 +104,8 @@ fn a_warm_pool_serves_the_creates_that_fit_and_leaves_nothing_behind() {
         "--",
         "sh",
         "-c",
-        "echo $GREETING; pwd; hostname; id -u; ulimit -n; grep CapEff /proc/self/status; sleep 1000",
+        "echo $GREETING; pwd; hostname; id -u; ulimit -n; cut -d' ' -f19 /proc/self/stat; \
+         grep CapEff /proc/self/status; sleep 1000",
     ]);
     assert!(warm.contains(&id), "{id} is not one of {warm:?}");
     let v = server.wait_for_state(&id, "running");
@@ -103,7 +120,8 @@ fn a_warm_pool_serves_the_creates_that_fit_and_leaves_nothing_behind() {
     };
     assert_eq!(
         logs,
-        format!("warm\n/tmp\n{id}\n0\n77\nCapEff:\t0000000000000000\n"),
+        // Members are built at a lower priority; the claimed command runs at the ordinary one.
+        format!("warm\n/tmp\n{id}\n0\n77\n0\nCapEff:\t0000000000000000\n"),
         "{}",
         server.log()
     );
