@@ -234,9 +234,7 @@ impl Agent {
                 // Off the loop: the write waits for a group commit, other sandboxes need not.
                 Some(id) = started.recv() => {
                     tokio::spawn(mark_running(self.store.clone(), id));
-                    // A member taken from the pool is replaced now that its claim is done (not
-                    // when it was taken: the new one's start would compete with the claim).
-                    self.refill();
+                    self.started(&id);
                 }
                 // A detached sandbox's report is written: record its end now.
                 Some(id) = finished.recv() => {

@@ -12,9 +12,13 @@
 //! the command, environment, working directory and rlimits. From there on it is an ordinary
 //! sandbox.
 //!
-//! The pool is kept at its size: a member taken is replaced once its claim is done (a start
-//! meanwhile would compete with the claim for the CPU), a few at a time ([`MAX_WARMING`]) so
-//! that refilling does not starve the creates it serves. A member that
+//! The pool is kept at its size, but only while no create is taking or claiming a member:
+//! building one costs as much CPU as a cold start, and during a burst of creates it would
+//! compete with the claims it is meant to make fast (measured here, a burst of 200 creates at 50
+//! clients from a pool of 200 spent most of its CPU rebuilding the pool meanwhile). So a burst
+//! drains the pool at the claims' own speed, later creates start cold, and the pool is refilled
+//! once the creates pause, a few members at a time ([`MAX_WARMING`]), built at a lower
+//! priority than anything someone waits for. A member that
 //! fails before it is ready is logged and removed, and the next attempt waits, longer after
 //! each failure in a row. A member taken but never recorded (the create failed without giving it
 //! back) is dropped after [`TAKEN_TIMEOUT`]. Dropping a member closes its supervisor's stdin:
@@ -34,6 +38,9 @@ use crate::{Agent, AgentError};
 pub const MAX_WARMING: usize = 2;
 /// A member taken for a create that has not been recorded this long is dropped.
 pub const TAKEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// A claim that has not said `started` this long no longer holds the refill back (its end is
+/// the ordinary checks' to find).
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 /// The wait before the next start after a member failed, doubled for each failure in a row
 /// up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_millis(250);
@@ -121,6 +128,8 @@ pub(crate) struct Member {
 pub(crate) struct Pool {
     pub(crate) shared: Option<Arc<WarmPool>>,
     pub(crate) members: HashMap<SandboxId, Member>,
+    /// Members handed their spec that have not said `started` yet, and since when.
+    claiming: HashMap<SandboxId, Instant>,
     /// Failures in a row, and when the next start may be tried.
     failures: u32,
     retry_at: Option<Instant>,
@@ -138,12 +147,13 @@ impl Agent {
         self.pool.members.contains_key(id)
     }
 
-    /// A member said `warm`: creates may take it.
+    /// A member said `warm`: creates may take it, and the next one may start.
     pub(crate) fn member_ready(&mut self, id: SandboxId) {
         if let (Some(m), Some(shared)) = (self.pool.members.get_mut(&id), &self.pool.shared) {
             m.ready = true;
             self.pool.failures = 0;
             shared.lock().ready.push(id);
+            self.refill();
         }
     }
 
@@ -193,10 +203,17 @@ impl Agent {
         if self.pool.retry_at.is_some_and(|at| now < at) {
             return;
         }
+        self.pool
+            .claiming
+            .retain(|_, at| now.duration_since(*at) < CLAIM_TIMEOUT);
         let taken = shared.lock().taken.len();
+        // Creates under way: the pool waits for them (see the module's documentation).
+        if taken > 0 || !self.pool.claiming.is_empty() {
+            return;
+        }
         let template = serde_json::to_string(&shared.template).expect("a spec serialises");
         loop {
-            let members = self.pool.members.len().saturating_sub(taken);
+            let members = self.pool.members.len();
             let starting = self.pool.members.values().filter(|m| !m.ready).count();
             if members >= shared.size || starting >= MAX_WARMING {
                 return;
@@ -270,7 +287,16 @@ impl Agent {
             let _ = stdin.write_all(&spec).await;
         });
         self.children.insert(id, member.child);
+        self.pool.claiming.insert(id, Instant::now());
         Ok(())
+    }
+
+    /// A sandbox's command runs: if it was a claim, the pool may refill (once no other claim
+    /// is under way).
+    pub(crate) fn started(&mut self, id: &SandboxId) {
+        if self.pool.claiming.remove(id).is_some() {
+            self.refill();
+        }
     }
 
     /// Drops a member whose record was stopped before it ran.
