@@ -105,7 +105,7 @@ fn a_warm_pool_serves_the_creates_that_fit_and_leaves_nothing_behind() {
         "sh",
         "-c",
         "echo $GREETING; pwd; hostname; id -u; ulimit -n; cut -d' ' -f19 /proc/self/stat; \
-         grep CapEff /proc/self/status; sleep 1000",
+         grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; sleep 1000",
     ]);
     assert!(warm.contains(&id), "{id} is not one of {warm:?}");
     let v = server.wait_for_state(&id, "running");
@@ -113,7 +113,7 @@ fn a_warm_pool_serves_the_creates_that_fit_and_leaves_nothing_behind() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let logs = loop {
         let out = server.cove(&["logs", &id]);
-        if out.stdout.contains("CapEff") || Instant::now() > deadline {
+        if out.stdout.contains("Seccomp") || Instant::now() > deadline {
             break out.stdout;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -121,7 +121,9 @@ fn a_warm_pool_serves_the_creates_that_fit_and_leaves_nothing_behind() {
     assert_eq!(
         logs,
         // Members are built at a lower priority; the claimed command runs at the ordinary one.
-        format!("warm\n/tmp\n{id}\n0\n77\n0\nCapEff:\t0000000000000000\n"),
+        format!(
+            "warm\n/tmp\n{id}\n0\n77\n0\nCapEff:\t0000000000000000\nNoNewPrivs:\t1\nSeccomp:\t2\n"
+        ),
         "{}",
         server.log()
     );

@@ -203,6 +203,9 @@ fn contain(plan: &ChildPlan, fds: &ChildFds) -> Result<Never, Failure> {
     let claimed;
     let plan = match &fds.claim {
         Some(claim) => {
+            // What does not depend on the claim is done before it, off a create's way: init's
+            // bounding set and the seccomp filter (which the kernel checks and compiles).
+            lock_down(plan)?;
             sys::write_all(fds.status.as_raw_fd(), b"C\n").step("say the sandbox is warm")?;
             claimed = wait_for_claim(claim, plan).step("wait for the sandbox's command")?;
             &claimed
@@ -227,7 +230,8 @@ fn contain(plan: &ChildPlan, fds: &ChildFds) -> Result<Never, Failure> {
         )
         .collect::<Vec<_>>();
     sys::close_fds_except(&keep).step("close inherited descriptors")?;
-    init(plan, fds, tty.as_ref(), &leave, clock)
+    let locked_down = fds.claim.is_some();
+    init(plan, fds, tty.as_ref(), &leave, locked_down, clock)
 }
 
 /// Opens a terminal on the sandbox's own devpts (so that `tty` and `/dev/pts/0` mean something
@@ -412,6 +416,7 @@ fn init(
     fds: &ChildFds,
     tty: Option<&OwnedFd>,
     leave: &[OwnedFd],
+    locked_down: bool,
     mut clock: Clock,
 ) -> Result<Never, Failure> {
     let pipe_fd = fds.status.as_raw_fd();
@@ -421,9 +426,9 @@ fn init(
     let all = SigSet::full();
     all.block().step("block signals in init")?;
     let (exec_r, exec_w) = sys::pipe().step("create the exec-status pipe")?;
-    lock_down_init(plan).step("drop init's privileges")?;
-    // Once, for both: the command inherits it (its last steps are calls the filter allows).
-    plan.seccomp.install().step("install the seccomp filter")?;
+    if !locked_down {
+        lock_down(plan)?;
+    }
     clock.mark("init_ready");
     // The command borrows init's memory until its `execve` (no copy of init's address space,
     // which is the supervisor's).
@@ -510,6 +515,13 @@ fn init(
             let _ = sys::kill(pid, sig);
         }
     }
+}
+
+/// Init's bounding set, then the seccomp filter: once, for init and the command, which inherits
+/// both (its last steps are calls the filter allows).
+fn lock_down(plan: &ChildPlan) -> Result<(), Failure> {
+    lock_down_init(plan).step("drop init's privileges")?;
+    plan.seccomp.install().step("install the seccomp filter")
 }
 
 /// Replaces this process with the resident init (see `init/main.rs`), which goes on waiting
