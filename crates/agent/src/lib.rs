@@ -20,6 +20,8 @@
 //!   names it, and it writes how the command ended to `status`. Nothing ties it to the agent:
 //!   a restart of `cove serve`, even `kill -9`, leaves it running. A start that fails leaves
 //!   `report.json`.
+//! - A record whose id is a member of the warm pool (a create took it, see [`warm`]) is not
+//!   started: that member's supervisor, waiting with the sandbox built, is handed the spec.
 //! - A sandbox whose `lock` is free has ended: with `status`, the agent finishes it (the
 //!   jail's teardown, in a blocking task) and writes `report.json`; the record gets the reason,
 //!   exit code and report. One that ended without either is recorded `lost`.
