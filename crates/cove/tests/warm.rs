@@ -88,6 +88,13 @@ fn a_warm_pool_serves_the_creates_that_fit_and_leaves_nothing_behind() {
         }
     }
 
+    // A create refused (over its tenant's quota) gives the member it took back.
+    let small = server
+        .tenant(r#"{"name":"small","quotas":{"sandboxes":5,"memory":"64M","cpus_millis":500}}"#);
+    let out = server.cove_as(&small, &["create", "--", "sleep", "1000"]);
+    assert!(out.stderr.contains("HTTP 429"), "{}", out.stderr);
+    assert_eq!(ready_members(&server, 2.0, &none), warm);
+
     // A create that fits takes a member: its id is one of theirs, and it runs with its own
     // command, environment, working directory and limits, contained like any sandbox.
     let id = server.create(&[
