@@ -10,7 +10,8 @@
 #   ORDER="cove crun" sudo bench/density.sh   # which tool is measured first
 #
 # Cove's sandboxes are created through `cove serve` (the whole product: the API, its agent and
-# whatever it keeps per sandbox); crun's are `crun run -d` (detached: nothing left per
+# whatever it keeps per sandbox; without its warm pool, whose waiting members are no one's
+# sandboxes); crun's are `crun run -d` (detached: nothing left per
 # container but the container). Prints per-sandbox MemAvailable drop, slab, page tables,
 # kernel stacks, and the proportional memory (PSS) of the processes each kind of sandbox
 # leaves, then removes everything. Nothing else should run meanwhile. Needs root.
@@ -52,7 +53,7 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-"$COVE" serve --listen 127.0.0.1:0 --proxy-listen 127.0.0.1:0 --proxy-tls-listen 127.0.0.1:0 --data-dir "$WORK/data" --quota-sandboxes 100000 \
+"$COVE" serve --listen 127.0.0.1:0 --proxy-listen 127.0.0.1:0 --proxy-tls-listen 127.0.0.1:0 --data-dir "$WORK/data" --quota-sandboxes 100000 --warm-pool 0 \
   --quota-memory 1000T --quota-cpus 1024 2>"$WORK/serve.log" &
 SERVER_PID=$!
 for _ in $(seq 100); do grep -q "listening on" "$WORK/serve.log" 2>/dev/null && break; sleep 0.05; done
