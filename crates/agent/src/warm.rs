@@ -121,55 +121,86 @@ pub(crate) struct Member {
     stdin: tokio::process::ChildStdin,
     /// It said `warm`.
     ready: bool,
+    /// The pool it belongs to (an index into [`Pool::slots`]).
+    pool: usize,
 }
 
-/// What the agent keeps for its pool.
-#[derive(Default)]
-pub(crate) struct Pool {
-    pub(crate) shared: Option<Arc<WarmPool>>,
-    pub(crate) members: HashMap<SandboxId, Member>,
-    /// Members handed their spec that have not said `started` yet, and since when.
-    claiming: HashMap<SandboxId, Instant>,
-    /// Failures in a row, and when the next start may be tried.
+/// One pool, on the agent's side.
+struct Slot {
+    shared: Arc<WarmPool>,
+    /// Its template, as `cove supervise --warm` takes it.
+    template: String,
+    /// Its members that failed before they were ready, in a row, and when the next may start.
     failures: u32,
     retry_at: Option<Instant>,
 }
 
+/// What the agent keeps for its pools.
+#[derive(Default)]
+pub(crate) struct Pool {
+    slots: Vec<Slot>,
+    members: HashMap<SandboxId, Member>,
+    /// Members handed their spec that have not said `started` yet, and since when.
+    claiming: HashMap<SandboxId, Instant>,
+}
+
 impl Agent {
-    /// Keeps `pool` filled; creates take its members (see [`warm`](crate::warm)).
+    /// Keeps `pool` filled; creates take its members (see [`warm`](crate::warm)). One agent may
+    /// keep several, one per template.
     pub fn with_pool(mut self, pool: Arc<WarmPool>) -> Agent {
-        self.pool.shared = Some(pool);
+        let template = serde_json::to_string(&pool.template).expect("a spec serialises");
+        self.pool.slots.push(Slot {
+            shared: pool,
+            template,
+            failures: 0,
+            retry_at: None,
+        });
         self
     }
 
-    /// Whether `id` is a member of the pool.
+    /// Whether `id` is a member of a pool.
     pub(crate) fn is_member(&self, id: &SandboxId) -> bool {
         self.pool.members.contains_key(id)
     }
 
     /// A member said `warm`: creates may take it, and the next one may start.
     pub(crate) fn member_ready(&mut self, id: SandboxId) {
-        if let (Some(m), Some(shared)) = (self.pool.members.get_mut(&id), &self.pool.shared) {
+        if let Some(m) = self.pool.members.get_mut(&id) {
             m.ready = true;
-            self.pool.failures = 0;
-            shared.lock().ready.push(id);
+            let slot = &mut self.pool.slots[m.pool];
+            slot.failures = 0;
+            slot.shared.lock().ready.push(id);
             self.refill();
         }
     }
 
-    /// Starts members until the pool is full (at most [`MAX_WARMING`] starting at once), and
-    /// drops those that died or were taken and never recorded.
+    /// Forgets member `id` in the pools' shared lists.
+    fn forget(&self, id: &SandboxId) {
+        for slot in &self.pool.slots {
+            slot.shared.forget(id);
+        }
+    }
+
+    /// Starts members until every pool is full (at most [`MAX_WARMING`] starting at once),
+    /// and drops those that died or were taken and never recorded.
     pub(crate) fn refill(&mut self) {
-        let Some(shared) = self.pool.shared.clone() else {
+        if self.pool.slots.is_empty() {
             return;
-        };
+        }
         let now = Instant::now();
-        let stale: Vec<SandboxId> = shared
-            .lock()
-            .taken
+        let stale: Vec<SandboxId> = self
+            .pool
+            .slots
             .iter()
-            .filter(|(_, at)| now.duration_since(**at) >= TAKEN_TIMEOUT)
-            .map(|(id, _)| *id)
+            .flat_map(|s| {
+                s.shared
+                    .lock()
+                    .taken
+                    .iter()
+                    .filter(|(_, at)| now.duration_since(**at) >= TAKEN_TIMEOUT)
+                    .map(|(id, _)| *id)
+                    .collect::<Vec<_>>()
+            })
             .collect();
         for id in stale {
             tracing::warn!(sandbox = %id, "a warm sandbox taken for a create was never recorded: dropped");
@@ -178,12 +209,12 @@ impl Agent {
         let mut ended = Vec::new();
         for (id, m) in &mut self.pool.members {
             if let Ok(Some(status)) = m.child.try_wait() {
-                ended.push((*id, m.ready, status));
+                ended.push((*id, m.ready, m.pool, status));
             }
         }
-        for (id, ready, status) in ended {
+        for (id, ready, pool, status) in ended {
             self.pool.members.remove(&id);
-            shared.forget(&id);
+            self.forget(&id);
             let dir = self.dir(&id);
             let why = std::fs::read(dir.join("report.json"))
                 .ok()
@@ -193,55 +224,77 @@ impl Agent {
             let _ = std::fs::remove_dir_all(&dir);
             tracing::warn!(sandbox = %id, error = %why, "a warm sandbox failed");
             if !ready {
-                self.pool.failures += 1;
+                let slot = &mut self.pool.slots[pool];
+                slot.failures += 1;
                 let wait = FIRST_RETRY
-                    .saturating_mul(1 << self.pool.failures.min(16))
+                    .saturating_mul(1 << slot.failures.min(16))
                     .min(MAX_RETRY);
-                self.pool.retry_at = Some(now + wait);
+                slot.retry_at = Some(now + wait);
             }
-        }
-        if self.pool.retry_at.is_some_and(|at| now < at) {
-            return;
         }
         self.pool
             .claiming
             .retain(|_, at| now.duration_since(*at) < CLAIM_TIMEOUT);
-        let taken = shared.lock().taken.len();
-        // Creates under way: the pool waits for them (see the module's documentation).
-        if taken > 0 || !self.pool.claiming.is_empty() {
+        // Creates under way: the pools wait for them (see the module's documentation).
+        let taken = self
+            .pool
+            .slots
+            .iter()
+            .any(|s| !s.shared.lock().taken.is_empty());
+        if taken || !self.pool.claiming.is_empty() {
             return;
         }
-        let template = serde_json::to_string(&shared.template).expect("a spec serialises");
-        loop {
-            let members = self.pool.members.len();
-            let starting = self.pool.members.values().filter(|m| !m.ready).count();
-            if members >= shared.size || starting >= MAX_WARMING {
+        for pool in 0..self.pool.slots.len() {
+            if !self.fill(pool, now) {
                 return;
             }
-            let id = match cove_jail::run::new_id() {
-                Ok(id) => id,
-                Err(_) => return,
+        }
+    }
+
+    /// Starts members of pool `pool` until it is full or [`MAX_WARMING`] are starting; false
+    /// once that many are.
+    fn fill(&mut self, pool: usize, now: Instant) -> bool {
+        if self.pool.slots[pool].retry_at.is_some_and(|at| now < at) {
+            return true;
+        }
+        loop {
+            let starting = self.pool.members.values().filter(|m| !m.ready).count();
+            if starting >= MAX_WARMING {
+                return false;
+            }
+            let members = self
+                .pool
+                .members
+                .values()
+                .filter(|m| m.pool == pool)
+                .count();
+            let slot = &self.pool.slots[pool];
+            if members >= slot.shared.size {
+                return true;
+            }
+            let Ok(id) = cove_jail::run::new_id() else {
+                return false;
             };
-            match self.spawn_supervisor(&id, Some(&template)) {
+            match self.spawn_supervisor(&id, Some(&slot.template)) {
                 Ok(mut child) => {
                     let Some(stdin) = child.stdin.take() else {
-                        return;
+                        return false;
                     };
-                    self.pool.members.insert(
-                        id,
-                        Member {
-                            child,
-                            stdin,
-                            ready: false,
-                        },
-                    );
+                    let member = Member {
+                        child,
+                        stdin,
+                        ready: false,
+                        pool,
+                    };
+                    self.pool.members.insert(id, member);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot start a warm sandbox");
                     let _ = std::fs::remove_dir_all(self.dir(&id));
-                    self.pool.failures += 1;
-                    self.pool.retry_at = Some(now + MAX_RETRY.min(FIRST_RETRY * 8));
-                    return;
+                    let slot = &mut self.pool.slots[pool];
+                    slot.failures += 1;
+                    slot.retry_at = Some(now + MAX_RETRY.min(FIRST_RETRY * 8));
+                    return true;
                 }
             }
         }
@@ -250,9 +303,7 @@ impl Agent {
     /// Drops member `id`: its supervisor, its stdin closed, removes the sandbox and its
     /// directory.
     fn drop_member(&mut self, id: &SandboxId) {
-        if let Some(shared) = &self.pool.shared {
-            shared.forget(id);
-        }
+        self.forget(id);
         // Its supervisor is collected as an ordinary child once it exits.
         if let Some(m) = self.pool.members.remove(id) {
             self.children.insert(*id, m.child);
@@ -267,9 +318,7 @@ impl Agent {
         rev: u64,
     ) -> Result<(), AgentError> {
         let id = record.id;
-        if let Some(shared) = &self.pool.shared {
-            shared.forget(&id);
-        }
+        self.forget(&id);
         let Some(mut member) = self.pool.members.remove(&id) else {
             return self.start(record, rev).await;
         };
@@ -291,7 +340,7 @@ impl Agent {
         Ok(())
     }
 
-    /// A sandbox's command runs: if it was a claim, the pool may refill (once no other claim
+    /// A sandbox's command runs: if it was a claim, the pools may refill (once no other claim
     /// is under way).
     pub(crate) fn started(&mut self, id: &SandboxId) {
         if self.pool.claiming.remove(id).is_some() {

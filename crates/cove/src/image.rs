@@ -70,7 +70,7 @@ pub fn open_store() -> anyhow::Result<Store> {
     Store::open(&root, SANDBOX_ID_BASE).with_context(|| format!("image store {}", root.display()))
 }
 
-fn parse_ref(s: &str) -> anyhow::Result<Reference> {
+pub(crate) fn parse_ref(s: &str) -> anyhow::Result<Reference> {
     Ok(s.parse::<Reference>()?)
 }
 

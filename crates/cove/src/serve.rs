@@ -159,6 +159,11 @@ pub struct ServeArgs {
     /// start cold. Each costs about 0.9 MiB while it waits; `0`: no pool [default: 2].
     #[arg(long, value_name = "N")]
     warm_pool: Option<u32>,
+    /// A warm pool of N sandboxes of the stored image REF, for creates that name it exactly so
+    /// (and otherwise fit as above); repeatable. The image must be stored already (`cove image
+    /// pull`): its members are built from it as it is [config: `[warm_images]`].
+    #[arg(long, value_name = "REF=N")]
+    warm_image: Vec<String>,
 }
 
 /// The server's settings, as the configuration file holds them.
@@ -193,6 +198,8 @@ pub struct Config {
     pub shutdown_grace: cove_types::Duration,
     /// Sandboxes kept started ahead of creates (0: none).
     pub warm_pool: u32,
+    /// Warm pools of stored images: reference -> size.
+    pub warm_images: std::collections::BTreeMap<String, u32>,
 }
 
 /// What happens to running sandboxes when the server is asked to stop.
@@ -231,6 +238,7 @@ impl Default for Config {
             on_shutdown: OnShutdown::Keep,
             shutdown_grace: cove_types::Duration::from_millis(30_000),
             warm_pool: 2,
+            warm_images: Default::default(),
         }
     }
 }
@@ -316,10 +324,26 @@ impl ServeArgs {
         if let Some(n) = self.warm_pool {
             config.warm_pool = n;
         }
-        if config.warm_pool > MAX_WARM_POOL {
+        for w in &self.warm_image {
+            let (reference, n) = w
+                .rsplit_once('=')
+                .and_then(|(r, n)| Some((r, n.parse::<u32>().ok()?)))
+                .ok_or_else(|| anyhow!("--warm-image {w:?}: give REF=N, e.g. python:3.12=4"))?;
+            config.warm_images.insert(reference.to_string(), n);
+        }
+        for reference in config.warm_images.keys() {
+            crate::image::parse_ref(reference)
+                .map_err(|e| anyhow!("warm image {reference:?}: {e}"))?;
+        }
+        let pooled = [config.warm_pool]
+            .iter()
+            .chain(config.warm_images.values())
+            .map(|&n| u64::from(n))
+            .sum::<u64>();
+        if pooled > u64::from(MAX_WARM_POOL) {
             bail!(
-                "warm_pool {}: at most {MAX_WARM_POOL} (each one is a started sandbox)",
-                config.warm_pool
+                "warm pools of {pooled} sandboxes: at most {MAX_WARM_POOL} in all (each one is a \
+                 started sandbox)"
             );
         }
         config.proxy.check()?;
@@ -414,13 +438,23 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     {
         agent = agent.with_env("COVE_INIT_FILE", &init.to_string_lossy());
     }
-    // The pool's sandboxes are built for the default limits' disk and the default user.
-    let warm = (config.warm_pool > 0).then(|| {
-        let mut template = cove_types::Spec::new(vec!["true".into()]);
-        template.limits = config.limits.clone();
-        cove_agent::WarmPool::new(config.warm_pool as usize, template)
-    });
-    if let Some(pool) = &warm {
+    // The pools' sandboxes are built for the default limits' disk and the default user.
+    let images = config
+        .warm_images
+        .iter()
+        .map(|(r, n)| (Image::Ref(r.clone()), *n));
+    let warm: Vec<_> = [(Image::Host, config.warm_pool)]
+        .into_iter()
+        .chain(images)
+        .filter(|(_, n)| *n > 0)
+        .map(|(image, n)| {
+            let mut template = cove_types::Spec::new(vec!["true".into()]);
+            template.image = image;
+            template.limits = config.limits.clone();
+            cove_agent::WarmPool::new(n as usize, template)
+        })
+        .collect();
+    for pool in &warm {
         agent = agent.with_pool(pool.clone());
     }
     let holdings = cove_api::quota::Holdings::start(store.clone())
@@ -452,7 +486,8 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
         retention: Some(config.retention.as_std()).filter(|r| !r.is_zero()),
         webhooks_allow_private: config.webhooks_allow_private,
         draining: Default::default(),
-        warm: warm.map(|p| std::sync::Arc::new(Pool(p)) as std::sync::Arc<dyn cove_api::Warm>),
+        warm: (!warm.is_empty())
+            .then(|| std::sync::Arc::new(Pools(warm)) as std::sync::Arc<dyn cove_api::Warm>),
     };
     let shutdown = {
         let api = api.clone();
@@ -706,23 +741,7 @@ fn supervised_run(
     let null = fs::File::open("/dev/null").context("open /dev/null")?;
     rustix::stdio::dup2_stdin(&null).context("give the sandbox an empty stdin")?;
     let mut spec: Spec = serde_json::from_slice(&bytes).context("the sandbox spec is invalid")?;
-    let pinned = match spec.image.clone() {
-        Image::Ref(reference) => {
-            let given = crate::image::Overrides {
-                cmd_given: !spec.cmd.is_empty(),
-                workdir_given: spec.workdir.is_some(),
-                user_given: false,
-            };
-            Some(crate::image::resolve(
-                &reference,
-                &mut spec,
-                &given,
-                crate::image::PullPolicy::Missing,
-                &crate::pull::RegistryArgs::default(),
-            )?)
-        }
-        Image::Host | Image::Path(_) => None,
-    };
+    let pinned = resolve_image(&mut spec)?;
     spec.validate()?;
     // What `exec` needs to run commands the way the main one runs (the image's environment,
     // working directory and user applied): the claimed spec, for a warm sandbox.
@@ -733,6 +752,7 @@ fn supervised_run(
             fs::write(&resolved, b"").with_context(|| format!("create {}", resolved.display()))?;
             let input = std::sync::Mutex::new(Some(input));
             let resolved = resolved.clone();
+            let layers = pinned.as_ref().map(|p| p.dirs.clone());
             Some(cove_jail::run::Claim(std::sync::Arc::new(move || {
                 let Some(mut input) = input.lock().ok().and_then(|mut i| i.take()) else {
                     return Ok(None);
@@ -743,8 +763,17 @@ fn supervised_run(
                 if bytes.is_empty() {
                     return Ok(None);
                 }
-                let spec: Spec = serde_json::from_slice(&bytes)
+                let mut spec: Spec = serde_json::from_slice(&bytes)
                     .map_err(|e| format!("the sandbox spec is invalid: {e}"))?;
+                // The image's configuration applies to the claim as to a cold start; its
+                // layers must be those the sandbox was built on (this pin is dropped: the
+                // sandbox's init holds its own since then).
+                let pinned = resolve_image(&mut spec).map_err(|e| crate::chain(&e))?;
+                if pinned.map(|p| p.dirs) != layers {
+                    return Err("the image's name has named another image since the warm \
+                                sandbox was built from it (pulled or imported again)"
+                        .into());
+                }
                 spec.validate().map_err(|e| e.to_string())?;
                 let json = serde_json::to_vec_pretty(&spec).map_err(|e| e.to_string())?;
                 fs::write(&resolved, json)
@@ -797,21 +826,44 @@ fn supervised_run(
     Ok(init)
 }
 
+/// Applies the configuration of `spec`'s image, if it names a stored one (pulled if missing),
+/// and pins its layers for as long as the result is kept.
+fn resolve_image(spec: &mut Spec) -> anyhow::Result<Option<cove_image::store::PinnedLayers>> {
+    let Image::Ref(reference) = spec.image.clone() else {
+        return Ok(None);
+    };
+    let given = crate::image::Overrides {
+        cmd_given: !spec.cmd.is_empty(),
+        workdir_given: spec.workdir.is_some(),
+        user_given: false,
+    };
+    crate::image::resolve(
+        &reference,
+        spec,
+        &given,
+        crate::image::PullPolicy::Missing,
+        &crate::pull::RegistryArgs::default(),
+    )
+    .map(Some)
+}
+
 /// The largest warm pool a configuration may ask for.
 const MAX_WARM_POOL: u32 = 1024;
 
-/// The agent's warm pool, as the API takes from it.
-struct Pool(std::sync::Arc<cove_agent::WarmPool>);
+/// The agent's warm pools, as the API takes from them.
+struct Pools(Vec<std::sync::Arc<cove_agent::WarmPool>>);
 
-impl cove_api::Warm for Pool {
+impl cove_api::Warm for Pools {
     fn take(&self, spec: &Spec) -> Option<SandboxId> {
-        self.0.take(spec)
+        self.0.iter().find_map(|p| p.take(spec))
     }
     fn give_back(&self, id: SandboxId) {
-        self.0.give_back(id);
+        for p in &self.0 {
+            p.give_back(id);
+        }
     }
     fn ready(&self) -> usize {
-        self.0.ready()
+        self.0.iter().map(|p| p.ready()).sum()
     }
 }
 

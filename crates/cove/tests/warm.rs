@@ -198,3 +198,79 @@ fn a_warm_pool_serves_the_creates_that_fit_and_leaves_nothing_behind() {
     }
     let _ = std::fs::remove_dir_all(&data);
 }
+
+/// The whole output of sandbox `id` once it has ended.
+fn output_of(server: &Server, id: &str) -> String {
+    server.wait_for_state(id, "exited");
+    server.cove(&["logs", id]).stdout
+}
+
+#[test]
+fn a_stored_image_has_a_warm_pool_of_its_own() {
+    require_root();
+    let img = common::images::Rootfs::new();
+    std::fs::create_dir_all(img.0.join("srv")).unwrap();
+    let name = format!("cove-test/warm-{}:v1", common::new_id());
+    let layout = common::images::oci_layout(&img, &name);
+    let import = std::process::Command::new(common::cove_bin())
+        .args(["image", "import"])
+        .arg(&layout)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&layout);
+    assert!(import.status.success(), "{import:?}");
+    let pool = format!("{name}=1");
+    let mut server = Server::start_with(
+        std::env::temp_dir().join(format!("cove-warm-{}", common::new_id())),
+        &["--warm-pool", "0", "--warm-image", &pool],
+    );
+    let warm = ready_members(&server, 1.0, &BTreeSet::new());
+
+    // The image's own command, environment and working directory, as a cold start gives them.
+    let id = server.create(&["--image", &name]);
+    assert!(warm.contains(&id), "{id} is not one of {warm:?}");
+    assert_eq!(output_of(&server, &id), "from-cmd hello\n/srv\n");
+
+    // Its replacement takes a command of its own, over the image's environment and directory.
+    let refilled = ready_members(&server, 1.0, &[id.clone()].into());
+    let own = server.create(&[
+        "--image",
+        &name,
+        "-e",
+        "GREETING=hi",
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo $GREETING; pwd; cat /etc/motd",
+    ]);
+    assert!(refilled.contains(&own), "{own} is not one of {refilled:?}");
+    assert_eq!(output_of(&server, &own), "hi\n/srv\nimage file\n");
+
+    // The host image has no pool on this server: its creates start cold.
+    let cold = server.create(&["--", "true"]);
+    assert!(!warm.contains(&cold) && !refilled.contains(&cold));
+
+    let data = server.data.clone();
+    server.kill9();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_naming(&data.to_string_lossy()).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        processes_naming(&data.to_string_lossy()),
+        Vec::<String>::new()
+    );
+    // The unclaimed member removed its directory; the three sandboxes' stay with their records.
+    let kept: BTreeSet<String> = [id.clone(), own.clone(), cold.clone()].into();
+    assert_eq!(sandbox_dirs(&data), kept);
+    for s in warm.iter().chain(&refilled).chain([&id, &own, &cold]) {
+        common::reap_orphans(s);
+        common::assert_no_leaks(s);
+    }
+    let _ = std::fs::remove_dir_all(&data);
+    let rm = std::process::Command::new(common::cove_bin())
+        .args(["image", "rm", &name])
+        .output()
+        .unwrap();
+    assert!(rm.status.success(), "{rm:?}");
+}

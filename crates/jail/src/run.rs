@@ -116,17 +116,17 @@ impl std::fmt::Debug for Claim {
 }
 
 /// Whether a sandbox started warm from `template` can run `spec`: everything its root
-/// filesystem and namespaces were built from agrees (the `host` image, no binds, the same
-/// disk, user and hostname, network `none`, no terminal). The command, its environment,
-/// working directory, resource limits and timeouts are the claim's own.
+/// filesystem and namespaces were built from agrees (the same image, `host` or a stored one
+/// named alike; no binds; the same disk, user and hostname; network `none`; no terminal). The
+/// command, its environment, working directory, resource limits and timeouts are the claim's
+/// own.
 pub fn fits_warm(template: &Spec, spec: &Spec) -> bool {
-    [template, spec].iter().all(|s| {
-        s.image == Image::Host
-            && s.mounts.is_empty()
-            && s.net == NetMode::None
-            && !s.tty
-            && s.hostname.is_none()
-    }) && spec.user == template.user
+    matches!(template.image, Image::Host | Image::Ref(_))
+        && spec.image == template.image
+        && [template, spec].iter().all(|s| {
+            s.mounts.is_empty() && s.net == NetMode::None && !s.tty && s.hostname.is_none()
+        })
+        && spec.user == template.user
         && spec.limits.disk == template.limits.disk
 }
 
@@ -1297,6 +1297,10 @@ mod tests {
                 "image",
                 Box::new(|s| s.image = Image::Path("/srv/root".into())),
             ),
+            (
+                "stored image",
+                Box::new(|s| s.image = Image::Ref("app:v1".into())),
+            ),
             ("user", Box::new(|s| s.user = "1000".parse().unwrap())),
             ("hostname", Box::new(|s| s.hostname = Some("web".into()))),
             ("disk", Box::new(|s| s.limits.disk = "1G".parse().unwrap())),
@@ -1312,5 +1316,20 @@ mod tests {
             change(&mut s);
             assert!(!fits_warm(&template, &s), "{what}");
         }
+        // A stored image's pool takes creates of that image only, named alike.
+        let mut image = template.clone();
+        image.image = Image::Ref("app:v1".into());
+        let mut same = fits.clone();
+        same.image = image.image.clone();
+        assert!(fits_warm(&image, &same));
+        same.image = Image::Ref("app:v2".into());
+        assert!(!fits_warm(&image, &same));
+        assert!(!fits_warm(&image, &fits));
+        // A directory image is not pooled: its tree can change under the same name.
+        let mut dir = template.clone();
+        dir.image = Image::Path("/srv/root".into());
+        let mut s = fits.clone();
+        s.image = dir.image.clone();
+        assert!(!fits_warm(&dir, &s));
     }
 }

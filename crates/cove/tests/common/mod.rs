@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 #![allow(unsafe_code)]
 
+pub mod images;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
