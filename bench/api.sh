@@ -18,6 +18,9 @@
 # Every sandbox is removed at the end.
 # WARM=N runs the server with a warm pool of N sandboxes (`--warm-pool N`): each measured
 # phase then starts with the pool full, and says how many of its creates the pool served.
+# IMAGE=REF creates every sandbox from that stored image (`cove image pull` or `import` it
+# first), its pool then `--warm-image REF=N`. GAP=SECONDS spaces the sequential creates apart
+# (default 0: each follows the last at once).
 # Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +32,8 @@ EXECS="${EXECS:-100}"
 CHURN="${CHURN:-4}"
 QUOTA_N="${QUOTA_N:-1000}"
 WARM="${WARM:-0}"
+IMAGE="${IMAGE:-}"
+GAP="${GAP:-0}"
 WORK="${BENCH_WORK:-/var/tmp/cove-bench-api}"
 scripts/deps.sh bench
 COVE=$(scripts/build-release.sh 2>/dev/null)
@@ -37,16 +42,18 @@ rm -rf "$WORK"; mkdir -p "$WORK"
 SERVER_PID=
 cleanup() { [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
-"$COVE" serve --listen 127.0.0.1:0 --proxy-listen 127.0.0.1:0 --proxy-tls-listen 127.0.0.1:0 --data-dir "$WORK/data" --warm-pool "$WARM" 2>"$WORK/serve.log" &
+"$COVE" serve --listen 127.0.0.1:0 --proxy-listen 127.0.0.1:0 --proxy-tls-listen 127.0.0.1:0 --data-dir "$WORK/data" \
+  ${IMAGE:+--warm-image "$IMAGE=$WARM"} --warm-pool "$([ -n "$IMAGE" ] && echo 0 || echo "$WARM")" 2>"$WORK/serve.log" &
 SERVER_PID=$!
 for _ in $(seq 100); do grep -q "listening on" "$WORK/serve.log" 2>/dev/null && break; sleep 0.05; done
 URL=$(sed -n 's/^cove: listening on //p' "$WORK/serve.log")
 TOKEN=$(cat "$WORK/data/admin-token")
 
-python3 - "$URL" "$TOKEN" "$SEQ" "$CONC" "$TOTAL" "$EXECS" "$COVE" "$CHURN" "$QUOTA_N" "$WARM" <<'PY'
+python3 - "$URL" "$TOKEN" "$SEQ" "$CONC" "$TOTAL" "$EXECS" "$COVE" "$CHURN" "$QUOTA_N" "$WARM" "$IMAGE" "$GAP" <<'PY'
 import http.client, json, re, statistics, sys, threading, time, urllib.parse
 url, token, cove = sys.argv[1], sys.argv[2], sys.argv[7]
 seq, conc, total, execs, churn, quota_n, warm = map(int, sys.argv[3:7] + sys.argv[8:11])
+image, gap = sys.argv[11], float(sys.argv[12])
 u = urllib.parse.urlparse(url)
 H = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
@@ -58,7 +65,10 @@ def call(conn, method, path, body=None):
 
 def create(conn):
     t = time.perf_counter()
-    status, v = call(conn, "POST", "/v1/sandboxes", {"cmd": ["sleep", "3600"]})
+    body = {"cmd": ["sleep", "3600"]}
+    if image:
+        body["image"] = image
+    status, v = call(conn, "POST", "/v1/sandboxes", body)
     dt = time.perf_counter() - t
     assert status == 201 and v["state"] == "running", (status, v)
     return dt, v["id"]
@@ -92,7 +102,8 @@ lat = []
 taken = pool_full()
 for _ in range(seq):
     dt, i = create(conn); lat.append(dt); ids.append(i)
-print(f"create-to-running, sequential:  p50 {pct(lat,50)*1000:6.1f} ms  p99 {pct(lat,99)*1000:6.1f} ms  ({seq} sandboxes{served(taken, seq)})")
+    time.sleep(gap)
+print(f"create-to-running, sequential{f' ({gap:g} s apart)' if gap else ''}:  p50 {pct(lat,50)*1000:6.1f} ms  p99 {pct(lat,99)*1000:6.1f} ms  ({seq} sandboxes{served(taken, seq)})")
 
 per = total // conc
 def concurrently(made):
