@@ -156,7 +156,7 @@ pub struct ServeArgs {
     /// them (the `host` image, no binds, network `none`, the default disk, user root, no
     /// hostname or terminal of its own) takes one and only hands it its command, environment
     /// and limits, skipping the sandbox's start (namespaces, root filesystem, cgroup). Others
-    /// start cold. Each costs about 0.9 MiB while it waits; `0`: no pool [default: 2].
+    /// start cold. Each costs about 0.8 MiB while it waits; `0`: no pool [default: 2].
     #[arg(long, value_name = "N")]
     warm_pool: Option<u32>,
     /// A warm pool of N sandboxes of the stored image REF, for creates that name it exactly so
