@@ -213,4 +213,17 @@ if quota_n > 0:
           f"p50 {pct(run_alone,50)*1000:5.1f} ms; beside {len(mine)}: {pct(run_beside,50)*1000:5.1f} ms")
     for i in mine:
         call(conn, "DELETE", f"/v1/sandboxes/{i}?force=true")
+
+# A forced delete stops the sandbox in the background: the server must outlive every stop, or
+# the sandboxes it had not stopped yet would run on without it.
+c = http.client.HTTPConnection(u.hostname, u.port)
+for auth in {f"Bearer {token}", H["Authorization"]}:
+    H["Authorization"] = auth
+    for _ in range(1200):
+        status, v = call(c, "GET", "/v1/sandboxes")
+        if status == 200 and not v["sandboxes"]:
+            break
+        time.sleep(0.1)
+    else:
+        sys.exit("sandboxes were still being removed after 2 minutes")
 PY

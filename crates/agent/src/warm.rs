@@ -232,9 +232,15 @@ impl Agent {
                 slot.retry_at = Some(now + wait);
             }
         }
-        self.pool
-            .claiming
-            .retain(|_, at| now.duration_since(*at) < CLAIM_TIMEOUT);
+        // A claim whose supervisor has exited is over, whether or not it said `started` (a
+        // claim can fail: its record ends with the supervisor's report).
+        let children = &mut self.children;
+        self.pool.claiming.retain(|id, at| {
+            now.duration_since(*at) < CLAIM_TIMEOUT
+                && children
+                    .get_mut(id)
+                    .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        });
         // Creates under way: the pools wait for them (see the module's documentation).
         let taken = self
             .pool

@@ -199,6 +199,18 @@ fn a_warm_pool_serves_the_creates_that_fit_and_leaves_nothing_behind() {
     let _ = std::fs::remove_dir_all(&data);
 }
 
+/// Imports the busybox image `img` as `name` (again: the name then moves to it).
+fn import(img: &common::images::Rootfs, name: &str) {
+    let layout = common::images::oci_layout(img, name);
+    let out = std::process::Command::new(common::cove_bin())
+        .args(["image", "import"])
+        .arg(&layout)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&layout);
+    assert!(out.status.success(), "{out:?}");
+}
+
 /// The whole output of sandbox `id` once it has ended.
 fn output_of(server: &Server, id: &str) -> String {
     server.wait_for_state(id, "exited");
@@ -211,14 +223,7 @@ fn a_stored_image_has_a_warm_pool_of_its_own() {
     let img = common::images::Rootfs::new();
     std::fs::create_dir_all(img.0.join("srv")).unwrap();
     let name = format!("cove-test/warm-{}:v1", common::new_id());
-    let layout = common::images::oci_layout(&img, &name);
-    let import = std::process::Command::new(common::cove_bin())
-        .args(["image", "import"])
-        .arg(&layout)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&layout);
-    assert!(import.status.success(), "{import:?}");
+    import(&img, &name);
     let pool = format!("{name}=1");
     let mut server = Server::start_with(
         std::env::temp_dir().join(format!("cove-warm-{}", common::new_id())),
@@ -246,24 +251,50 @@ fn a_stored_image_has_a_warm_pool_of_its_own() {
     assert!(refilled.contains(&own), "{own} is not one of {refilled:?}");
     assert_eq!(output_of(&server, &own), "hi\n/srv\nimage file\n");
 
+    // The name moves to another image (imported again): the member built on the old one
+    // refuses the claim and says why, and the pool goes on.
+    let ended: BTreeSet<String> = [id.clone(), own.clone()].into();
+    let stale = ready_members(&server, 1.0, &ended);
+    std::fs::write(img.0.join("etc/motd"), "another image\n").unwrap();
+    import(&img, &name);
+    let out = server.cove(&["create", "--image", &name, "--", "cat", "/etc/motd"]);
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains("failed to start") && out.stderr.contains("another image"),
+        "{}",
+        out.stderr
+    );
+    let failed = stale.iter().next().unwrap().clone();
+    assert_eq!(server.inspect(&failed)["reason"], "start_failure");
+    let ended: BTreeSet<String> = [id.clone(), own.clone(), failed.clone()].into();
+    let fresh = ready_members(&server, 1.0, &ended);
+    let moved = server.create(&["--image", &name, "--", "cat", "/etc/motd"]);
+    assert!(fresh.contains(&moved), "{moved} is not one of {fresh:?}");
+    assert_eq!(output_of(&server, &moved), "another image\n");
+
     // The host image has no pool on this server: its creates start cold.
     let cold = server.create(&["--", "true"]);
     assert!(!warm.contains(&cold) && !refilled.contains(&cold));
 
+    // Ended like any other sandboxes; the server goes, and its waiting member with it.
+    let made = [&id, &own, &failed, &moved, &cold];
+    for s in made {
+        assert_eq!(server.cove(&["rm", "-f", s]).code, 0);
+    }
     let data = server.data.clone();
     server.kill9();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !processes_naming(&data.to_string_lossy()).is_empty() && Instant::now() < deadline {
+    while (!sandbox_dirs(&data).is_empty() || !processes_naming(&data.to_string_lossy()).is_empty())
+        && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert_eq!(sandbox_dirs(&data), BTreeSet::new());
     assert_eq!(
         processes_naming(&data.to_string_lossy()),
         Vec::<String>::new()
     );
-    // The unclaimed member removed its directory; the three sandboxes' stay with their records.
-    let kept: BTreeSet<String> = [id.clone(), own.clone(), cold.clone()].into();
-    assert_eq!(sandbox_dirs(&data), kept);
-    for s in warm.iter().chain(&refilled).chain([&id, &own, &cold]) {
+    for s in warm.iter().chain(&refilled).chain(&fresh).chain(made) {
         common::reap_orphans(s);
         common::assert_no_leaks(s);
     }
