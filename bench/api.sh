@@ -19,7 +19,7 @@
 # WARM=N runs the server with a warm pool of N sandboxes (`--warm-pool N`): each measured
 # phase then starts with the pool full, and says how many of its creates the pool served.
 # IMAGE=REF creates every sandbox from that stored image (`cove image pull` or `import` it
-# first), its pool then `--warm-image REF=N`. GAP=SECONDS spaces the sequential creates apart
+# first; it needs `sleep`, and `true` for the execs), its pool then `--warm-image REF=N`. GAP=SECONDS spaces the sequential creates apart
 # (default 0: each follows the last at once).
 # Needs root.
 set -euo pipefail
@@ -62,6 +62,26 @@ def call(conn, method, path, body=None):
     r = conn.getresponse()
     data = r.read()
     return r.status, (json.loads(data) if data else None)
+
+tokens = [token]  # the tenant's too, once it is made
+
+def remove_all():
+    """Whatever happened above (an assertion too), no sandbox outlives the script: the server is
+    stopped next, and its sandboxes would run on without it."""
+    c = http.client.HTTPConnection(u.hostname, u.port)
+    for t in tokens:
+        h = dict(H, Authorization=f"Bearer {t}")
+        for _ in range(100):
+            c.request("GET", "/v1/sandboxes", headers=h)
+            left = json.loads(c.getresponse().read()).get("sandboxes", [])
+            if not left:
+                break
+            for sb in left:
+                c.request("DELETE", f"/v1/sandboxes/{sb['id']}?force=true", headers=h)
+                c.getresponse().read()
+
+import atexit
+atexit.register(remove_all)
 
 def create(conn):
     t = time.perf_counter()
@@ -173,6 +193,7 @@ if quota_n > 0:
         "sandboxes": quota_n + 100, "memory": "1000T", "cpus_millis": 10**9}})
     assert status == 201, (status, v)
     H["Authorization"] = f"Bearer {v['token']}"
+    tokens.append(v["token"])
     mine = []
     def tenant_creates(n):
         ts = []
@@ -214,16 +235,4 @@ if quota_n > 0:
     for i in mine:
         call(conn, "DELETE", f"/v1/sandboxes/{i}?force=true")
 
-# A forced delete stops the sandbox in the background: the server must outlive every stop, or
-# the sandboxes it had not stopped yet would run on without it.
-c = http.client.HTTPConnection(u.hostname, u.port)
-for auth in {f"Bearer {token}", H["Authorization"]}:
-    H["Authorization"] = auth
-    for _ in range(1200):
-        status, v = call(c, "GET", "/v1/sandboxes")
-        if status == 200 and not v["sandboxes"]:
-            break
-        time.sleep(0.1)
-    else:
-        sys.exit("sandboxes were still being removed after 2 minutes")
 PY
