@@ -76,6 +76,11 @@ impl WarmPool {
         self.size
     }
 
+    /// What its members are built for.
+    pub fn template(&self) -> &Spec {
+        &self.template
+    }
+
     /// The id of a ready member that can run `spec`, reserved for it: the caller records the
     /// sandbox under this id (the agent then hands the member its spec), or gives it back.
     pub fn take(&self, spec: &Spec) -> Option<SandboxId> {

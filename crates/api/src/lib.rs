@@ -228,8 +228,8 @@ pub trait Warm: Send + Sync + 'static {
     fn take(&self, spec: &cove_types::Spec) -> Option<SandboxId>;
     /// Returns an id taken for a create that did not record it.
     fn give_back(&self, id: SandboxId);
-    /// How many are ready now.
-    fn ready(&self) -> usize;
+    /// How many are ready now, per pool: its image (`host`, or a stored image's reference).
+    fn ready(&self) -> Vec<(String, usize)>;
 }
 
 /// An id taken from the warm pool for a create, given back unless the create records it.
@@ -988,7 +988,7 @@ async fn create_sandbox(
         rev
     };
     if taken.0.is_some() {
-        api.metrics.warm_taken.inc();
+        api.metrics.warm_taken(&record.spec.image);
     }
     taken.keep();
     if q.wait == Some(false) {

@@ -159,6 +159,11 @@ struct ObjectLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ImageLabel {
+    image: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResourceLabel {
     resource: &'static str,
 }
@@ -182,8 +187,8 @@ pub struct Metrics {
     reaper_failures: Counter,
     node_capacity: Family<ResourceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
     node_allocated: Family<ResourceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
-    warm_ready: Gauge,
-    pub(crate) warm_taken: Counter,
+    warm_ready: Family<ImageLabel, Gauge>,
+    warm_taken: Family<ImageLabel, Counter>,
     /// One scrape at a time rebuilds the per-sandbox series and encodes.
     scrape: tokio::sync::Mutex<()>,
 }
@@ -279,16 +284,16 @@ impl Default for Metrics {
             "The limits of the sandboxes that have not ended, summed, by resource",
             node_allocated.clone(),
         );
-        let warm_ready = Gauge::default();
+        let warm_ready = Family::<ImageLabel, Gauge>::default();
         registry.register(
             "cove_warm_pool_ready",
-            "Warm sandboxes ready for a create to take",
+            "Warm sandboxes ready for a create to take, by pool (its image)",
             warm_ready.clone(),
         );
-        let warm_taken = Counter::default();
+        let warm_taken = Family::<ImageLabel, Counter>::default();
         registry.register(
             "cove_warm_pool_taken",
-            "Sandboxes created from the warm pool",
+            "Sandboxes created from a warm pool, by pool (its image)",
             warm_taken.clone(),
         );
         Metrics {
@@ -334,6 +339,12 @@ fn status_class(status: u16) -> &'static str {
 }
 
 impl Metrics {
+    /// Counts one sandbox created from the warm pool of `image`.
+    pub(crate) fn warm_taken(&self, image: &cove_types::Image) {
+        let image = image.to_string();
+        self.warm_taken.get_or_create(&ImageLabel { image }).inc();
+    }
+
     /// Counts one idle hard-limit action (`stop` or `pause`).
     pub fn idle_action(&self, action: &'static str) {
         self.idle_actions
@@ -568,8 +579,12 @@ pub(crate) async fn metrics(
     }
     api.metrics
         .set_node(node_capacity(), (memory, cpus as f64 / 1000.0));
-    let ready = api.warm.as_ref().map_or(0, |w| w.ready());
-    api.metrics.warm_ready.set(ready as i64);
+    for (image, ready) in api.warm.as_ref().map(|w| w.ready()).unwrap_or_default() {
+        api.metrics
+            .warm_ready
+            .get_or_create(&ImageLabel { image })
+            .set(ready as i64);
+    }
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &api.metrics.registry).map_err(|_| {
         ApiError::new(

@@ -457,6 +457,13 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     for pool in &warm {
         agent = agent.with_pool(pool.clone());
     }
+    if !warm.is_empty() {
+        let pools: Vec<String> = warm
+            .iter()
+            .map(|p| format!("{} sandboxes of {}", p.size(), p.template().image))
+            .collect();
+        announce(&format!("warm pools: {}", pools.join(", ")));
+    }
     let holdings = cove_api::quota::Holdings::start(store.clone())
         .await
         .context("read the sandboxes' records")?;
@@ -862,8 +869,11 @@ impl cove_api::Warm for Pools {
             p.give_back(id);
         }
     }
-    fn ready(&self) -> usize {
-        self.0.iter().map(|p| p.ready()).sum()
+    fn ready(&self) -> Vec<(String, usize)> {
+        self.0
+            .iter()
+            .map(|p| (p.template().image.to_string(), p.ready()))
+            .collect()
     }
 }
 

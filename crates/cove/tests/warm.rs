@@ -26,10 +26,19 @@ fn sandbox_dirs(data: &Path) -> BTreeSet<String> {
 /// Waits until the pool has `n` members ready; their ids (the only sandbox directories
 /// besides those in `besides`).
 fn ready_members(server: &Server, n: f64, besides: &BTreeSet<String>) -> BTreeSet<String> {
+    ready_in(server, "host", n, besides)
+}
+
+/// [`ready_members`] of the pool of `image`.
+fn ready_in(server: &Server, image: &str, n: f64, besides: &BTreeSet<String>) -> BTreeSet<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (_, m) = scrape(server, &server.token);
-        let ready = sample(&m, "cove_warm_pool_ready", serde_json::json!({}));
+        let ready = sample(
+            &m,
+            "cove_warm_pool_ready",
+            serde_json::json!({ "image": image }),
+        );
         if ready == n {
             return sandbox_dirs(&server.data)
                 .difference(besides)
@@ -170,7 +179,11 @@ fn a_warm_pool_serves_the_creates_that_fit_and_leaves_nothing_behind() {
     );
     let (_, m) = scrape(&server, &server.token);
     assert_eq!(
-        sample(&m, "cove_warm_pool_taken_total", serde_json::json!({})),
+        sample(
+            &m,
+            "cove_warm_pool_taken_total",
+            serde_json::json!({ "image": "host" })
+        ),
         1.0
     );
 
@@ -229,7 +242,7 @@ fn a_stored_image_has_a_warm_pool_of_its_own() {
         std::env::temp_dir().join(format!("cove-warm-{}", common::new_id())),
         &["--warm-pool", "0", "--warm-image", &pool],
     );
-    let warm = ready_members(&server, 1.0, &BTreeSet::new());
+    let warm = ready_in(&server, &name, 1.0, &BTreeSet::new());
 
     // The image's own command, environment and working directory, as a cold start gives them.
     let id = server.create(&["--image", &name]);
@@ -237,7 +250,7 @@ fn a_stored_image_has_a_warm_pool_of_its_own() {
     assert_eq!(output_of(&server, &id), "from-cmd hello\n/srv\n");
 
     // Its replacement takes a command of its own, over the image's environment and directory.
-    let refilled = ready_members(&server, 1.0, &[id.clone()].into());
+    let refilled = ready_in(&server, &name, 1.0, &[id.clone()].into());
     let own = server.create(&[
         "--image",
         &name,
@@ -254,7 +267,7 @@ fn a_stored_image_has_a_warm_pool_of_its_own() {
     // The name moves to another image (imported again): the member built on the old one
     // refuses the claim and says why, and the pool goes on.
     let ended: BTreeSet<String> = [id.clone(), own.clone()].into();
-    let stale = ready_members(&server, 1.0, &ended);
+    let stale = ready_in(&server, &name, 1.0, &ended);
     std::fs::write(img.0.join("etc/motd"), "another image\n").unwrap();
     import(&img, &name);
     let out = server.cove(&["create", "--image", &name, "--", "cat", "/etc/motd"]);
@@ -267,10 +280,20 @@ fn a_stored_image_has_a_warm_pool_of_its_own() {
     let failed = stale.iter().next().unwrap().clone();
     assert_eq!(server.inspect(&failed)["reason"], "start_failure");
     let ended: BTreeSet<String> = [id.clone(), own.clone(), failed.clone()].into();
-    let fresh = ready_members(&server, 1.0, &ended);
+    let fresh = ready_in(&server, &name, 1.0, &ended);
     let moved = server.create(&["--image", &name, "--", "cat", "/etc/motd"]);
     assert!(fresh.contains(&moved), "{moved} is not one of {fresh:?}");
     assert_eq!(output_of(&server, &moved), "another image\n");
+    let (_, m) = scrape(&server, &server.token);
+    let taken = |image: &str| {
+        sample(
+            &m,
+            "cove_warm_pool_taken_total",
+            serde_json::json!({ "image": image }),
+        )
+    };
+    // The refused claim counts: the create took a member.
+    assert_eq!((taken(&name), taken("host")), (4.0, 0.0));
 
     // The host image has no pool on this server: its creates start cold.
     let cold = server.create(&["--", "true"]);

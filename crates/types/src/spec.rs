@@ -55,6 +55,17 @@ impl std::str::FromStr for Image {
     }
 }
 
+impl std::fmt::Display for Image {
+    /// As [`Image::from_str`](std::str::FromStr) reads it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Image::Host => f.write_str("host"),
+            Image::Path(p) => write!(f, "{}", p.display()),
+            Image::Ref(r) => f.write_str(r),
+        }
+    }
+}
+
 /// Network mode.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -520,6 +531,19 @@ impl Spec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_image_prints_as_it_is_written() {
+        for s in [
+            "host",
+            "/srv/root",
+            "./root",
+            "registry:5000/app:v1",
+            "busybox",
+        ] {
+            assert_eq!(s.parse::<Image>().unwrap().to_string(), s);
+        }
+    }
 
     #[test]
     fn defaults_are_the_documented_ones() {
