@@ -94,11 +94,11 @@ def create(conn):
     return dt, v["id"]
 
 def metric(name):
+    """The sum of metric `name` over its series (one per warm pool)."""
     c = http.client.HTTPConnection(u.hostname, u.port)
-    c.request("GET", "/metrics", headers=H)
+    c.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
     text = c.getresponse().read().decode()
-    m = re.search(rf"^{name} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 def pool_full():
     """With a warm pool: waits until it is full again (up to 60 s); the count taken so far."""
