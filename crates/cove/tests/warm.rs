@@ -79,7 +79,7 @@ fn nice_of(pid: &str) -> Option<i64> {
 #[test]
 fn a_warm_pool_serves_the_creates_that_fit_and_leaves_nothing_behind() {
     require_root();
-    let mut server = Server::start_with(
+    let server = Server::start_with(
         std::env::temp_dir().join(format!("cove-warm-{}", common::new_id())),
         &["--warm-pool", "2"],
     );
@@ -187,11 +187,17 @@ fn a_warm_pool_serves_the_creates_that_fit_and_leaves_nothing_behind() {
         1.0
     );
 
-    // Ended like any other sandbox.
-    for s in [&id, &cold] {
+    let members: Vec<&String> = warm.iter().chain(&refilled).collect();
+    end_everything(server, &[&id, &cold], &members);
+}
+
+/// Removes the sandboxes `made` (ended like any other), then kills the server: its members
+/// remove themselves, directories included, however the server goes. Nothing of any of them
+/// (`members` are every member the test saw) may remain.
+fn end_everything(mut server: Server, made: &[&String], members: &[&String]) {
+    for s in made {
         assert_eq!(server.cove(&["rm", "-f", s]).code, 0);
     }
-    // However the server goes, its members remove themselves, directories included.
     let data = server.data.clone();
     server.kill9();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -205,9 +211,9 @@ fn a_warm_pool_serves_the_creates_that_fit_and_leaves_nothing_behind() {
         processes_naming(&data.to_string_lossy()),
         Vec::<String>::new()
     );
-    for member in refilled.iter().chain(&warm).chain([&id, &cold]) {
-        common::reap_orphans(member);
-        common::assert_no_leaks(member);
+    for s in members.iter().chain(made) {
+        common::reap_orphans(s);
+        common::assert_no_leaks(s);
     }
     let _ = std::fs::remove_dir_all(&data);
 }
@@ -238,7 +244,7 @@ fn a_stored_image_has_a_warm_pool_of_its_own() {
     let name = format!("cove-test/warm-{}:v1", common::new_id());
     import(&img, &name);
     let pool = format!("{name}=1");
-    let mut server = Server::start_with(
+    let server = Server::start_with(
         std::env::temp_dir().join(format!("cove-warm-{}", common::new_id())),
         &["--warm-pool", "0", "--warm-image", &pool],
     );
@@ -299,29 +305,8 @@ fn a_stored_image_has_a_warm_pool_of_its_own() {
     let cold = server.create(&["--", "true"]);
     assert!(!warm.contains(&cold) && !refilled.contains(&cold));
 
-    // Ended like any other sandboxes; the server goes, and its waiting member with it.
-    let made = [&id, &own, &failed, &moved, &cold];
-    for s in made {
-        assert_eq!(server.cove(&["rm", "-f", s]).code, 0);
-    }
-    let data = server.data.clone();
-    server.kill9();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while (!sandbox_dirs(&data).is_empty() || !processes_naming(&data.to_string_lossy()).is_empty())
-        && Instant::now() < deadline
-    {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_eq!(sandbox_dirs(&data), BTreeSet::new());
-    assert_eq!(
-        processes_naming(&data.to_string_lossy()),
-        Vec::<String>::new()
-    );
-    for s in warm.iter().chain(&refilled).chain(&fresh).chain(made) {
-        common::reap_orphans(s);
-        common::assert_no_leaks(s);
-    }
-    let _ = std::fs::remove_dir_all(&data);
+    let members: Vec<&String> = warm.iter().chain(&refilled).chain(&fresh).collect();
+    end_everything(server, &[&id, &own, &failed, &moved, &cold], &members);
     let rm = std::process::Command::new(common::cove_bin())
         .args(["image", "rm", &name])
         .output()
