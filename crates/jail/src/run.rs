@@ -350,6 +350,56 @@ pub(crate) fn plan(
     opts: &RunOptions,
 ) -> Result<ChildPlan, RunError> {
     let hostname = spec.hostname.clone().unwrap_or_else(|| id.to_string());
+    let l = &spec.limits;
+    // The bounding-set loop stops at the first capability this kernel does not know (EINVAL),
+    // so the highest possible number serves without reading /proc/sys/kernel/cap_last_cap.
+    let cap_last = 63;
+    let mut plan = ChildPlan {
+        id: id.to_string(),
+        root: RootPlan {
+            staging,
+            image: match &spec.image {
+                Image::Host => RootImage::Host,
+                Image::Path(p) => RootImage::Layers(vec![p.clone()]),
+                Image::Ref(_) => RootImage::Layers(opts.layers.clone().unwrap_or_default()),
+            },
+            disk_bytes: l.disk.as_bytes(),
+            binds: spec.mounts.clone(),
+            resolv_conf: (spec.net == NetMode::Egress)
+                .then(|| format!("nameserver {}\n", egress::GATEWAY)),
+            hostname,
+            dev_template: if opts.no_dev_template {
+                None
+            } else {
+                crate::rootfs::dev_template(Path::new(DEV_TEMPLATE_DIR))
+            },
+            uid: spec.user.uid,
+            gid: spec.user.gid,
+        },
+        uid: spec.user.uid,
+        gid: spec.user.gid,
+        argv: Vec::new(),
+        envp: Vec::new(),
+        search_path: Vec::new(),
+        workdir: PathBuf::new(),
+        rlimits: Vec::new(),
+        seccomp: seccomp::compile(seccomp::DEFAULT_POLICY)?,
+        cap_last,
+        tty: spec.tty,
+        timing: opts.timing,
+        report_started: opts.on_start.is_some(),
+        die_with_parent: false,
+        leave_cgroup: false,
+    };
+    set_command(&mut plan, spec)?;
+    Ok(plan)
+}
+
+/// Sets what `plan` runs from `spec`: the command, its environment (over the defaults, the
+/// sandbox's hostname among them), the `PATH` it is looked up in, the working directory and
+/// the rlimits. All the claim of a warm sandbox brings (see `init::encode_claim`).
+fn set_command(plan: &mut ChildPlan, spec: &Spec) -> Result<(), RunError> {
+    let hostname = plan.root.hostname.clone();
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), DEFAULT_PATH.into()),
         ("HOSTNAME".into(), hostname.clone()),
@@ -402,46 +452,12 @@ pub(crate) fn plan(
         let secs = t.as_std().as_secs_f64().ceil() as u64;
         rlimits.push((libc::RLIMIT_CPU, secs, secs + 1));
     }
-    // The bounding-set loop stops at the first capability this kernel does not know (EINVAL),
-    // so the highest possible number serves without reading /proc/sys/kernel/cap_last_cap.
-    let cap_last = 63;
-    Ok(ChildPlan {
-        id: id.to_string(),
-        root: RootPlan {
-            staging,
-            image: match &spec.image {
-                Image::Host => RootImage::Host,
-                Image::Path(p) => RootImage::Layers(vec![p.clone()]),
-                Image::Ref(_) => RootImage::Layers(opts.layers.clone().unwrap_or_default()),
-            },
-            disk_bytes: l.disk.as_bytes(),
-            binds: spec.mounts.clone(),
-            resolv_conf: (spec.net == NetMode::Egress)
-                .then(|| format!("nameserver {}\n", egress::GATEWAY)),
-            hostname,
-            dev_template: if opts.no_dev_template {
-                None
-            } else {
-                crate::rootfs::dev_template(Path::new(DEV_TEMPLATE_DIR))
-            },
-            uid: spec.user.uid,
-            gid: spec.user.gid,
-        },
-        uid: spec.user.uid,
-        gid: spec.user.gid,
-        argv,
-        envp,
-        search_path,
-        workdir: spec.workdir.clone().unwrap_or_else(|| PathBuf::from("/")),
-        rlimits,
-        seccomp: seccomp::compile(seccomp::DEFAULT_POLICY)?,
-        cap_last,
-        tty: spec.tty,
-        timing: opts.timing,
-        report_started: opts.on_start.is_some(),
-        die_with_parent: false,
-        leave_cgroup: false,
-    })
+    plan.argv = argv;
+    plan.envp = envp;
+    plan.search_path = search_path;
+    plan.workdir = spec.workdir.clone().unwrap_or_else(|| PathBuf::from("/"));
+    plan.rlimits = rlimits;
+    Ok(())
 }
 
 /// Signals the supervisor handles itself.
@@ -712,12 +728,9 @@ fn take_claim(
     // inherits its).
     sys::set_nice(child, 0).map_err(prep("restore the sandbox's priority"))?;
     sys::set_nice(0, 0).map_err(prep("restore the supervisor's priority"))?;
-    let id: SandboxId = warm.id.parse().map_err(|_| RunError::Setup {
-        step: "claim the warm sandbox".into(),
-        message: format!("{:?} is not a sandbox id", warm.id),
-    })?;
-    let mut plan = plan(&spec, &id, warm.root.staging.clone(), opts)?;
-    plan.leave_cgroup = warm.leave_cgroup;
+    // Everything else stays what the sandbox was built with.
+    let mut plan = warm.clone();
+    set_command(&mut plan, &spec)?;
     layout.limit(cg, &cgroup_limits(&spec))?;
     sys::write_all(to_child.as_raw_fd(), &init::encode_claim(&plan))
         .map_err(prep("send the sandbox its command"))?;
