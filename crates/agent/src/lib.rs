@@ -164,7 +164,7 @@ pub struct Agent {
     /// Exit watches report here when a sandbox's init exits.
     exited_tx: tokio::sync::mpsc::UnboundedSender<SandboxId>,
     exited_rx: Option<tokio::sync::mpsc::UnboundedReceiver<SandboxId>>,
-    /// The warm pool, if there is one (see [`warm`]).
+    /// The warm pools, if any (see [`warm`]).
     pool: warm::Pool,
     /// Warm supervisors report here once their sandbox waits for its spec.
     warm_tx: tokio::sync::mpsc::UnboundedSender<SandboxId>,
