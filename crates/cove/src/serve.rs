@@ -729,19 +729,18 @@ fn supervised_run(
     warm: Option<&str>,
 ) -> anyhow::Result<i32> {
     let notify = take_notify_pipe(dir)?;
-    // Warm, the spec comes once the sandbox is built: stdin is kept for it.
-    let input = match warm {
-        Some(_) => Some(fs::File::from(
-            rustix::io::fcntl_dupfd_cloexec(io::stdin(), 3).context("keep the spec's pipe")?,
-        )),
-        None => None,
-    };
-    let bytes = match warm {
-        Some(template) => template.as_bytes().to_vec(),
+    // Warm, the sandbox is built for the template, and the spec to run comes on stdin once it
+    // is: stdin is kept for it.
+    let (input, bytes) = match warm {
+        Some(template) => {
+            let input =
+                rustix::io::fcntl_dupfd_cloexec(io::stdin(), 3).context("keep the spec's pipe")?;
+            (Some(fs::File::from(input)), template.as_bytes().to_vec())
+        }
         None => {
             let mut bytes = Vec::new();
             io::Read::read_to_end(&mut io::stdin().lock(), &mut bytes).context("read the spec")?;
-            bytes
+            (None, bytes)
         }
     };
     // The sandbox's stdin is nothing, as it was before the spec came this way.
