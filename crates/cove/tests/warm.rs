@@ -198,7 +198,12 @@ fn end_everything(mut server: Server, made: &[&String], members: &[&String]) {
     for s in made {
         assert_eq!(server.cove(&["rm", "-f", s]).code, 0);
     }
+    // `rm` answers once the record is gone; the agent removes the directory right after.
     let data = server.data.clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while made.iter().any(|s| sandbox_dirs(&data).contains(*s)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     server.kill9();
     let deadline = Instant::now() + Duration::from_secs(10);
     while (!sandbox_dirs(&data).is_empty() || !processes_naming(&data.to_string_lossy()).is_empty())
