@@ -417,7 +417,7 @@ impl Agent {
             if record.desired == Desired::Running {
                 return self.claim(record, rev).await;
             }
-            self.unclaim(&id);
+            self.drop_member(&id);
             return self
                 .end(rev, record, EndReason::Killed, None, None, None)
                 .await;
@@ -534,18 +534,9 @@ impl Agent {
     /// (no file: on this project's hosts every file made and removed per sandbox costs every
     /// later one, see `supervise`).
     fn spawn(&self, record: &SandboxRecord) -> Result<tokio::process::Child, AgentError> {
-        // The timeout is the agent's to enforce (at `deadline_ms`, which may move), not the
-        // jail's.
-        let mut spec = record.spec.clone();
-        spec.limits.timeout = None;
-        let spec = serde_json::to_vec(&spec).expect("a spec serialises");
         let mut child = self.spawn_supervisor(&record.id, None)?;
-        if let Some(mut stdin) = child.stdin.take() {
-            // A supervisor that dies first breaks the pipe: its end is found by `check`.
-            tokio::spawn(async move {
-                use tokio::io::AsyncWriteExt;
-                let _ = stdin.write_all(&spec).await;
-            });
+        if let Some(stdin) = child.stdin.take() {
+            send_spec(stdin, record);
         }
         Ok(child)
     }
@@ -1203,6 +1194,19 @@ pub fn supervisor_alive(dir: &Path) -> bool {
         file.try_lock_shared(),
         Err(std::fs::TryLockError::WouldBlock)
     )
+}
+
+/// Writes `record`'s spec to a supervisor's stdin and closes it, off the loop. The timeout is
+/// the agent's to enforce (at `deadline_ms`, which may move), not the jail's. A supervisor
+/// that dies first breaks the pipe: its end is found by `check`.
+fn send_spec(mut stdin: tokio::process::ChildStdin, record: &SandboxRecord) {
+    let mut spec = record.spec.clone();
+    spec.limits.timeout = None;
+    let spec = serde_json::to_vec(&spec).expect("a spec serialises");
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let _ = stdin.write_all(&spec).await;
+    });
 }
 
 /// Records that the command of `id` runs (unless its record moved on meanwhile).

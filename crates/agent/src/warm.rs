@@ -5,8 +5,9 @@
 //! cgroup, the supervisor's own start) before the command runs. A warm sandbox has done all of
 //! that: its supervisor (`cove supervise --warm TEMPLATE DIR`) built it from the pool's
 //! *template* spec and waits, its child waiting in the sandbox's cgroup. A create whose spec
-//! fits the template ([`cove_jail::run::fits_warm`]: the `host` image, no binds, network
-//! `none`, the template's disk and user, no hostname or terminal of its own) takes a ready one's
+//! fits the template ([`cove_jail::run::fits_warm`]: the template's image, `host` or a stored
+//! one; no binds; network `none`; the template's disk and user; no hostname or terminal of its
+//! own) takes a ready one's
 //! id ([`WarmPool::take`]) and records the sandbox under it; when the agent sees that record it
 //! writes the spec to the supervisor's stdin, which sets the cgroup's limits and sends the child
 //! the command, environment, working directory and rlimits. From there on it is an ordinary
@@ -30,7 +31,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cove_types::{SandboxId, SandboxRecord, Spec};
-use tokio::io::AsyncWriteExt;
 
 use crate::{Agent, AgentError};
 
@@ -311,9 +311,9 @@ impl Agent {
         }
     }
 
-    /// Drops member `id`: its supervisor, its stdin closed, removes the sandbox and its
-    /// directory.
-    fn drop_member(&mut self, id: &SandboxId) {
+    /// Drops member `id` (never recorded, or its record stopped before it ran): its
+    /// supervisor, its stdin closed, removes the sandbox and its directory.
+    pub(crate) fn drop_member(&mut self, id: &SandboxId) {
         self.forget(id);
         // Its supervisor is collected as an ordinary child once it exits.
         if let Some(m) = self.pool.members.remove(id) {
@@ -337,15 +337,7 @@ impl Agent {
             let _ = std::fs::remove_dir_all(self.dir(&id));
             return self.start(record, rev).await;
         }
-        let mut spec = record.spec.clone();
-        // The agent's to enforce, as for any sandbox (see `spawn`).
-        spec.limits.timeout = None;
-        let spec = serde_json::to_vec(&spec).expect("a spec serialises");
-        let mut stdin = member.stdin;
-        // A supervisor that dies first breaks the pipe: its end is found by `check`.
-        tokio::spawn(async move {
-            let _ = stdin.write_all(&spec).await;
-        });
+        crate::send_spec(member.stdin, &record);
         self.children.insert(id, member.child);
         self.pool.claiming.insert(id, Instant::now());
         Ok(())
@@ -357,10 +349,5 @@ impl Agent {
         if self.pool.claiming.remove(id).is_some() {
             self.refill();
         }
-    }
-
-    /// Drops a member whose record was stopped before it ran.
-    pub(crate) fn unclaim(&mut self, id: &SandboxId) {
-        self.drop_member(id);
     }
 }
