@@ -8,8 +8,9 @@
 //! meta        "revision", "next_lease" -> u64
 //! ```
 //!
-//! - Every write is one redb transaction, committed durably (fsync) before it is acknowledged
-//!   and before watchers hear of it. Writes are serialised by a mutex held from the start of
+//! - Every write is one redb transaction, committed before it is acknowledged and before
+//!   watchers hear of it; durably (fsync) unless it is volatile (`put_volatile`), which
+//!   `sync` or the next durable write makes durable. Writes are serialised by a mutex held from the start of
 //!   the transaction to the broadcast of its events, so watchers see revisions in order.
 //! - Watches replay the log after their start revision, then follow a broadcast channel; a
 //!   watcher that falls behind the channel replays the log again from where it was, so it
@@ -22,6 +23,7 @@
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -66,6 +68,9 @@ struct Inner {
     leases: Mutex<HashMap<LeaseId, (Duration, Instant)>>,
     /// Each committed revision's events, together.
     events: broadcast::Sender<Arc<[Event]>>,
+    /// Whether a commit without `fsync` has happened since the last one with it (changed under
+    /// the writer lock).
+    unsynced: AtomicBool,
 }
 
 fn backend(e: impl Into<redb::Error>) -> StoreError {
@@ -243,6 +248,7 @@ impl Inner {
             pending: Mutex::new(Vec::new()),
             leases: Mutex::new(leases),
             events,
+            unsynced: AtomicBool::new(false),
         })
     }
 
@@ -336,7 +342,10 @@ impl Inner {
                 Err(e) => return fail_all(&slots, &e),
             }
         }
-        let finished = if revision == current {
+        // A durable batch that changes nothing still commits if an earlier commit skipped its
+        // `fsync` (`Kv::sync`): committing with `fsync` makes that one durable too.
+        let flush = durable && self.unsynced.load(Ordering::Relaxed);
+        let finished = if revision == current && !flush {
             txn.abort().map_err(backend)
         } else {
             txn.open_table(META)
@@ -346,6 +355,9 @@ impl Inner {
         };
         if let Err(e) = finished {
             return fail_all(&slots, &e);
+        }
+        if revision != current || flush {
+            self.unsynced.store(!durable, Ordering::Relaxed);
         }
         for events in committed {
             // No receivers is fine.
@@ -776,6 +788,15 @@ impl Kv for Embedded {
         check_value(&value)?;
         let key = key.to_string();
         self.blocking(move |i| i.put(&key, &value, expect, None, false))
+            .await
+    }
+
+    async fn sync(&self) -> Result<(), StoreError> {
+        // Nothing to wait for when every commit so far had its `fsync`.
+        if !self.inner.unsynced.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.blocking(|i| i.write(true, |_, _| Ok((Vec::new(), ()))))
             .await
     }
 

@@ -184,6 +184,13 @@ pub trait Kv: Send + Sync {
         self.put(key, value, expect, None)
     }
 
+    /// Makes every write acknowledged so far durable ([`Kv::put_volatile`]'s included): what
+    /// another party is told of a volatile write after this returns survives a crash. A
+    /// backend without the distinction has nothing to do.
+    fn sync(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        async { Ok(()) }
+    }
+
     /// Deletes `key` if the entry is as `expect` says; returns the revision of the deletion, or
     /// `None` when there was nothing to delete (and `expect` allowed that).
     fn delete(

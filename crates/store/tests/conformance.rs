@@ -432,6 +432,53 @@ mod embedded {
         assert_eq!(kv.revision().await.unwrap(), 2);
     }
 
+    /// The writer of `a_crash_keeps_volatile_writes_only_once_synced`, run in a child copy of
+    /// this test binary: it writes as `COVE_STORE_CRASH` says, then aborts (no destructor runs,
+    /// as in a `kill -9`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn crash_writer() {
+        let Ok(how) = std::env::var("COVE_STORE_CRASH") else {
+            return;
+        };
+        let db = PathBuf::from(std::env::var("COVE_STORE_CRASH_DB").unwrap());
+        let kv = Embedded::open(&db).await.unwrap();
+        kv.put("/durable", b"d".to_vec(), Expect::Any, None)
+            .await
+            .unwrap();
+        kv.put_volatile("/volatile", b"v".to_vec(), Expect::Any)
+            .await
+            .unwrap();
+        if how == "sync" {
+            kv.sync().await.unwrap();
+        }
+        std::process::abort();
+    }
+
+    /// A volatile write is lost in a crash unless `sync` came after it; `sync` with nothing
+    /// volatile before it writes nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_crash_keeps_volatile_writes_only_once_synced() {
+        for (how, kept) in [("sync", true), ("none", false)] {
+            let dir = Dir::new("crash");
+            let status = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "embedded::crash_writer", "--nocapture"])
+                .env("COVE_STORE_CRASH", how)
+                .env("COVE_STORE_CRASH_DB", dir.db())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(!status.success(), "the writer was to abort");
+            let kv = embedded(&dir).await;
+            assert_eq!(kv.get("/durable").await.unwrap().unwrap().value, b"d");
+            assert_eq!(kv.get("/volatile").await.unwrap().is_some(), kept, "{how}");
+            assert_eq!(kv.revision().await.unwrap(), if kept { 2 } else { 1 });
+            // Everything durable: nothing to commit, the revision stays.
+            kv.sync().await.unwrap();
+            assert_eq!(kv.revision().await.unwrap(), if kept { 2 } else { 1 });
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_writes_get_distinct_revisions_in_order() {
         let dir = Dir::new("concurrent");
