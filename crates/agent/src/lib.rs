@@ -221,6 +221,7 @@ impl Agent {
 
     /// Converges forever (until the store fails).
     pub async fn run(mut self) -> Result<(), AgentError> {
+        self.remove_unrecorded().await?;
         let revision = self.sweep().await?;
         let mut watch = self.store.watch(PREFIX, revision).await?;
         let mut tick = tokio::time::interval(POLL);
@@ -281,6 +282,75 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Removes the sandboxes a crash left without a record. A create records its sandbox
+    /// without waiting for the disk and the sandbox starts meanwhile: the client hears of it
+    /// once the record is durable, and a crash in between loses the record but not the
+    /// sandbox. Called before this agent has started anything (its warm sandboxes included),
+    /// so that every directory then belongs to a record or to nobody. The last warm sandboxes
+    /// of the server before, which end by themselves, may be among them.
+    async fn remove_unrecorded(&self) -> Result<(), AgentError> {
+        let mut recorded = HashSet::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.store.list(PREFIX, after.as_deref(), 500).await?;
+            recorded.extend(
+                page.entries
+                    .iter()
+                    .filter_map(|e| e.key.strip_prefix(PREFIX)?.parse::<SandboxId>().ok()),
+            );
+            if !page.more {
+                break;
+            }
+            after = page.entries.last().map(|e| e.key.clone());
+        }
+        let root = self.root.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let unrecorded: Vec<SandboxId> = fs::read_dir(&root)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .filter(|id| !recorded.contains(id))
+                .collect();
+            for id in &unrecorded {
+                let dir = root.join(id.as_str());
+                // Its supervisor too, if it is still starting it (or, warm, waiting): whoever
+                // holds the lock, by the pid it wrote there (checked to hold it still). The
+                // lock is free once both are gone.
+                for _ in 0..200 {
+                    kill_sandbox(id);
+                    if let Some(pid) = init_pid(&dir).and_then(rustix::process::Pid::from_raw)
+                        && supervisor_alive(&dir)
+                    {
+                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                    }
+                    if !supervisor_alive(&dir) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                if supervisor_alive(&dir) {
+                    tracing::warn!(sandbox = %id, "a sandbox without a record did not end: the reaper tries again");
+                    continue;
+                }
+                // Its cgroup and lock file, as for any ended sandbox (the reaper's pass
+                // removes anything else, such as egress rules).
+                cove_jail::run::finish_detached(
+                    id,
+                    &cove_types::Spec::new(Vec::new()),
+                    &dir.join("status"),
+                    0.0,
+                    None,
+                    None,
+                );
+                let _ = fs::remove_dir_all(&dir);
+                tracing::warn!(sandbox = %id, "removed a sandbox without a record (a crash cut its create short)");
+            }
+        })
+        .await;
+        Ok(())
     }
 
     /// The periodic checks (see the module's documentation).

@@ -980,9 +980,12 @@ async fn create_sandbox(
         let mut last_create = lock.lock().await;
         api.check_quota(&record.tenant, &record.spec, *last_create)
             .await?;
+        // Volatile: the agent starts the sandbox while the record reaches the disk (`sync`
+        // below), not after. Nobody hears of the sandbox before its record is durable, and a
+        // crash in between leaves a sandbox without a record, which the next start removes.
         let rev = api
             .store
-            .put(&key(&id), value, Expect::Absent, None)
+            .put_volatile(&key(&id), value, Expect::Absent)
             .await?;
         *last_create = rev;
         rev
@@ -992,11 +995,17 @@ async fn create_sandbox(
     }
     taken.keep();
     if q.wait == Some(false) {
+        api.store.sync().await?;
         return Ok((StatusCode::CREATED, Json(view(&record))).into_response());
     }
     let started =
         |r: &SandboxRecord| matches!(r.state, SandboxState::Running | SandboxState::Exited);
-    let latest = match wait_for(&api, &id, rev, CREATE_WAIT, started).await? {
+    let (synced, waited) = tokio::join!(
+        api.store.sync(),
+        wait_for(&api, &id, rev, CREATE_WAIT, started)
+    );
+    synced?;
+    let latest = match waited? {
         Waited::Reached(r) => *r,
         Waited::Deleted | Waited::TimedOut => record,
     };

@@ -8,7 +8,9 @@
 //!   supervisor no longer runs (a crash between deleting a record and its files).
 //!
 //! Live sandboxes are never touched: a running sandbox's lock file is locked by its
-//! supervisor (then its init), and its directory is only created after its record. Records whose sandbox
+//! supervisor (then its init), and its directory is only created after its record is written
+//! (a live one without a record, whose record a crash lost before it reached the disk, is the
+//! agent's to remove at start: see `Agent::run`). Records whose sandbox
 //! vanished (supervisor gone without a report) are the agent's: it ends them with reason
 //! `lost` on its next pass, which the `cove_sandbox_ends_total{reason="lost"}` series counts.
 

@@ -400,6 +400,74 @@ fn bad_requests_get_a_clear_4xx_never_a_5xx() {
     assert_eq!(code, 200);
 }
 
+/// A create records its sandbox without waiting for the disk, and the sandbox starts
+/// meanwhile; a crash in between leaves a running sandbox whose record is lost. The next start
+/// removes it whole, and keeps the others.
+#[test]
+fn a_sandbox_whose_record_a_crash_lost_is_removed_at_the_next_start() {
+    require_root();
+    let mut server = Server::start();
+    // One from the warm pool, one started cold (another user fits no warm sandbox).
+    let lost = [
+        server.create(&["--", "sleep", "600"]),
+        server.create(&["-u", "1000", "--", "sleep", "600"]),
+    ];
+    let kept = server.create(&["--", "sleep", "600"]);
+    let data = server.data.clone();
+    server.kill9();
+    // What the crash leaves when the records had not reached the disk: the sandboxes without
+    // them.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use cove_store::Kv;
+        let kv = cove_store::Embedded::open(&data.join("state.redb"))
+            .await
+            .unwrap();
+        for id in &lost {
+            let key = cove_types::sandbox::record_key(&id.parse().unwrap());
+            kv.delete(&key, cove_store::Expect::Any).await.unwrap();
+        }
+    });
+    drop(runtime);
+    let restarted = Server::start_in(data.clone());
+    for id in &lost {
+        let dir = data.join("sandboxes").join(id);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while dir.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{id} was not removed\n{}",
+                restarted.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            restarted
+                .log()
+                .contains("removed a sandbox without a record"),
+            "{}",
+            restarted.log()
+        );
+        let (code, _) = restarted.curl(
+            Some(&restarted.token),
+            "GET",
+            &format!("/v1/sandboxes/{id}"),
+            None,
+        );
+        assert_eq!(code, 404);
+        common::reap_orphans(id);
+        common::assert_no_leaks(id);
+    }
+    assert_eq!(restarted.inspect(&kept)["state"], "running");
+    assert_eq!(restarted.cove(&["rm", "-f", &kept]).code, 0);
+    common::reap_orphans(&kept);
+    common::assert_no_leaks(&kept);
+    drop(server);
+}
+
 #[test]
 fn sandboxes_outlive_a_killed_server_and_are_adopted() {
     require_root();
