@@ -18,7 +18,10 @@
 //! - Lease deadlines live in memory; on open, every stored lease gets its full TTL again (the
 //!   holder has that long to keep it alive after a restart). A task expires leases every
 //!   [`EXPIRY_TICK`]; the store must be opened inside a tokio runtime.
-//! - Disk work runs on tokio's blocking threads, never on the async ones.
+//! - Writes, listings and replays run on tokio's blocking threads, never on the async ones. A
+//!   single key's read runs on the caller's thread: a few pages from redb's cache or the page
+//!   cache, cheaper than the hand-off to a blocking thread and back (measured here with a
+//!   release build, `GET /v1/sandboxes/{id}`, two reads, back to back: 277 -> 157 us).
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
@@ -749,8 +752,8 @@ impl WatchInner {
 impl Kv for Embedded {
     async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         check_key(key)?;
-        let key = key.to_string();
-        self.blocking(move |i| i.get(&key)).await
+        // On the caller's thread (see the module's documentation).
+        self.inner.get(key)
     }
 
     async fn list(
