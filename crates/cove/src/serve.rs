@@ -617,6 +617,10 @@ pub(crate) fn root_only_secret(
     Ok(token)
 }
 
+/// Room for a spec read at once: with none, `read_to_end` reads a pipe 32 bytes first, then in
+/// growing pieces (five reads for a plain spec, on a claim's way).
+const SPEC_READ: usize = 64 << 10;
+
 /// `cove supervise DIR`: starts the sandbox whose spec (JSON) comes on stdin (DIR is named by
 /// the sandbox id) and leaves it running on its own: once its command runs, the supervisor
 /// exits. The sandbox's init then holds `DIR/lock` (taken here first) for the sandbox's whole
@@ -738,7 +742,7 @@ fn supervised_run(
             (Some(fs::File::from(input)), template.as_bytes().to_vec())
         }
         None => {
-            let mut bytes = Vec::new();
+            let mut bytes = Vec::with_capacity(SPEC_READ);
             io::Read::read_to_end(&mut io::stdin().lock(), &mut bytes).context("read the spec")?;
             (None, bytes)
         }
@@ -763,7 +767,7 @@ fn supervised_run(
                 let Some(mut input) = input.lock().ok().and_then(|mut i| i.take()) else {
                     return Ok(None);
                 };
-                let mut bytes = Vec::new();
+                let mut bytes = Vec::with_capacity(SPEC_READ);
                 io::Read::read_to_end(&mut input, &mut bytes)
                     .map_err(|e| format!("read the spec: {e}"))?;
                 if bytes.is_empty() {
