@@ -234,11 +234,8 @@ impl Agent {
         loop {
             tokio::select! {
                 Some(id) = warmed.recv() => self.member_ready(id),
-                // Off the loop: the write waits for a group commit, other sandboxes need not.
-                Some(id) = started.recv() => {
-                    tokio::spawn(mark_running(self.store.clone(), id));
-                    self.started(&id);
-                }
+                // Its record is marked running by the task that heard it (see `spawn_supervisor`).
+                Some(id) = started.recv() => self.started(&id),
                 // A detached sandbox's report is written: record its end now.
                 Some(id) = finished.recv() => {
                     self.finishing.remove(&id);
@@ -668,6 +665,7 @@ impl Agent {
         let mut child = cmd.spawn().map_err(io_err("start", &self.cove))?;
         if let Some(out) = child.stdout.take() {
             let (started, warmed, id) = (self.started_tx.clone(), self.warm_tx.clone(), *id);
+            let store = self.store.clone();
             tokio::spawn(async move {
                 use tokio::io::AsyncBufReadExt;
                 let mut reader = tokio::io::BufReader::new(out);
@@ -677,7 +675,11 @@ impl Agent {
                         Ok(n) if n > 0 && line == "warm\n" => {
                             let _ = warmed.send(id);
                         }
+                        // Marked running here, not on the agent's loop: the create waiting for
+                        // it is answered a hand-off sooner, and the write, which waits for a
+                        // group commit, holds no other sandbox up.
                         Ok(n) if n > 0 && line == "started\n" => {
+                            mark_running(store, id).await;
                             let _ = started.send(id);
                             return;
                         }
@@ -1273,9 +1275,15 @@ fn send_spec(mut stdin: tokio::process::ChildStdin, record: &SandboxRecord) {
     let mut spec = record.spec.clone();
     spec.limits.timeout = None;
     let spec = serde_json::to_vec(&spec).expect("a spec serialises");
+    // At once, almost always whole: the pipe is fresh and holds 64 KiB (a task to write it
+    // would put a hand-off on a create's way). What does not fit goes in a task.
+    let sent = rustix::io::write(&stdin, &spec).unwrap_or(0);
+    if sent == spec.len() {
+        return;
+    }
     tokio::spawn(async move {
         use tokio::io::AsyncWriteExt;
-        let _ = stdin.write_all(&spec).await;
+        let _ = stdin.write_all(&spec[sent..]).await;
     });
 }
 
