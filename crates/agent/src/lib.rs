@@ -275,6 +275,7 @@ impl Agent {
                     } else {
                         self.poll().await?;
                     }
+                    self.tend_members();
                     self.refill();
                 }
             }

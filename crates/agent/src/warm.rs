@@ -186,9 +186,10 @@ impl Agent {
         }
     }
 
-    /// Starts members until every pool is full (at most [`MAX_WARMING`] starting at once),
-    /// and drops those that died or were taken and never recorded.
-    pub(crate) fn refill(&mut self) {
+    /// Drops the members that died or were taken and never recorded: at every poll, not at
+    /// every refill (a test of each member's supervisor, for every member that gets ready,
+    /// would cost a pool of n members n^2 system calls each time it fills).
+    pub(crate) fn tend_members(&mut self) {
         if self.pool.slots.is_empty() {
             return;
         }
@@ -237,6 +238,14 @@ impl Agent {
                 slot.retry_at = Some(now + wait);
             }
         }
+    }
+
+    /// Starts members until every pool is full (at most [`MAX_WARMING`] starting at once).
+    pub(crate) fn refill(&mut self) {
+        if self.pool.slots.is_empty() {
+            return;
+        }
+        let now = Instant::now();
         // A claim whose supervisor has exited is over, whether or not it said `started` (a
         // claim can fail: its record ends with the supervisor's report).
         let children = &mut self.children;
