@@ -248,6 +248,7 @@ fn a_stored_image_has_a_warm_pool_of_its_own() {
     std::fs::create_dir_all(img.0.join("srv")).unwrap();
     let name = format!("cove-test/warm-{}:v1", common::new_id());
     import(&img, &name);
+    let _image = Imported(name.clone());
     let pool = format!("{name}=1");
     let server = Server::start_with(
         std::env::temp_dir().join(format!("cove-warm-{}", common::new_id())),
@@ -312,9 +313,21 @@ fn a_stored_image_has_a_warm_pool_of_its_own() {
 
     let members: Vec<&String> = warm.iter().chain(&refilled).chain(&fresh).collect();
     end_everything(server, &[&id, &own, &failed, &moved, &cold], &members);
-    let rm = std::process::Command::new(common::cove_bin())
-        .args(["image", "rm", &name])
-        .output()
-        .unwrap();
-    assert!(rm.status.success(), "{rm:?}");
+}
+
+/// An image imported into the host's store for a test, removed when dropped: whether the test
+/// passed or failed (a failed one left it in the store for good).
+struct Imported(String);
+
+impl Drop for Imported {
+    fn drop(&mut self) {
+        let rm = std::process::Command::new(common::cove_bin())
+            .args(["image", "rm", &self.0])
+            .output()
+            .unwrap();
+        // Not a second panic while the test's own unwinds.
+        if !std::thread::panicking() {
+            assert!(rm.status.success(), "{rm:?}");
+        }
+    }
 }
