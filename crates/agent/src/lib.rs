@@ -330,7 +330,7 @@ impl Agent {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 if supervisor_alive(&dir) {
-                    tracing::warn!(sandbox = %id, "a sandbox without a record did not end: the reaper tries again");
+                    tracing::warn!(sandbox = %id, "a sandbox without a record still holds its lock after 2 s: left to the next start");
                     continue;
                 }
                 // Its cgroup and lock file, as for any ended sandbox (the reaper's pass

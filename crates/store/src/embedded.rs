@@ -10,8 +10,9 @@
 //!
 //! - Every write is one redb transaction, committed before it is acknowledged and before
 //!   watchers hear of it; durably (fsync) unless it is volatile (`put_volatile`), which
-//!   `sync` or the next durable write makes durable. Writes are serialised by a mutex held from the start of
-//!   the transaction to the broadcast of its events, so watchers see revisions in order.
+//!   `sync` or the next durable write makes durable. Writes are serialised by a mutex held
+//!   from the start of the transaction to the broadcast of its events, so watchers see
+//!   revisions in order.
 //! - Watches replay the log after their start revision, then follow a broadcast channel; a
 //!   watcher that falls behind the channel replays the log again from where it was, so it
 //!   never skips a change.
