@@ -92,9 +92,13 @@ pub fn new_id() -> std::io::Result<SandboxId> {
     Ok(SandboxId::from_random(b))
 }
 
+/// The kernel's random bytes, by `getrandom(2)` (not a file opened and read for each: every
+/// request draws a request id).
 fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+    use ring::rand::SecureRandom;
+    ring::rand::SystemRandom::new()
+        .fill(buf)
+        .map_err(|_| std::io::Error::other("no random bytes"))
 }
 
 /// Registers `token` for `tenant` (the admin token at first start, tenants' tokens later).
