@@ -221,8 +221,8 @@ impl Agent {
 
     /// Converges forever (until the store fails).
     pub async fn run(mut self) -> Result<(), AgentError> {
-        self.remove_unrecorded().await?;
-        let revision = self.sweep().await?;
+        let (revision, recorded) = self.sweep_seeing().await?;
+        self.remove_unrecorded(recorded).await;
         let mut watch = self.store.watch(PREFIX, revision).await?;
         let mut tick = tokio::time::interval(POLL);
         let mut started = self.started_rx.take().expect("run is called once");
@@ -285,24 +285,10 @@ impl Agent {
     /// Removes the sandboxes a crash left without a record. A create records its sandbox
     /// without waiting for the disk and the sandbox starts meanwhile: the client hears of it
     /// once the record is durable, and a crash in between loses the record but not the
-    /// sandbox. Called before this agent has started anything (its warm sandboxes included),
-    /// so that every directory then belongs to a record or to nobody. The last warm sandboxes
-    /// of the server before, which end by themselves, may be among them.
-    async fn remove_unrecorded(&self) -> Result<(), AgentError> {
-        let mut recorded = HashSet::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self.store.list(PREFIX, after.as_deref(), 500).await?;
-            recorded.extend(
-                page.entries
-                    .iter()
-                    .filter_map(|e| e.key.strip_prefix(PREFIX)?.parse::<SandboxId>().ok()),
-            );
-            if !page.more {
-                break;
-            }
-            after = page.entries.last().map(|e| e.key.clone());
-        }
+    /// sandbox. Called with the ids of the first sweep, before this agent has any warm
+    /// sandbox: every directory it has made then belongs to one of those records. The last
+    /// warm sandboxes of the server before, which end by themselves, may be among the removed.
+    async fn remove_unrecorded(&self, recorded: HashSet<SandboxId>) {
         let root = self.root.clone();
         let _ = tokio::task::spawn_blocking(move || {
             let unrecorded: Vec<SandboxId> = fs::read_dir(&root)
@@ -348,7 +334,6 @@ impl Agent {
             }
         })
         .await;
-        Ok(())
     }
 
     /// The periodic checks (see the module's documentation).
@@ -445,18 +430,25 @@ impl Agent {
 
     /// Converges every record; returns the revision the listing was read at.
     pub async fn sweep(&mut self) -> Result<u64, AgentError> {
+        Ok(self.sweep_seeing().await?.0)
+    }
+
+    /// [`Agent::sweep`], with the ids of the records it converged.
+    async fn sweep_seeing(&mut self) -> Result<(u64, HashSet<SandboxId>), AgentError> {
         let mut after: Option<String> = None;
         let mut revision = 0;
+        let mut seen = HashSet::new();
         loop {
             let page = self.store.list(PREFIX, after.as_deref(), 500).await?;
             revision = revision.max(page.revision);
             for entry in &page.entries {
                 let record = parse(&entry.key, &entry.value)?;
+                seen.insert(record.id);
                 self.converge(record, entry.mod_revision).await?;
             }
             // Tracked ones that are no longer stored leave at their next turn.
             if !page.more {
-                return Ok(revision);
+                return Ok((revision, seen));
             }
             after = page.entries.last().map(|e| e.key.clone());
         }
