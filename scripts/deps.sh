@@ -5,14 +5,15 @@
 #   scripts/deps.sh test      + what the test suite uses: busybox-static for images; a real
 #                             registry (docker-registry), skopeo to push to it, htpasswd,
 #                             openssl (certificates, token signing), zstd (zstd layers),
-#                             curl (raw HTTP against `cove serve`), a Prometheus text parser
+#                             curl (raw HTTP against `cove serve`), a Prometheus text parser,
+#                             strace (to hold a supervisor up between two of its steps)
 #   scripts/deps.sh bench     + the peers the benchmarks compare with (bubblewrap, crun,
 #                             hyperfine, umoci, wrk and nginx for the proxy)
 # Installs only what is missing, so it costs nothing on a prepared machine.
 set -euo pipefail
 want=(iproute2 util-linux ca-certificates python3 curl nftables)
 test_packages=(busybox-static docker-registry skopeo apache2-utils openssl zstd curl
-  python3-prometheus-client)
+  python3-prometheus-client strace)
 case "${1:-runtime}" in
   runtime) ;;
   test) want+=("${test_packages[@]}") ;;

@@ -658,14 +658,18 @@ pub fn supervise(dir: PathBuf, warm: Option<String>) -> anyhow::Result<ExitCode>
     };
     say_pid(std::process::id())?;
     let id = dir_id(&dir)?;
-    let report = match supervised_run(&dir, id, &lock, warm.as_deref()) {
+    let notify = take_notify_pipe(&dir)?;
+    let report = match supervised_run(&dir, id, &lock, warm.as_deref(), &notify) {
         Ok(init) => {
             // The sandbox is on its own: the agent signals its init from now on, and finds
             // how it ended in `status` (named so only now: a supervisor that died before this
-            // left no `status`, and its sandbox is `lost`).
+            // left no `status`, and its sandbox is `lost`). Both are in place before the
+            // agent hears `started`: it watches init's exit by that pid at once.
             say_pid(init as u32)?;
             fs::rename(dir.join("status.new"), dir.join("status"))
                 .context("put the status file in place")?;
+            // Nobody listening any more is fine: the agent finds the sandbox by its lock.
+            let _ = (&*notify).write_all(b"started\n");
             return Ok(ExitCode::SUCCESS);
         }
         Err(e) if matches!(e.downcast_ref(), Some(cove_jail::run::RunError::Unclaimed)) => {
@@ -731,8 +735,8 @@ fn supervised_run(
     id: SandboxId,
     lock: &fs::File,
     warm: Option<&str>,
+    notify: &std::sync::Arc<fs::File>,
 ) -> anyhow::Result<i32> {
-    let notify = take_notify_pipe(dir)?;
     // Warm, the sandbox is built for the template, and the spec to run comes on stdin once it
     // is: stdin is kept for it.
     let (input, bytes) = match warm {
@@ -817,7 +821,7 @@ fn supervised_run(
         no_dev_template: false,
         layers: pinned.as_ref().map(|p| p.dirs.clone()),
         state_root: None,
-        on_start: Some(notify),
+        on_start: Some(notify.clone()),
         detach: Some(std::sync::Arc::new(cove_jail::run::Detach {
             status: status.into(),
             keep,

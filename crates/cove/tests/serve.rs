@@ -1669,3 +1669,72 @@ fn a_second_server_on_the_same_data_directory_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("another cove serve uses"), "{stderr}");
 }
+
+/// A supervisor says `started` only once the agent can find the running sandbox from its
+/// directory: its init's pid on the lock's last line (the agent watches the init's exit by it at
+/// once) and its `status` file in place. The supervisor runs under `strace`, every `write(2)` of
+/// its held up 100 ms before it returns: whatever it does after it says `started` happens well
+/// after the test has looked (the lock's pid and the rename are other system calls).
+#[test]
+fn a_supervisor_says_started_once_its_sandbox_can_be_found() {
+    require_root();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let id = format!("{:012x}", nanos & 0xffff_ffff_ffff);
+    // The supervisor's orphaned init is this test's to collect once it is killed.
+    common::become_subreaper();
+    let data = std::env::temp_dir().join(format!("cove-supervise-{id}"));
+    let dir = data.join("sandboxes").join(&id);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut supervisor = Command::new("strace")
+        .args(["-qq", "-o", "/dev/null", "-e", "trace=write"])
+        .args(["-e", "inject=write:delay_exit=100000"])
+        .arg(common::cove_bin())
+        .arg("supervise")
+        .arg(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = supervisor.stdin.take().unwrap();
+        stdin.write_all(br#"{"cmd":["sleep","300"]}"#).unwrap();
+    }
+    let mut said = String::new();
+    BufReader::new(supervisor.stdout.take().unwrap())
+        .read_line(&mut said)
+        .unwrap();
+    // Read at once, before anything else can happen.
+    let lock = std::fs::read_to_string(dir.join("lock")).unwrap();
+    let status = dir.join("status").exists();
+    let last = lock.lines().last().unwrap_or_default().to_string();
+    let comm = std::fs::read_to_string(format!("/proc/{last}/comm")).unwrap_or_default();
+    // Whatever was seen, the sandbox goes: its init killed (by name), the supervisor and the
+    // init collected, and what is left reaped as any ended sandbox whose owner is gone.
+    let name: String = format!("cove-{id}").chars().take(15).collect();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok());
+        if let Some(pid) = pid
+            && std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == name)
+        {
+            common::signal(pid, libc::SIGKILL);
+        }
+    }
+    let _ = supervisor.wait();
+    common::reap_orphans(&id);
+    let _gc = common::gc_lock(false);
+    let gc = Command::new(common::cove_bin()).arg("gc").output().unwrap();
+    assert!(gc.status.success(), "{gc:?}");
+    common::assert_no_leaks(&id);
+    let _ = std::fs::remove_dir_all(&data);
+    assert_eq!(said, "started\n");
+    assert!(status, "no status file when it said started");
+    assert!(
+        comm.starts_with(&format!("cove-{}", &id[..10])),
+        "the lock's last line is not the init's pid: {lock:?} ({comm:?})"
+    );
+}

@@ -88,7 +88,9 @@ pub struct RunOptions {
     /// its tenant reads: it must not learn of other sandboxes).
     pub quiet: bool,
     /// Told `started` (one line) once the command has been executed, then closed: how a
-    /// control plane learns that the sandbox runs.
+    /// control plane learns that the sandbox runs. Not for a detached sandbox: what the caller
+    /// keeps of it (its init's pid, where its status goes) must be in place before anyone
+    /// hears that it runs, so [`start_detached`]'s caller says so itself once it returns.
     pub on_start: Option<std::sync::Arc<File>>,
     /// Leave the sandbox running on its own once its command runs ([`start_detached`]).
     pub detach: Option<std::sync::Arc<Detach>>,
@@ -902,12 +904,12 @@ impl Supervisor<'_> {
                         if let Some(fd) = line.strip_prefix("P ") {
                             relay = Some(self.take_terminal(fd.trim(), go)?);
                         } else if line == "R\n" {
+                            if self.detach {
+                                return Ok(Waited::Detached);
+                            }
                             if let Some(f) = self.on_start.take() {
                                 // Nobody listening any more is fine.
                                 let _ = (&*f).write_all(b"started\n");
-                            }
-                            if self.detach {
-                                return Ok(Waited::Detached);
                             }
                             sys::release_free_memory();
                         } else if line == "L\n" {
