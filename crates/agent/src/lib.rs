@@ -21,7 +21,7 @@
 //!   a restart of `cove serve`, even `kill -9`, leaves it running. A start that fails leaves
 //!   `report.json`.
 //! - A record whose id is a member of the warm pool (a create took it, see [`warm`]) is not
-//!   started: that member's supervisor, waiting with the sandbox built, is handed the spec.
+//!   started: the agent claims that member, built and waiting, for the record's spec itself.
 //! - A sandbox whose `lock` is free has ended: with `status`, the agent finishes it (the
 //!   jail's teardown, in a blocking task) and writes `report.json`; the record gets the reason,
 //!   exit code and report. One that ended without either is recorded `lost`.
@@ -166,9 +166,11 @@ pub struct Agent {
     exited_rx: Option<tokio::sync::mpsc::UnboundedReceiver<SandboxId>>,
     /// The warm pools, if any (see [`warm`]).
     pool: warm::Pool,
-    /// Warm supervisors report here once their sandbox waits for its spec.
-    warm_tx: tokio::sync::mpsc::UnboundedSender<SandboxId>,
-    warm_rx: Option<tokio::sync::mpsc::UnboundedReceiver<SandboxId>>,
+    /// Warm supervisors' hand-overs arrive here (`None`: one ended without).
+    warm_tx: tokio::sync::mpsc::UnboundedSender<(SandboxId, Option<warm::Handed>)>,
+    warm_rx: Option<tokio::sync::mpsc::UnboundedReceiver<(SandboxId, Option<warm::Handed>)>>,
+    /// How claims resolve stored images (see [`Agent::with_resolver`]).
+    resolver: Option<warm::Resolver>,
 }
 
 impl Agent {
@@ -205,6 +207,7 @@ impl Agent {
             pool: warm::Pool::default(),
             warm_tx,
             warm_rx: Some(warm_rx),
+            resolver: None,
         })
     }
 
@@ -233,7 +236,7 @@ impl Agent {
         let mut last_sweep = Instant::now();
         loop {
             tokio::select! {
-                Some(id) = warmed.recv() => self.member_ready(id),
+                Some((id, handed)) = warmed.recv() => self.member_ready(id, handed),
                 // Its record is marked running by the task that heard it (see `spawn_supervisor`).
                 Some(id) = started.recv() => self.started(&id),
                 // A detached sandbox's report is written: record its end now.
@@ -594,20 +597,21 @@ impl Agent {
     /// (no file: on this project's hosts every file made and removed per sandbox costs every
     /// later one, see `supervise`).
     fn spawn(&self, record: &SandboxRecord) -> Result<tokio::process::Child, AgentError> {
-        let mut child = self.spawn_supervisor(&record.id, None)?;
+        let mut child = self.spawn_supervisor(&record.id, None, std::process::Stdio::piped())?;
         if let Some(stdin) = child.stdin.take() {
             send_spec(stdin, record);
         }
         Ok(child)
     }
 
-    /// Makes the directory of sandbox `id` and starts its supervisor, its stdin a pipe for the
-    /// spec; warm for the template `warm` (JSON) if given (see [`warm`]). What it says on its
-    /// stdout goes to `started_tx` and `warm_tx`.
+    /// Makes the directory of sandbox `id` and starts its supervisor with `stdin` (a pipe for
+    /// the spec, or warm, for the template `warm` (JSON), the socket it hands the sandbox over
+    /// on: see [`warm`]). It says `started` on its stdout, which goes to `started_tx`.
     fn spawn_supervisor(
         &self,
         id: &SandboxId,
         warm: Option<&str>,
+        stdin: std::process::Stdio,
     ) -> Result<tokio::process::Child, AgentError> {
         let dir = self.dir(id);
         fs::DirBuilder::new()
@@ -636,7 +640,7 @@ impl Agent {
             cmd.arg("--warm").arg(template);
         }
         cmd.arg(&dir)
-            .stdin(std::process::Stdio::piped())
+            .stdin(stdin)
             // A pipe on which it says `started`; it puts `stdout.log` in its place itself.
             .stdout(std::process::Stdio::piped())
             .stderr(log("stderr.log")?)
@@ -657,27 +661,18 @@ impl Agent {
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut child = cmd.spawn().map_err(io_err("start", &self.cove))?;
         if let Some(out) = child.stdout.take() {
-            let (started, warmed, id) = (self.started_tx.clone(), self.warm_tx.clone(), *id);
+            let (started, id) = (self.started_tx.clone(), *id);
             let store = self.store.clone();
             tokio::spawn(async move {
                 use tokio::io::AsyncBufReadExt;
-                let mut reader = tokio::io::BufReader::new(out);
-                loop {
-                    let mut line = String::new();
-                    match reader.read_line(&mut line).await {
-                        Ok(n) if n > 0 && line == "warm\n" => {
-                            let _ = warmed.send(id);
-                        }
-                        // Marked running here, not on the agent's loop: the create waiting for
-                        // it is answered a hand-off sooner, and the write, which waits for a
-                        // group commit, holds no other sandbox up.
-                        Ok(n) if n > 0 && line == "started\n" => {
-                            mark_running(store, id).await;
-                            let _ = started.send(id);
-                            return;
-                        }
-                        _ => return,
-                    }
+                let mut line = String::new();
+                let said = tokio::io::BufReader::new(out).read_line(&mut line).await;
+                // Marked running here, not on the agent's loop: the create waiting for it is
+                // answered a hand-off sooner, and the write, which waits for a group commit,
+                // holds no other sandbox up.
+                if said.is_ok_and(|n| n > 0) && line == "started\n" {
+                    mark_running(store, id).await;
+                    let _ = started.send(id);
                 }
             });
         }
@@ -760,10 +755,14 @@ impl Agent {
         }
         // While our supervisor starts it, it is not gone; once the supervisor has exited (or
         // after a restart), the lock says whether the sandbox lives.
-        let starting = self
-            .children
-            .get_mut(&id)
-            .map(|child| !matches!(child.try_wait(), Ok(Some(_))));
+        // A claimed warm sandbox is being started by the agent itself.
+        let starting = if self.is_claiming(&id) {
+            Some(true)
+        } else {
+            self.children
+                .get_mut(&id)
+                .map(|child| !matches!(child.try_wait(), Ok(Some(_))))
+        };
         let (gone, adopted) = match starting {
             Some(true) => (false, false),
             Some(false) => {
@@ -942,6 +941,16 @@ impl Agent {
             Err(StoreError::Conflict { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+impl Drop for Agent {
+    /// The warm sandboxes end with the agent (the server is exiting): each is removed whole
+    /// before the process exits. Should it be killed instead, each one's child reads the end
+    /// of its claim pipe and exits, and the next start removes what is left of it (a
+    /// directory without a record).
+    fn drop(&mut self) {
+        self.remove_members();
     }
 }
 

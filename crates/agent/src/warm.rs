@@ -4,14 +4,18 @@
 //! A cold start spends about 10 ms of CPU building a sandbox (namespaces, root filesystem,
 //! cgroup, the supervisor's own start) before the command runs. A warm sandbox has done all of
 //! that: its supervisor (`cove supervise --warm TEMPLATE DIR`) built it from the pool's
-//! *template* spec and waits, its child waiting in the sandbox's cgroup. A create whose spec
-//! fits the template ([`cove_jail::run::fits_warm`]: the template's image, `host` or a stored
-//! one; no binds; network `none`; the template's disk and user; no hostname or terminal of its
-//! own) takes a ready one's
-//! id ([`WarmPool::take`]) and records the sandbox under it; when the agent sees that record it
-//! writes the spec to the supervisor's stdin, which sets the cgroup's limits and sends the child
-//! the command, environment, working directory and rlimits. From there on it is an ordinary
-//! sandbox.
+//! *template* spec, handed it over to the agent once its child waited in the sandbox's cgroup
+//! ([`cove_jail::run::WarmSandbox`], down a socket), and exited. A ready member is that one
+//! waiting process, and two descriptors in the agent: the pipe its command will come on, and
+//! its status pipe. A create whose spec fits the template ([`cove_jail::run::fits_warm`]: the
+//! template's image, `host` or a stored one; no binds; network `none`; the template's disk and
+//! user; no hostname or terminal of its own) takes a ready one's id ([`WarmPool::take`]) and
+//! records the sandbox under it; when the agent sees that record it claims the sandbox itself
+//! ([`cove_jail::run::claim_warm`]: the spec's limits into the cgroup, the command,
+//! environment, working directory and rlimits down the pipe) and reads on the status pipe that
+//! the command runs. From there on it is an ordinary sandbox. No process starts or wakes on a
+//! claim's way but the sandbox's own: measured here, taking the supervisor off it (it used to
+//! wait with the member and take the claim itself) cut a warm create by NOTE.
 //!
 //! The pool is kept at its size, but only while no create is taking or claiming a member:
 //! building one costs as much CPU as a cold start, and during a burst of creates it would
@@ -22,14 +26,20 @@
 //! priority than anything someone waits for. A member that
 //! fails before it is ready is logged and removed, and the next attempt waits, longer after
 //! each failure in a row. A member taken but never recorded (the create failed without giving it
-//! back) is dropped after [`TAKEN_TIMEOUT`]. Dropping a member closes its supervisor's stdin:
-//! it removes the sandbox and its directory itself, which is also what happens to every member
-//! when the server exits, however it exits.
+//! back) is dropped after [`TAKEN_TIMEOUT`]; one that dies while it waits is noticed at the
+//! next poll and replaced. Dropping a member closes its claim pipe: its child exits, and the
+//! agent removes the sandbox and its directory. When the server exits, it removes every member
+//! so before it does; killed, it leaves them to its next start, which removes every directory
+//! without a record (their processes are gone already: each child reads the end of its claim
+//! pipe when the server dies).
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cove_jail::run::WarmSandbox;
 use cove_types::{SandboxId, SandboxRecord, Spec};
 
 use crate::{Agent, AgentError};
@@ -121,13 +131,27 @@ impl WarmPool {
 
 /// A member, on the agent's side.
 pub(crate) struct Member {
-    child: tokio::process::Child,
-    /// Where its spec goes; closing it unclaimed removes the member.
-    stdin: tokio::process::ChildStdin,
-    /// It said `warm`.
-    ready: bool,
+    /// Its supervisor, until it has handed the sandbox over.
+    supervisor: Option<tokio::process::Child>,
+    /// The sandbox, once handed over: ready.
+    handed: Option<Handed>,
     /// The pool it belongs to (an index into [`Pool::slots`]).
     pool: usize,
+}
+
+/// A warm sandbox, handed over by its supervisor.
+pub(crate) struct Handed {
+    sandbox: WarmSandbox,
+    /// The image layers it was built on (see [`note`]).
+    layers: Option<Vec<PathBuf>>,
+}
+
+/// The note a warm sandbox's supervisor hands it over with ([`WarmSandbox::hand_over`]): the
+/// image layers it was built on, if its image is a stored one (JSON). A claim resolves the
+/// image's name again and refuses other layers (the name was pulled or imported again
+/// meanwhile).
+pub fn note(layers: Option<&Vec<PathBuf>>) -> Vec<u8> {
+    serde_json::to_vec(&layers).expect("paths serialise")
 }
 
 /// One pool, on the agent's side.
@@ -145,9 +169,16 @@ struct Slot {
 pub(crate) struct Pool {
     slots: Vec<Slot>,
     members: HashMap<SandboxId, Member>,
-    /// Members handed their spec that have not said `started` yet, and since when.
+    /// Claimed members whose command has not been found running yet (or failed), and since
+    /// when.
     claiming: HashMap<SandboxId, Instant>,
+    /// Supervisors that have handed their sandbox over, until they are collected.
+    spent: Vec<tokio::process::Child>,
 }
+
+/// Resolves the image of a spec to claim a member for, as a cold start would: its
+/// configuration applied to the spec, and the layers it names, if it is a stored one.
+pub type Resolver = Arc<dyn Fn(&mut Spec) -> Result<Option<Vec<PathBuf>>, String> + Send + Sync>;
 
 impl Agent {
     /// Keeps `pool` filled; creates take its members (see [`warm`](crate::warm)). One agent may
@@ -163,19 +194,60 @@ impl Agent {
         self
     }
 
+    /// How a claim resolves a stored image's name (without it, only `host` pools claim; a
+    /// member of an image's pool is then replaced by a cold start).
+    pub fn with_resolver(mut self, resolve: Resolver) -> Agent {
+        self.resolver = Some(resolve);
+        self
+    }
+
     /// Whether `id` is a member of a pool.
     pub(crate) fn is_member(&self, id: &SandboxId) -> bool {
         self.pool.members.contains_key(id)
     }
 
-    /// A member said `warm`: creates may take it, and the next one may start.
-    pub(crate) fn member_ready(&mut self, id: SandboxId) {
-        if let Some(m) = self.pool.members.get_mut(&id) {
-            m.ready = true;
-            let slot = &mut self.pool.slots[m.pool];
-            slot.failures = 0;
-            slot.shared.lock().ready.push(id);
-            self.refill();
+    /// Whether member `id` was claimed and has not been found running yet.
+    pub(crate) fn is_claiming(&self, id: &SandboxId) -> bool {
+        self.pool.claiming.contains_key(id)
+    }
+
+    /// The supervisor of member `id` handed its sandbox over (`Some`), or ended without
+    /// (`None`): ready, or failed.
+    pub(crate) fn member_ready(&mut self, id: SandboxId, handed: Option<Handed>) {
+        let Some(m) = self.pool.members.get_mut(&id) else {
+            // Dropped while it started.
+            if let Some(h) = handed {
+                self.remove_member_sandbox(id, h);
+            }
+            return;
+        };
+        self.pool.spent.extend(m.supervisor.take());
+        match handed {
+            Some(h) => {
+                m.handed = Some(h);
+                let slot = &mut self.pool.slots[m.pool];
+                slot.failures = 0;
+                slot.shared.lock().ready.push(id);
+                self.refill();
+            }
+            None => {
+                let pool = m.pool;
+                self.pool.members.remove(&id);
+                let dir = self.dir(&id);
+                let why = std::fs::read(dir.join("report.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<cove_types::RunReport>(&b).ok())
+                    .and_then(|r| r.message)
+                    .unwrap_or_else(|| "its supervisor ended without handing it over".into());
+                let _ = std::fs::remove_dir_all(&dir);
+                tracing::warn!(sandbox = %id, error = %why, "a warm sandbox failed");
+                let slot = &mut self.pool.slots[pool];
+                slot.failures += 1;
+                let wait = FIRST_RETRY
+                    .saturating_mul(1 << slot.failures.min(16))
+                    .min(MAX_RETRY);
+                slot.retry_at = Some(Instant::now() + wait);
+            }
         }
     }
 
@@ -186,10 +258,14 @@ impl Agent {
         }
     }
 
-    /// Drops the members that died or were taken and never recorded: at every poll, not at
-    /// every refill (a test of each member's supervisor, for every member that gets ready,
-    /// would cost a pool of n members n^2 system calls each time it fills).
+    /// Drops the members that died or were taken and never recorded, and collects the
+    /// supervisors that handed theirs over: at every poll, not at every refill (a test of
+    /// each member, for every member that gets ready, would cost a pool of n members n^2
+    /// system calls each time it fills).
     pub(crate) fn tend_members(&mut self) {
+        self.pool
+            .spent
+            .retain_mut(|s| matches!(s.try_wait(), Ok(None)));
         if self.pool.slots.is_empty() {
             return;
         }
@@ -212,31 +288,18 @@ impl Agent {
             tracing::warn!(sandbox = %id, "a warm sandbox taken for a create was never recorded: dropped");
             self.drop_member(&id);
         }
-        let mut ended = Vec::new();
-        for (id, m) in &mut self.pool.members {
-            if let Ok(Some(status)) = m.child.try_wait() {
-                ended.push((*id, m.ready, m.pool, status));
-            }
-        }
-        for (id, ready, pool, status) in ended {
-            self.pool.members.remove(&id);
-            self.forget(&id);
-            let dir = self.dir(&id);
-            let why = std::fs::read(dir.join("report.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<cove_types::RunReport>(&b).ok())
-                .and_then(|r| r.message)
-                .unwrap_or_else(|| format!("its supervisor exited ({status})"));
-            let _ = std::fs::remove_dir_all(&dir);
-            tracing::warn!(sandbox = %id, error = %why, "a warm sandbox failed");
-            if !ready {
-                let slot = &mut self.pool.slots[pool];
-                slot.failures += 1;
-                let wait = FIRST_RETRY
-                    .saturating_mul(1 << slot.failures.min(16))
-                    .min(MAX_RETRY);
-                slot.retry_at = Some(now + wait);
-            }
+        // A waiting member's status pipe says nothing until it is claimed: readable, its
+        // child failed or was killed.
+        let dead: Vec<SandboxId> = self
+            .pool
+            .members
+            .iter()
+            .filter(|(_, m)| m.handed.as_ref().is_some_and(|h| !waits(&h.sandbox)))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in dead {
+            tracing::warn!(sandbox = %id, "a warm sandbox ended before it was claimed");
+            self.drop_member(&id);
         }
     }
 
@@ -246,15 +309,11 @@ impl Agent {
             return;
         }
         let now = Instant::now();
-        // A claim whose supervisor has exited is over, whether or not it said `started` (a
-        // claim can fail: its record ends with the supervisor's report).
-        let children = &mut self.children;
-        self.pool.claiming.retain(|id, at| {
-            now.duration_since(*at) < CLAIM_TIMEOUT
-                && children
-                    .get_mut(id)
-                    .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-        });
+        // A claim is over when its command runs or fails (see `started`); one that says
+        // neither for this long no longer holds the pools up.
+        self.pool
+            .claiming
+            .retain(|_, at| now.duration_since(*at) < CLAIM_TIMEOUT);
         // Creates under way: the pools wait for them (see the module's documentation).
         let taken = self
             .pool
@@ -278,7 +337,12 @@ impl Agent {
             return true;
         }
         loop {
-            let starting = self.pool.members.values().filter(|m| !m.ready).count();
+            let starting = self
+                .pool
+                .members
+                .values()
+                .filter(|m| m.handed.is_none())
+                .count();
             if starting >= MAX_WARMING {
                 return false;
             }
@@ -295,15 +359,11 @@ impl Agent {
             let Ok(id) = cove_jail::run::new_id() else {
                 return false;
             };
-            match self.spawn_supervisor(&id, Some(&slot.template)) {
-                Ok(mut child) => {
-                    let Some(stdin) = child.stdin.take() else {
-                        return false;
-                    };
+            match self.spawn_member(&id, pool) {
+                Ok(supervisor) => {
                     let member = Member {
-                        child,
-                        stdin,
-                        ready: false,
+                        supervisor: Some(supervisor),
+                        handed: None,
                         pool,
                     };
                     self.pool.members.insert(id, member);
@@ -320,18 +380,65 @@ impl Agent {
         }
     }
 
-    /// Drops member `id` (never recorded, or its record stopped before it ran): its
-    /// supervisor, its stdin closed, removes the sandbox and its directory.
+    /// Starts the supervisor of member `id` of pool `pool`, its stdin a socket on which it
+    /// hands the sandbox over, and a task that waits for that (to `warm_tx`).
+    fn spawn_member(
+        &self,
+        id: &SandboxId,
+        pool: usize,
+    ) -> Result<tokio::process::Child, AgentError> {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
+        let io = |e: rustix::io::Errno| AgentError::Io {
+            op: "create a socket for",
+            path: self.dir(id),
+            source: e.into(),
+        };
+        let (ours, theirs) = socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .map_err(io)?;
+        // The runtime waits on ours; theirs is the supervisor's stdin, which blocks.
+        rustix::io::ioctl_fionbio(&ours, true).map_err(io)?;
+        let template = self.pool.slots[pool].template.clone();
+        let supervisor =
+            self.spawn_supervisor(id, Some(&template), std::process::Stdio::from(theirs))?;
+        let (tx, id) = (self.warm_tx.clone(), *id);
+        tokio::spawn(async move {
+            let handed = take_over(ours).await;
+            let _ = tx.send((id, handed));
+        });
+        Ok(supervisor)
+    }
+
+    /// Drops member `id` (never recorded, or its record stopped before it ran, or dead):
+    /// its sandbox ends and is removed.
     pub(crate) fn drop_member(&mut self, id: &SandboxId) {
         self.forget(id);
-        // Its supervisor is collected as an ordinary child once it exits.
-        if let Some(m) = self.pool.members.remove(id) {
-            self.children.insert(*id, m.child);
+        let Some(m) = self.pool.members.remove(id) else {
+            return;
+        };
+        // Still starting: its hand-over finds no member and removes the sandbox then.
+        self.pool.spent.extend(m.supervisor);
+        if let Some(h) = m.handed {
+            self.remove_member_sandbox(*id, h);
         }
     }
 
-    /// Hands member `record.id` the record's spec. A member that died meanwhile is replaced
-    /// by a cold start.
+    /// Ends a member's sandbox (its claim pipe closed) and removes it, its directory with it,
+    /// in a blocking task.
+    fn remove_member_sandbox(&self, id: SandboxId, handed: Handed) {
+        let dir = self.dir(&id);
+        let status = handed.sandbox.status;
+        drop(handed.sandbox.claim);
+        tokio::task::spawn_blocking(move || remove_warm(&id, &dir, &status, None));
+    }
+
+    /// Hands member `record.id` the record's spec: claims its sandbox (see
+    /// [`cove_jail::run::claim_warm`]) and waits, in a task, for its command to run. A member
+    /// that died meanwhile is replaced by a cold start.
     pub(crate) async fn claim(
         &mut self,
         record: SandboxRecord,
@@ -339,24 +446,269 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let id = record.id;
         self.forget(&id);
-        let Some(mut member) = self.pool.members.remove(&id) else {
+        let mut member = self.pool.members.remove(&id);
+        if let Some(m) = &mut member {
+            self.pool.spent.extend(m.supervisor.take());
+        }
+        let Some((handed, pool)) = member.and_then(|m| Some((m.handed?, m.pool))) else {
             return self.start(record, rev).await;
         };
-        if !matches!(member.child.try_wait(), Ok(None)) {
-            let _ = std::fs::remove_dir_all(self.dir(&id));
+        if !waits(&handed.sandbox) {
+            // Removed first: its id starts again, cold.
+            let dir = self.dir(&id);
+            let status = handed.sandbox.status;
+            let _ =
+                tokio::task::spawn_blocking(move || remove_warm(&id, &dir, &status, None)).await;
             return self.start(record, rev).await;
         }
-        crate::send_spec(member.stdin, &record);
-        self.children.insert(id, member.child);
+        let template = self.pool.slots[pool].shared.template.clone();
+        let dir = self.dir(&id);
+        // The timeout is the agent's to enforce (at `deadline_ms`), as for a cold start.
+        let mut spec = record.spec.clone();
+        spec.limits.timeout = None;
+        let Handed { sandbox, layers } = handed;
+        let WarmSandbox {
+            init,
+            claim,
+            status,
+        } = sandbox;
+        let claimed = self
+            .resolve_claim(&mut spec, layers.as_ref(), &dir)
+            .and_then(|()| {
+                cove_jail::run::claim_warm(&id, &template, &spec, init, claim)
+                    .map_err(|e| chain(&e))
+            });
         self.pool.claiming.insert(id, Instant::now());
+        let (store, started, finished) = (
+            self.store.clone(),
+            self.started_tx.clone(),
+            self.finished_tx.clone(),
+        );
+        tokio::spawn(async move {
+            let outcome = match claimed {
+                Ok(()) => claim_outcome(&status).await,
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(()) => {
+                    // Where the agent finds how it ends, as `supervise` leaves a started
+                    // sandbox, before it is marked running.
+                    let _ = std::fs::rename(dir.join("status.new"), dir.join("status"));
+                    crate::mark_running(store, id).await;
+                }
+                Err(why) => {
+                    let _ = tokio::task::spawn_blocking(move || {
+                        remove_warm(&id, &dir, &status, Some(why));
+                    })
+                    .await;
+                    let _ = finished.send(id);
+                }
+            }
+            let _ = started.send(id);
+        });
         Ok(())
     }
 
-    /// A sandbox's command runs: if it was a claim, the pools may refill (once no other claim
-    /// is under way).
+    /// Applies the image's configuration to a claim's spec, checks its layers are those
+    /// the member was built on, and writes what `exec` reads (`resolved.json`).
+    fn resolve_claim(
+        &self,
+        spec: &mut Spec,
+        layers: Option<&Vec<PathBuf>>,
+        dir: &Path,
+    ) -> Result<(), String> {
+        let resolved = match &self.resolver {
+            Some(resolve) => resolve(spec)?,
+            None => None,
+        };
+        if resolved.as_ref() != layers {
+            return Err(
+                "the image's name has named another image since the warm sandbox was \
+                        built from it (pulled or imported again)"
+                    .into(),
+            );
+        }
+        spec.validate().map_err(|e| e.to_string())?;
+        let json = serde_json::to_vec_pretty(spec).map_err(|e| e.to_string())?;
+        let path = dir.join("resolved.json");
+        std::fs::write(&path, json).map_err(|e| format!("write {}: {e}", path.display()))
+    }
+
+    /// A sandbox's command runs, or a claim failed: if it was a claim, the pools may refill
+    /// (once no other claim is under way).
     pub(crate) fn started(&mut self, id: &SandboxId) {
         if self.pool.claiming.remove(id).is_some() {
             self.refill();
         }
     }
+
+    /// Ends and removes every member's sandbox, and waits for that: the server is exiting.
+    /// Every claim pipe is closed first, so that the sandboxes end together.
+    pub(crate) fn remove_members(&mut self) {
+        let members: Vec<(SandboxId, Handed)> = self
+            .pool
+            .members
+            .drain()
+            .filter_map(|(id, m)| Some((id, m.handed?)))
+            .collect();
+        let waiting: Vec<(SandboxId, OwnedFd)> = members
+            .into_iter()
+            .map(|(id, h)| (id, h.sandbox.status))
+            .collect();
+        for (id, status) in waiting {
+            remove_warm(&id, &self.dir(&id), &status, None);
+        }
+    }
+}
+
+/// Whether a handed-over member still waits for its claim: its status pipe says nothing until
+/// then (readable or hung up, its child has failed or was killed).
+fn waits(sandbox: &WarmSandbox) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut fds = [PollFd::new(&sandbox.status, PollFlags::IN)];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(poll(&mut fds, Some(&zero)), Ok(0))
+}
+
+/// Waits for a member's supervisor to hand its sandbox over on `sock` (non-blocking); `None`
+/// if it ended without (or sent something else: logged).
+async fn take_over(sock: OwnedFd) -> Option<Handed> {
+    let sock = crate::readable(sock)?;
+    let taken = loop {
+        let Ok(mut ready) = sock.readable().await else {
+            return None;
+        };
+        match ready.try_io(|fd| WarmSandbox::take_over(fd.as_raw_fd())) {
+            Ok(taken) => break taken,
+            Err(_would_block) => continue,
+        }
+    };
+    match taken {
+        Ok(Some((sandbox, note))) => match serde_json::from_slice(&note) {
+            Ok(layers) => Some(Handed { sandbox, layers }),
+            Err(e) => {
+                tracing::warn!(error = %e, "a warm sandbox came with a malformed note");
+                drop(sandbox.claim);
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take a warm sandbox over");
+            None
+        }
+    }
+}
+
+/// Reads a claimed member's status pipe until its command runs (`Ok`) or it says why it
+/// cannot (`Err`).
+async fn claim_outcome(status: &OwnedFd) -> Result<(), String> {
+    use tokio::io::AsyncBufReadExt;
+    let pipe = status
+        .try_clone()
+        .and_then(|fd| {
+            rustix::io::ioctl_fionbio(&fd, true)?;
+            tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
+        })
+        .map_err(|e| format!("read the sandbox's status: {e}"))?;
+    let mut lines = tokio::io::BufReader::new(pipe).lines();
+    loop {
+        match lines.next_line().await {
+            Ok(Some(line)) => match cove_jail::run::claim_status(&line) {
+                Some(outcome) => return outcome,
+                None => continue,
+            },
+            Ok(None) | Err(_) => {
+                return Err("start the command: the sandbox ended before its command ran".into());
+            }
+        }
+    }
+}
+
+/// Removes warm sandbox `id` whose claim pipe is closed (never claimed, or its claim failed):
+/// waits for its init to exit (its status pipe hangs up then; its cgroup is killed if that
+/// takes over a second), collects it, and removes its cgroup and state; then its directory,
+/// or, with `failed`, writes there the report of a start that failed (its record ends with it).
+fn remove_warm(id: &SandboxId, dir: &Path, status: &OwnedFd, failed: Option<String>) {
+    if !hangs_up(status, Instant::now() + Duration::from_secs(1)) {
+        crate::kill_sandbox(id);
+    }
+    crate::reap_init(id, dir);
+    cove_jail::run::finish_detached(
+        id,
+        &Spec::new(Vec::new()),
+        &dir.join("status.new"),
+        0.0,
+        None,
+        None,
+    );
+    let Some(why) = failed else {
+        let _ = std::fs::remove_dir_all(dir);
+        return;
+    };
+    let report = cove_types::RunReport {
+        id: id.to_string(),
+        exit_code: EXIT_FAILED_START,
+        signal: None,
+        reason: cove_types::Reason::Error,
+        message: Some(why),
+        wall_time_ms: 0.0,
+        cpu_time_ms: 0.0,
+        peak_memory_bytes: 0,
+        egress_denied_packets: None,
+    };
+    let tmp = dir.join("report.json.tmp");
+    let written = serde_json::to_vec_pretty(&report)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, dir.join("report.json")));
+    if let Err(e) = written {
+        tracing::error!(sandbox = %id, error = %e, "cannot write the sandbox's report");
+    }
+}
+
+/// The exit code a start that failed reports, as `cove supervise` and `cove run` do.
+const EXIT_FAILED_START: i32 = 125;
+
+/// Whether the writers of pipe `fd` have all gone by `deadline` (what they write meanwhile
+/// is read and dropped).
+fn hangs_up(fd: &OwnedFd, deadline: Instant) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let _ = rustix::io::ioctl_fionbio(fd, true);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let timeout = Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        let mut fds = [PollFd::new(fd, PollFlags::IN)];
+        if poll(&mut fds, Some(&timeout)).is_err() {
+            return false;
+        }
+        let mut sink = [0u8; 512];
+        match rustix::io::read(fd, &mut sink) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e == rustix::io::Errno::AGAIN || e == rustix::io::Errno::INTR => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// An error and its sources, one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }

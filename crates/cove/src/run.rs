@@ -216,12 +216,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         no_dev_template: args.dev_tmpfs,
         layers: pinned.as_ref().map(|p| p.dirs.clone()),
         state_root: None,
-        on_start: None,
         detach: None,
         init_file: None,
         quiet: false,
         freezer: false,
-        warm: None,
+        warm: false,
     };
     let report = run_sandbox(&spec, &opts)?;
     drop(pinned);

@@ -457,6 +457,13 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     for pool in &warm {
         agent = agent.with_pool(pool.clone());
     }
+    // A claim applies a stored image's configuration as a cold start's supervisor does (the
+    // layers' pins are dropped at once: the sandbox's init holds its own).
+    agent = agent.with_resolver(std::sync::Arc::new(|spec: &mut Spec| {
+        resolve_image(spec)
+            .map(|pinned| pinned.map(|p| p.dirs.clone()))
+            .map_err(|e| crate::chain(&e))
+    }));
     if !warm.is_empty() {
         let pools: Vec<String> = warm
             .iter()
@@ -637,9 +644,12 @@ const SPEC_READ: usize = 64 << 10;
 /// server's CPU time in that search.
 ///
 /// With `warm` (a spec, as JSON: the node agent's template), the sandbox is started warm for
-/// it (see `cove_jail::run::RunOptions::warm`): `warm` on stdout once it waits, the spec to run
-/// on stdin when it is claimed. Never claimed (stdin closed with nothing on it), it removes
-/// itself and its directory.
+/// it (`cove_jail::run::start_warm`) and handed over, once its child waits, down stdin, which
+/// is then a `SOCK_SEQPACKET` socket to the agent (`cove_jail::run::WarmSandbox::hand_over`,
+/// its note `cove_agent::warm::note`); the supervisor exits and the agent claims the sandbox
+/// itself. Its init's pid is on the lock's last line before the hand-over, its status file stays
+/// `status.new` until the agent hears the command run. Should the hand-over fail (the agent is
+/// gone), the supervisor removes the sandbox and its directory.
 pub fn supervise(dir: PathBuf, warm: Option<String>) -> anyhow::Result<ExitCode> {
     let lock = locked(&dir.join("lock"), || {
         format!("another supervisor runs {}", dir.display())
@@ -659,8 +669,35 @@ pub fn supervise(dir: PathBuf, warm: Option<String>) -> anyhow::Result<ExitCode>
     say_pid(std::process::id())?;
     let id = dir_id(&dir)?;
     let notify = take_notify_pipe(&dir)?;
-    let report = match supervised_run(&dir, id, &lock, warm.as_deref(), &notify) {
-        Ok(init) => {
+    let report = match supervised_run(&dir, id, &lock, warm.as_deref()) {
+        Ok(Started::Warm(sandbox, to_agent, note)) => {
+            say_pid(sandbox.init as u32)?;
+            let init = sandbox.init;
+            if sandbox
+                .hand_over(std::os::fd::AsRawFd::as_raw_fd(&to_agent), &note)
+                .is_ok()
+            {
+                return Ok(ExitCode::SUCCESS);
+            }
+            // Nobody to take it (the descriptors closed here end it): removed as any ended
+            // sandbox, then its directory.
+            if let Some(pid) = rustix::process::Pid::from_raw(init) {
+                let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
+            }
+            let template = Spec::new(Vec::new());
+            cove_jail::run::finish_detached(
+                &id,
+                &template,
+                &dir.join("status.new"),
+                0.0,
+                None,
+                None,
+            );
+            drop(lock);
+            fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Ok(Started::Running(init)) => {
             // The sandbox is on its own: the agent signals its init from now on, and finds
             // how it ended in `status` (named so only now: a supervisor that died before this
             // left no `status`, and its sandbox is `lost`). Both are in place before the
@@ -669,12 +706,7 @@ pub fn supervise(dir: PathBuf, warm: Option<String>) -> anyhow::Result<ExitCode>
             fs::rename(dir.join("status.new"), dir.join("status"))
                 .context("put the status file in place")?;
             // Nobody listening any more is fine: the agent finds the sandbox by its lock.
-            let _ = (&*notify).write_all(b"started\n");
-            return Ok(ExitCode::SUCCESS);
-        }
-        Err(e) if matches!(e.downcast_ref(), Some(cove_jail::run::RunError::Unclaimed)) => {
-            drop(lock);
-            fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+            let _ = (&notify).write_all(b"started\n");
             return Ok(ExitCode::SUCCESS);
         }
         Err(e) => RunReport {
@@ -716,7 +748,7 @@ fn locked(path: &Path, busy: impl FnOnce() -> String) -> anyhow::Result<fs::File
 
 /// The supervisor's stdout is a pipe to the agent, told `started` when the command runs; the
 /// sandbox's stdout is `stdout.log`, put in its place here.
-fn take_notify_pipe(dir: &Path) -> anyhow::Result<std::sync::Arc<fs::File>> {
+fn take_notify_pipe(dir: &Path) -> anyhow::Result<fs::File> {
     let notify = rustix::io::fcntl_dupfd_cloexec(std::io::stdout(), 3)
         .context("keep the notification pipe")?;
     let log_path = dir.join("stdout.log");
@@ -727,7 +759,15 @@ fn take_notify_pipe(dir: &Path) -> anyhow::Result<std::sync::Arc<fs::File>> {
         .open(&log_path)
         .with_context(|| format!("open {}", log_path.display()))?;
     rustix::stdio::dup2_stdout(&log).context("send stdout to the log")?;
-    Ok(std::sync::Arc::new(fs::File::from(notify)))
+    Ok(fs::File::from(notify))
+}
+
+/// How [`supervised_run`] left its sandbox.
+enum Started {
+    /// Running on its own: its init's pid.
+    Running(i32),
+    /// Warm, to be handed over down the socket with the note.
+    Warm(cove_jail::run::WarmSandbox, std::os::fd::OwnedFd, Vec<u8>),
 }
 
 fn supervised_run(
@@ -735,15 +775,14 @@ fn supervised_run(
     id: SandboxId,
     lock: &fs::File,
     warm: Option<&str>,
-    notify: &std::sync::Arc<fs::File>,
-) -> anyhow::Result<i32> {
-    // Warm, the sandbox is built for the template, and the spec to run comes on stdin once it
-    // is: stdin is kept for it.
-    let (input, bytes) = match warm {
+) -> anyhow::Result<Started> {
+    // Warm, the sandbox is built for the template, and stdin is the socket it is handed over
+    // on.
+    let (to_agent, bytes) = match warm {
         Some(template) => {
-            let input =
-                rustix::io::fcntl_dupfd_cloexec(io::stdin(), 3).context("keep the spec's pipe")?;
-            (Some(fs::File::from(input)), template.as_bytes().to_vec())
+            let sock = rustix::io::fcntl_dupfd_cloexec(io::stdin(), 3)
+                .context("keep the agent's socket")?;
+            (Some(sock), template.as_bytes().to_vec())
         }
         None => {
             let mut bytes = Vec::with_capacity(SPEC_READ);
@@ -758,49 +797,15 @@ fn supervised_run(
     let pinned = resolve_image(&mut spec)?;
     spec.validate()?;
     // What `exec` needs to run commands the way the main one runs (the image's environment,
-    // working directory and user applied): the claimed spec, for a warm sandbox.
+    // working directory and user applied): the claimed spec, which the agent writes, for a
+    // warm sandbox (made now: no file is made on a claim's way).
     let resolved = dir.join("resolved.json");
-    let claim = match input {
-        Some(input) => {
-            // Made now, written at the claim: no file is made on a claim's way.
-            fs::write(&resolved, b"").with_context(|| format!("create {}", resolved.display()))?;
-            let input = std::sync::Mutex::new(Some(input));
-            let resolved = resolved.clone();
-            let layers = pinned.as_ref().map(|p| p.dirs.clone());
-            Some(cove_jail::run::Claim(std::sync::Arc::new(move || {
-                let Some(mut input) = input.lock().ok().and_then(|mut i| i.take()) else {
-                    return Ok(None);
-                };
-                let mut bytes = Vec::with_capacity(SPEC_READ);
-                io::Read::read_to_end(&mut input, &mut bytes)
-                    .map_err(|e| format!("read the spec: {e}"))?;
-                if bytes.is_empty() {
-                    return Ok(None);
-                }
-                let mut spec: Spec = serde_json::from_slice(&bytes)
-                    .map_err(|e| format!("the sandbox spec is invalid: {e}"))?;
-                // The image's configuration applies to the claim as to a cold start; its
-                // layers must be those the sandbox was built on (this pin is dropped: the
-                // sandbox's init holds its own since then).
-                let pinned = resolve_image(&mut spec).map_err(|e| crate::chain(&e))?;
-                if pinned.map(|p| p.dirs) != layers {
-                    return Err("the image's name has named another image since the warm \
-                                sandbox was built from it (pulled or imported again)"
-                        .into());
-                }
-                spec.validate().map_err(|e| e.to_string())?;
-                let json = serde_json::to_vec_pretty(&spec).map_err(|e| e.to_string())?;
-                fs::write(&resolved, json)
-                    .map_err(|e| format!("write {}: {e}", resolved.display()))?;
-                Ok(Some(spec))
-            })))
-        }
-        None => {
-            fs::write(&resolved, serde_json::to_vec_pretty(&spec)?)
-                .with_context(|| format!("write {}", resolved.display()))?;
-            None
-        }
+    let resolved_now = if to_agent.is_some() {
+        Vec::new()
+    } else {
+        serde_json::to_vec_pretty(&spec)?
     };
+    fs::write(&resolved, resolved_now).with_context(|| format!("write {}", resolved.display()))?;
     let status_path = dir.join("status.new");
     let status = OpenOptions::new()
         .create(true)
@@ -821,7 +826,6 @@ fn supervised_run(
         no_dev_template: false,
         layers: pinned.as_ref().map(|p| p.dirs.clone()),
         state_root: None,
-        on_start: Some(notify.clone()),
         detach: Some(std::sync::Arc::new(cove_jail::run::Detach {
             status: status.into(),
             keep,
@@ -833,11 +837,16 @@ fn supervised_run(
         quiet: true,
         freezer: true,
         init_file: std::env::var_os("COVE_INIT_FILE").map(PathBuf::from),
-        warm: claim,
+        warm: to_agent.is_some(),
     };
+    if let Some(sock) = to_agent {
+        let sandbox = cove_jail::run::start_warm(&spec, &opts)?;
+        let note = cove_agent::warm::note(pinned.as_ref().map(|p| &p.dirs));
+        return Ok(Started::Warm(sandbox, sock, note));
+    }
     let init = cove_jail::run::start_detached(&spec, &opts)?;
     drop(pinned);
-    Ok(init)
+    Ok(Started::Running(init))
 }
 
 /// Applies the configuration of `spec`'s image, if it names a stored one (pulled if missing),

@@ -39,8 +39,9 @@ pub(crate) struct ChildPlan {
     /// Give the command a terminal.
     pub tty: bool,
     pub timing: bool,
-    /// Tell the supervisor (`R`) once the command runs: only when someone listens
-    /// (`RunOptions::on_start`), so a plain `cove run` pays nothing for it.
+    /// Tell the supervisor (`R`) once the command runs: only for a detached sandbox, which is
+    /// on its own from then on (its caller says it runs once it has recorded it), so a plain
+    /// `cove run` pays nothing for it.
     pub report_started: bool,
     /// The command dies with the process that forked it: for exec, whose parent is a helper
     /// outside the sandbox (the main command's parent is init, which outlives it anyway).
@@ -206,6 +207,9 @@ fn contain(plan: &ChildPlan, fds: &ChildFds) -> Result<Never, Failure> {
             // What does not depend on the claim is done before it, off a create's way: init's
             // bounding set and the seccomp filter (which the kernel checks and compiles).
             lock_down(plan)?;
+            // The supervisor hands the sandbox over and exits (see `run::start_warm`): from
+            // here on the end of the claim pipe is what ends an unclaimed sandbox.
+            sys::set_parent_death_signal(0).step("untie the sandbox from the supervisor")?;
             sys::write_all(fds.status.as_raw_fd(), b"C\n").step("say the sandbox is warm")?;
             claimed = wait_for_claim(claim, plan).step("wait for the sandbox's command")?;
             &claimed
@@ -295,7 +299,7 @@ fn leave_cgroup(files: &[OwnedFd]) -> bool {
 /// them: each a string ended by a NUL (none of them can hold one), lists after their length.
 /// Everything the root filesystem depends on (image, disk, binds, user, hostname) was fixed
 /// when the sandbox was started warm; the supervisor only claims it for a spec that agrees.
-pub(crate) fn encode_claim(plan: &ChildPlan) -> Vec<u8> {
+pub(crate) fn encode_claim(plan: &Command) -> Vec<u8> {
     let mut out = Vec::new();
     let mut field = |bytes: &[u8]| {
         out.extend_from_slice(bytes);
@@ -319,6 +323,16 @@ pub(crate) fn encode_claim(plan: &ChildPlan) -> Vec<u8> {
         }
     }
     out
+}
+
+/// What a plan runs: the parts of it a warm sandbox's claim decides ([`encode_claim`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Command {
+    pub argv: Vec<CString>,
+    pub envp: Vec<CString>,
+    pub search_path: Vec<PathBuf>,
+    pub workdir: PathBuf,
+    pub rlimits: Vec<(libc::__rlimit_resource_t, u64, u64)>,
 }
 
 /// `warm` with the parts [`encode_claim`] wrote in `bytes` in place of its own.

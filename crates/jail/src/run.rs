@@ -8,7 +8,7 @@
 
 use std::ffi::CString;
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -58,9 +58,6 @@ pub enum RunError {
     Cgroup(#[from] cgroup::CgroupError),
     #[error("{step}: {message}")]
     Setup { step: String, message: String },
-    /// A warm sandbox's claim said none would come ([`RunOptions::warm`]).
-    #[error("the warm sandbox was not claimed")]
-    Unclaimed,
 }
 
 fn prep(what: impl Into<String>) -> impl FnOnce(io::Error) -> RunError {
@@ -87,34 +84,14 @@ pub struct RunOptions {
     /// Print nothing of its own on stderr (under `cove serve`, stderr is the sandbox's log, which
     /// its tenant reads: it must not learn of other sandboxes).
     pub quiet: bool,
-    /// Told `started` (one line) once the command has been executed, then closed: how a
-    /// control plane learns that the sandbox runs. Not for a detached sandbox: what the caller
-    /// keeps of it (its init's pid, where its status goes) must be in place before anyone
-    /// hears that it runs, so [`start_detached`]'s caller says so itself once it returns.
-    pub on_start: Option<std::sync::Arc<File>>,
     /// Leave the sandbox running on its own once its command runs ([`start_detached`]).
     pub detach: Option<std::sync::Arc<Detach>>,
     /// The resident init as a file many sandboxes share (see
     /// [`crate::init::install_resident_init`]); each sandbox gets a memory file of its own
     /// without it.
     pub init_file: Option<PathBuf>,
-    /// Start the sandbox *warm* (detached only): everything is built from the spec given to
-    /// [`start_detached`], a template whose command is not run; once the child waits in its
-    /// cgroup, `on_start` is told `warm` (one line) and the claim is called for the spec to
-    /// run, which must [`fits_warm`] the template. The cgroup is made without limits and
-    /// gets the claimed spec's then. A claim of `Ok(None)` means none will come: the sandbox
-    /// is removed and [`RunError::Unclaimed`] returned.
-    pub warm: Option<Claim>,
-}
-
-/// Where a warm sandbox's spec comes from ([`RunOptions::warm`]): blocks until it is known.
-#[derive(Clone)]
-pub struct Claim(pub std::sync::Arc<dyn Fn() -> Result<Option<Spec>, String> + Send + Sync>);
-
-impl std::fmt::Debug for Claim {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Claim")
-    }
+    /// Start the sandbox *warm* ([`start_warm`]; detached only).
+    pub warm: bool,
 }
 
 /// Whether a sandbox started warm from `template` can run `spec`: everything its root
@@ -169,6 +146,15 @@ enum Outcome {
     Ended(RunReport),
     /// The command runs, on its own; init's host pid.
     Detached(libc::pid_t),
+    /// Built warm, waiting for its command ([`start_warm`]).
+    Warm(WarmSandbox),
+}
+
+impl Outcome {
+    /// The sandbox lives on without its supervisor.
+    fn on_its_own(&self) -> bool {
+        matches!(self, Outcome::Detached(_) | Outcome::Warm(_))
+    }
 }
 
 /// A fresh random sandbox id.
@@ -184,7 +170,7 @@ pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunReport, RunError> {
     assert!(opts.detach.is_none(), "run waits; start_detached detaches");
     match launch(spec, opts)? {
         Outcome::Ended(report) => Ok(report),
-        Outcome::Detached(_) => unreachable!("not detached"),
+        Outcome::Detached(_) | Outcome::Warm(_) => unreachable!("not detached"),
     }
 }
 
@@ -205,8 +191,10 @@ pub fn start_detached(spec: &Spec, opts: &RunOptions) -> Result<libc::pid_t, Run
             message: "a detached sandbox cannot have a terminal".into(),
         });
     }
+    assert!(!opts.warm, "start_warm starts warm");
     match launch(spec, opts)? {
         Outcome::Detached(pid) => Ok(pid),
+        Outcome::Warm(_) => unreachable!("not warm"),
         // The command ended before it was found running (it could not be executed).
         Outcome::Ended(report) => Err(RunError::Setup {
             step: "start the command".into(),
@@ -217,9 +205,156 @@ pub fn start_detached(spec: &Spec, opts: &RunOptions) -> Result<libc::pid_t, Run
     }
 }
 
+/// Builds a sandbox *warm* from `template` (its command is not run) and returns it, handed
+/// over, once its child waits in its cgroup: detached as [`start_detached`] leaves a sandbox,
+/// but the child waits for its command on a pipe first. The caller (or whoever it hands the
+/// sandbox to, [`WarmSandbox::hand_over`]) claims it for a spec that [`fits_warm`] the
+/// template ([`claim_warm`]), and reads from then on what [`claim_status`] reads. The cgroup
+/// is made without limits; the claim writes the spec's. Dropped unclaimed, the sandbox ends:
+/// its child reads the end of the pipe and exits, and [`finish_detached`] removes the rest.
+/// Built at a lower priority ([`WARM_NICE`]) than anything someone waits for.
+pub fn start_warm(template: &Spec, opts: &RunOptions) -> Result<WarmSandbox, RunError> {
+    assert!(
+        opts.detach.is_some() && opts.warm,
+        "start_warm needs RunOptions::detach and RunOptions::warm"
+    );
+    match launch(template, opts)? {
+        Outcome::Warm(sandbox) => Ok(sandbox),
+        Outcome::Detached(_) | Outcome::Ended(_) => unreachable!("warm"),
+    }
+}
+
+/// A warm sandbox ([`start_warm`]): built, its child waiting in its cgroup for its command,
+/// with no process of the supervisor's left beside it.
+#[derive(Debug)]
+pub struct WarmSandbox {
+    /// The sandbox's init (its pid 1, seen from the host), waiting for its command.
+    pub init: libc::pid_t,
+    /// Where its command goes ([`claim_warm`]). Closed unclaimed, the sandbox ends.
+    pub claim: OwnedFd,
+    /// Its status pipe ([`claim_status`]); hung up once its init has exited.
+    pub status: OwnedFd,
+}
+
+impl WarmSandbox {
+    /// Sends the sandbox down `sock` (a `SOCK_SEQPACKET` socket), with `note` (at most
+    /// [`HAND_OVER_NOTE_MAX`] bytes), to [`WarmSandbox::take_over`] on the other side: one
+    /// message, the init's pid and the note, with the sandbox's descriptors.
+    pub fn hand_over(self, sock: RawFd, note: &[u8]) -> io::Result<()> {
+        if note.len() > HAND_OVER_NOTE_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the note is too long",
+            ));
+        }
+        let mut message = format!("{}\n", self.init).into_bytes();
+        message.extend_from_slice(note);
+        sys::send_data_and_fds(
+            sock,
+            &message,
+            &[self.claim.as_raw_fd(), self.status.as_raw_fd()],
+        )
+    }
+
+    /// Receives a sandbox from [`WarmSandbox::hand_over`] on `sock`, with its note; `None` if
+    /// the other side closed the socket instead (it failed before the sandbox was ready).
+    /// Blocks until then, unless `sock` does not block (`WouldBlock` then, with nothing read).
+    pub fn take_over(sock: RawFd) -> io::Result<Option<(WarmSandbox, Vec<u8>)>> {
+        let malformed = || io::Error::other("a malformed warm sandbox was handed over");
+        let mut message = vec![0u8; HAND_OVER_NOTE_MAX + 32];
+        let (n, mut fds) = match sys::recv_data_and_fds(sock, &mut message) {
+            Ok(got) => got,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        message.truncate(n);
+        let newline = message
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(malformed)?;
+        let init: libc::pid_t = std::str::from_utf8(&message[..newline])
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .filter(|&p| p > 0)
+            .ok_or_else(malformed)?;
+        let note = message.split_off(newline + 1);
+        if fds.len() != 2 {
+            return Err(malformed());
+        }
+        let status = fds.pop().ok_or_else(malformed)?;
+        let claim = fds.pop().ok_or_else(malformed)?;
+        Ok(Some((
+            WarmSandbox {
+                init,
+                claim,
+                status,
+            },
+            note,
+        )))
+    }
+}
+
+/// The longest note [`WarmSandbox::hand_over`] carries.
+pub const HAND_OVER_NOTE_MAX: usize = 16 << 10;
+
+/// Claims warm sandbox `id` (its init `init`, its claim pipe `claim`: see [`WarmSandbox`]),
+/// built from `template`, for `spec`: puts the sandbox back at the ordinary priority, writes
+/// the spec's limits into its cgroup and sends its child the command, environment, working
+/// directory and rlimits. Everything else stays what the sandbox was built with. Its status
+/// pipe then says whether the command runs ([`claim_status`]). An error leaves the sandbox
+/// unclaimed: closing `claim` (dropped here) ends it.
+pub fn claim_warm(
+    id: &SandboxId,
+    template: &Spec,
+    spec: &Spec,
+    init: libc::pid_t,
+    claim: OwnedFd,
+) -> Result<(), RunError> {
+    if !fits_warm(template, spec) {
+        return Err(RunError::Setup {
+            step: "claim the warm sandbox".into(),
+            message: "the spec needs what the warm sandbox was not built with (image, binds, \
+                      disk, user, hostname, network or terminal)"
+                .into(),
+        });
+    }
+    spec.validate()?;
+    let hostname = template.hostname.clone().unwrap_or_else(|| id.to_string());
+    let command = command(spec, &hostname)?;
+    // Someone waits for it now (the command inherits init's priority).
+    sys::set_nice(init, 0).map_err(prep("restore the sandbox's priority"))?;
+    let hierarchy = Hierarchy::detected().ok_or_else(|| RunError::Setup {
+        step: "claim the warm sandbox".into(),
+        message: "no cgroup hierarchy found".into(),
+    })?;
+    hierarchy.limit(
+        &hierarchy.open(&state::cgroup_name(id)),
+        &cgroup_limits(spec),
+    )?;
+    sys::write_all(claim.as_raw_fd(), &init::encode_claim(&command))
+        .map_err(prep("send the sandbox its command"))
+}
+
+/// What one line of a claimed warm sandbox's status pipe says: `Some(Ok(()))` once its command
+/// runs (the sandbox is then a detached one, as [`start_detached`] leaves it), `Some(Err(why))`
+/// if it could not start (its init exits), `None` for anything else.
+pub fn claim_status(line: &str) -> Option<Result<(), String>> {
+    if line == "R" {
+        return Some(Ok(()));
+    }
+    let mut report = InitReport::default();
+    parse_status_line(line, &mut report);
+    let (step, message) = match (report.exec_error, report.setup_error) {
+        (Some((_, message)), _) => ("start the command".to_string(), message),
+        (None, Some(failed)) => failed,
+        (None, None) => return None,
+    };
+    Some(Err(RunError::Setup { step, message }.to_string()))
+}
+
 fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
     let t_start = Instant::now();
-    if opts.warm.is_some() {
+    if opts.warm {
         // Built ahead of need, a warm sandbox yields the CPU to the starts and claims someone
         // waits for (its child inherits this until the claim puts both back).
         sys::set_nice(0, WARM_NICE).map_err(prep("lower the warm sandbox's priority"))?;
@@ -241,7 +376,7 @@ fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
     let state_lock = state.lock_fd();
     let result = (|| -> Result<Outcome, RunError> {
         // A warm sandbox's limits are its claim's, written then.
-        let limits = if opts.warm.is_some() {
+        let limits = if opts.warm {
             cgroup::Limits::default()
         } else {
             cgroup_limits(spec)
@@ -283,15 +418,15 @@ fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
             (&state_root, state_lock),
             &hierarchy,
         );
-        if let Ok(Outcome::Detached(pid)) = outcome {
-            return Ok(Outcome::Detached(pid));
+        if outcome.as_ref().is_ok_and(Outcome::on_its_own) {
+            return outcome;
         }
         let cleaned = remove_cgroup(&cg, shared_parent);
         let report = outcome?;
         cleaned?;
         Ok(report)
     })();
-    if let Ok(Outcome::Detached(_)) = result {
+    if result.as_ref().is_ok_and(Outcome::on_its_own) {
         // Init holds the lock now (the same open file), and the lock file stays, marked for
         // the reapers: its end is its owner's to finish.
         let owner = opts
@@ -389,7 +524,7 @@ pub(crate) fn plan(
         cap_last,
         tty: spec.tty,
         timing: opts.timing,
-        report_started: opts.on_start.is_some(),
+        report_started: opts.detach.is_some(),
         die_with_parent: false,
         leave_cgroup: false,
     };
@@ -397,14 +532,24 @@ pub(crate) fn plan(
     Ok(plan)
 }
 
-/// Sets what `plan` runs from `spec`: the command, its environment (over the defaults, the
-/// sandbox's hostname among them), the `PATH` it is looked up in, the working directory and
-/// the rlimits. All the claim of a warm sandbox brings (see `init::encode_claim`).
+/// Sets what `plan` runs from `spec` (see [`command`]).
 fn set_command(plan: &mut ChildPlan, spec: &Spec) -> Result<(), RunError> {
-    let hostname = plan.root.hostname.clone();
+    let c = command(spec, &plan.root.hostname)?;
+    plan.argv = c.argv;
+    plan.envp = c.envp;
+    plan.search_path = c.search_path;
+    plan.workdir = c.workdir;
+    plan.rlimits = c.rlimits;
+    Ok(())
+}
+
+/// What `spec` runs in a sandbox named `hostname`: the command, its environment (over the
+/// defaults, the hostname among them), the `PATH` it is looked up in, the working directory
+/// and the rlimits. All the claim of a warm sandbox brings (see `init::encode_claim`).
+fn command(spec: &Spec, hostname: &str) -> Result<init::Command, RunError> {
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), DEFAULT_PATH.into()),
-        ("HOSTNAME".into(), hostname.clone()),
+        ("HOSTNAME".into(), hostname.to_string()),
         (
             "HOME".into(),
             match (spec.user.uid, &spec.image) {
@@ -454,12 +599,13 @@ fn set_command(plan: &mut ChildPlan, spec: &Spec) -> Result<(), RunError> {
         let secs = t.as_std().as_secs_f64().ceil() as u64;
         rlimits.push((libc::RLIMIT_CPU, secs, secs + 1));
     }
-    plan.argv = argv;
-    plan.envp = envp;
-    plan.search_path = search_path;
-    plan.workdir = spec.workdir.clone().unwrap_or_else(|| PathBuf::from("/"));
-    plan.rlimits = rlimits;
-    Ok(())
+    Ok(init::Command {
+        argv,
+        envp,
+        search_path,
+        workdir: spec.workdir.clone().unwrap_or_else(|| PathBuf::from("/")),
+        rlimits,
+    })
 }
 
 /// Signals the supervisor handles itself.
@@ -493,12 +639,11 @@ fn supervise(
     let (go_r, go_w) = sys::pipe().map_err(prep("create a pipe"))?;
     let (cgroup_tx, cgroup_rx) = sys::socketpair().map_err(prep("create a socket pair"))?;
     let (status_r, status_w) = sys::pipe().map_err(prep("create a pipe"))?;
-    let (claim_r, claim_w) = match opts.warm {
-        Some(_) => {
-            let (r, w) = sys::pipe().map_err(prep("create a pipe"))?;
-            (Some(r), Some(w))
-        }
-        None => (None, None),
+    let (claim_r, claim_w) = if opts.warm {
+        let (r, w) = sys::pipe().map_err(prep("create a pipe"))?;
+        (Some(r), Some(w))
+    } else {
+        (None, None)
     };
     let init_exe =
         init::resident_init(opts.init_file.as_deref()).map_err(prep("load the resident init"))?;
@@ -589,33 +734,22 @@ fn supervise(
         let _ = old_mask.set_mask();
         return Err(e);
     }
-    // Warm: from here on, the claimed spec and its plan.
-    let claimed;
-    let (spec, plan) = match (&opts.warm, claim_w) {
-        (Some(claim), Some(to_child)) => {
-            match take_claim(
+    // Warm: handed over once the child waits for its command.
+    if let Some(claim) = claim_w {
+        let _ = old_mask.set_mask();
+        return match wait_warm(&status_r) {
+            Ok(()) => Ok(Outcome::Warm(WarmSandbox {
+                init: pid,
                 claim,
-                spec,
-                (plan, pid),
-                (layout, cg),
-                &status_r,
-                to_child,
-                opts,
-            ) {
-                Ok(c) => {
-                    claimed = c;
-                    (&claimed.0, &claimed.1)
-                }
-                Err(e) => {
-                    let _ = sys::kill(pid, libc::SIGKILL);
-                    let _ = sys::wait4(pid, 0);
-                    let _ = old_mask.set_mask();
-                    return Err(e);
-                }
+                status: status_r,
+            })),
+            Err(e) => {
+                let _ = sys::kill(pid, libc::SIGKILL);
+                let _ = sys::wait4(pid, 0);
+                Err(e)
             }
-        }
-        _ => (spec, plan),
-    };
+        };
+    }
 
     // Opportunistic reaping of sandboxes whose supervisor was killed, while ours starts (not
     // for a server's sandbox: the server's reaper does it).
@@ -642,7 +776,6 @@ fn supervise(
         reported: None,
         reaped: None,
         uncgrouped: None,
-        on_start: opts.on_start.clone(),
         detach: opts.detach.is_some(),
         leaves: plan.leave_cgroup,
     };
@@ -684,59 +817,21 @@ fn supervise(
 /// The nice value a warm sandbox is built at, until it is claimed.
 const WARM_NICE: i32 = 10;
 
-/// A warm sandbox's claim: waits for the child to be in place (`C` on the status pipe), says
-/// `warm`, and waits for the spec to run; then writes that spec's limits into the cgroup and
-/// sends the child its command (`init::encode_claim`). Returns the spec and its plan.
-fn take_claim(
-    claim: &Claim,
-    template: &Spec,
-    (warm, child): (&ChildPlan, libc::pid_t),
-    (layout, cg): (&Hierarchy, &Cgroup),
-    status: &OwnedFd,
-    to_child: OwnedFd,
-    opts: &RunOptions,
-) -> Result<(Spec, ChildPlan), RunError> {
+/// Waits for a warm sandbox's child to be in place (`C` on the status pipe).
+fn wait_warm(status: &OwnedFd) -> Result<(), RunError> {
     let line = read_line(status).map_err(prep("wait for the warm sandbox"))?;
-    if line != "C" {
-        let mut report = InitReport::default();
-        parse_status_line(&line, &mut report);
-        let (step, message) = report.setup_error.unwrap_or_else(|| {
-            (
-                "start the sandbox warm".into(),
-                "it ended before it was ready".into(),
-            )
-        });
-        return Err(RunError::Setup { step, message });
+    if line == "C" {
+        return Ok(());
     }
-    if let Some(f) = &opts.on_start {
-        let _ = (&**f).write_all(b"warm\n");
-    }
-    let spec = (claim.0)()
-        .map_err(|message| RunError::Setup {
-            step: "receive the sandbox's spec".into(),
-            message,
-        })?
-        .ok_or(RunError::Unclaimed)?;
-    if !fits_warm(template, &spec) {
-        return Err(RunError::Setup {
-            step: "claim the warm sandbox".into(),
-            message: "the spec needs what the warm sandbox was not built with (image, binds, \
-                      disk, user, hostname, network or terminal)"
-                .into(),
-        });
-    }
-    spec.validate()?;
-    // Someone waits for it now: back to the ordinary priority, the child first (the command
-    // inherits its).
-    sys::set_nice(child, 0).map_err(prep("restore the sandbox's priority"))?;
-    sys::set_nice(0, 0).map_err(prep("restore the supervisor's priority"))?;
-    // Everything else stays what the sandbox was built with.
-    let mut plan = warm.clone();
-    set_command(&mut plan, &spec)?;
-    layout.limit(cg, &cgroup_limits(&spec))?;
-    sys::write_all(to_child.as_raw_fd(), &init::encode_claim(&plan))
-        .map_err(prep("send the sandbox its command"))?;
-    Ok((spec, plan))
+    let mut report = InitReport::default();
+    parse_status_line(&line, &mut report);
+    let (step, message) = report.setup_error.unwrap_or_else(|| {
+        (
+            "start the sandbox warm".into(),
+            "it ended before it was ready".into(),
+        )
+    });
+    Err(RunError::Setup { step, message })
 }
 
 /// One line from `fd`, read a byte at a time (what follows it stays in the pipe), without
@@ -866,8 +961,6 @@ struct Supervisor<'a> {
     reaped: Option<Duration>,
     /// When the cgroup was removed while init exited (`L`), if it was.
     uncgrouped: Option<Duration>,
-    /// See [`RunOptions::on_start`].
-    on_start: Option<std::sync::Arc<File>>,
     /// Return once the command runs ([`start_detached`]).
     detach: bool,
     /// Init leaves the cgroup before it exits ([`ChildPlan::leave_cgroup`]).
@@ -906,10 +999,6 @@ impl Supervisor<'_> {
                         } else if line == "R\n" {
                             if self.detach {
                                 return Ok(Waited::Detached);
-                            }
-                            if let Some(f) = self.on_start.take() {
-                                // Nobody listening any more is fine.
-                                let _ = (&*f).write_all(b"started\n");
                             }
                             sys::release_free_memory();
                         } else if line == "L\n" {
@@ -1274,7 +1363,9 @@ mod tests {
         claimed.limits.nofile = Some(77);
         claimed.limits.fsize = Some("1M".parse().unwrap());
         let want = plan(&claimed, &id, PathBuf::from("/x"), &opts).unwrap();
-        let got = init::decode_claim(&init::encode_claim(&want), &warm).unwrap();
+        // What `claim_warm` sends, from the spec and the sandbox's name alone.
+        let sent = command(&claimed, id.as_str()).unwrap();
+        let got = init::decode_claim(&init::encode_claim(&sent), &warm).unwrap();
         assert_eq!(got.argv, want.argv);
         assert_eq!(got.envp, want.envp);
         assert_eq!(got.search_path, want.search_path);
@@ -1283,16 +1374,68 @@ mod tests {
         // What the root filesystem was built from stays the warm sandbox's.
         assert_eq!(got.root.staging, warm.root.staging);
         // Anything cut short or with more after it is refused, not half-applied.
-        let bytes = init::encode_claim(&want);
+        let bytes = init::encode_claim(&sent);
         for cut in [0, 1, bytes.len() / 2, bytes.len() - 1] {
             assert!(init::decode_claim(&bytes[..cut], &warm).is_err(), "{cut}");
         }
         let mut more = bytes.clone();
         more.extend_from_slice(b"x\0");
         assert!(init::decode_claim(&more, &warm).is_err());
-        let mut no_command = want.clone();
+        let mut no_command = sent.clone();
         no_command.argv.clear();
         assert!(init::decode_claim(&init::encode_claim(&no_command), &warm).is_err());
+    }
+
+    #[test]
+    fn a_warm_sandbox_is_handed_over_whole_or_not_at_all() {
+        let (ours, theirs) = sys::socketpair().unwrap();
+        let (claim_r, claim_w) = sys::pipe().unwrap();
+        let (status_r, status_w) = sys::pipe().unwrap();
+        let sandbox = WarmSandbox {
+            init: 4242,
+            claim: claim_w,
+            status: status_r,
+        };
+        sandbox
+            .hand_over(theirs.as_raw_fd(), b"[\"/layers/a\"]")
+            .unwrap();
+        let (got, note) = WarmSandbox::take_over(ours.as_raw_fd()).unwrap().unwrap();
+        assert_eq!((got.init, note.as_slice()), (4242, &b"[\"/layers/a\"]"[..]));
+        // The descriptors are the pipes' other ends: what goes in one comes out of the other.
+        sys::write_all(got.claim.as_raw_fd(), b"cmd").unwrap();
+        let mut b = [0u8; 3];
+        assert_eq!(sys::read(claim_r.as_raw_fd(), &mut b).unwrap(), 3);
+        assert_eq!(&b, b"cmd");
+        sys::write_all(status_w.as_raw_fd(), b"R\n").unwrap();
+        let mut b = [0u8; 2];
+        assert_eq!(sys::read(got.status.as_raw_fd(), &mut b).unwrap(), 2);
+        // A note too long is refused before anything is sent.
+        let (c, _) = sys::pipe().unwrap();
+        let (s, _) = sys::pipe().unwrap();
+        let big = WarmSandbox {
+            init: 1,
+            claim: c,
+            status: s,
+        };
+        let long = vec![b'x'; HAND_OVER_NOTE_MAX + 1];
+        assert!(big.hand_over(theirs.as_raw_fd(), &long).is_err());
+        // The other side gone without a sandbox: none, not an error.
+        drop(theirs);
+        assert!(WarmSandbox::take_over(ours.as_raw_fd()).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_claims_status_says_started_or_why_not() {
+        assert_eq!(claim_status("R"), Some(Ok(())));
+        assert_eq!(
+            claim_status("X 127\tnope: command not found"),
+            Some(Err("start the command: nope: command not found".into()))
+        );
+        assert_eq!(
+            claim_status("E wait for the sandbox's command\tno command came"),
+            Some(Err("wait for the sandbox's command: no command came".into()))
+        );
+        assert_eq!(claim_status("T child_start=0"), None);
     }
 
     #[test]

@@ -275,7 +275,17 @@ impl Drop for Server {
                 }
             }
         }
-        self.kill9();
+        // Stopped as a user stops it: its warm sandboxes go with it (killed, it would leave
+        // them to its next start).
+        if let Some(mut c) = self.child.take() {
+            common::signal(c.id() as i32, libc::SIGTERM);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while matches!(c.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         if owned {
             let _ = std::fs::remove_dir_all(&self.data);
         }

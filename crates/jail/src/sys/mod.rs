@@ -389,6 +389,17 @@ pub(crate) const MAX_PASSED_FDS: usize = 8;
 /// Sends `fds` (at most [`MAX_PASSED_FDS`]) in one message on `sock` (`SCM_RIGHTS`, with one
 /// byte of data so that the message is never empty).
 pub(crate) fn send_fds(sock: RawFd, fds: &[RawFd]) -> io::Result<()> {
+    send_data_and_fds(sock, &[0], fds)
+}
+
+/// Sends `data` (not empty) and `fds` (at most [`MAX_PASSED_FDS`]) in one message on `sock`.
+pub(crate) fn send_data_and_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    if data.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "an empty message",
+        ));
+    }
     if fds.len() > MAX_PASSED_FDS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -396,7 +407,9 @@ pub(crate) fn send_fds(sock: RawFd, fds: &[RawFd]) -> io::Result<()> {
         ));
     }
     let payload = std::mem::size_of_val(fds) as u32;
-    with_message(|msg| {
+    // sendmsg only reads the data, but an iovec points at mutable bytes.
+    let mut data = data.to_vec();
+    with_message(&mut data, |msg| {
         // SAFETY: CMSG_SPACE only computes a size.
         msg.msg_controllen = unsafe { libc::CMSG_SPACE(payload) } as usize;
         // SAFETY: the control buffer (128 bytes) holds CMSG_SPACE of 8 descriptors (48 bytes),
@@ -413,15 +426,14 @@ pub(crate) fn send_fds(sock: RawFd, fds: &[RawFd]) -> io::Result<()> {
     })
 }
 
-/// Calls `f` with a message header of one data byte and a 128-byte control buffer (all live
-/// for the call).
-fn with_message<R>(f: impl FnOnce(&mut libc::msghdr) -> R) -> R {
+/// Calls `f` with a message header of `data` and a 128-byte control buffer (all live for the
+/// call).
+fn with_message<R>(data: &mut [u8], f: impl FnOnce(&mut libc::msghdr) -> R) -> R {
     // u64 elements keep the control buffer aligned for `cmsghdr`.
     let mut control = [0u64; 16];
-    let mut byte = [0u8; 1];
     let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
     };
     // SAFETY: an all-zero msghdr is valid; the pointers set below outlive `f`.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -449,10 +461,17 @@ fn retry_eintr(mut call: impl FnMut() -> isize) -> io::Result<usize> {
 /// Receives the descriptors of one [`send_fds`] message on `sock` (close-on-exec). The peer's
 /// end closed without a message is `UnexpectedEof`.
 pub(crate) fn recv_fds(sock: RawFd) -> io::Result<Vec<OwnedFd>> {
-    with_message(|msg| receive_fds(sock, msg))
+    let mut byte = [0u8; 1];
+    recv_data_and_fds(sock, &mut byte).map(|(_, fds)| fds)
 }
 
-fn receive_fds(sock: RawFd, msg: &mut libc::msghdr) -> io::Result<Vec<OwnedFd>> {
+/// Receives one message of data (into `buf`; its length returned) and descriptors from `sock`
+/// ([`send_data_and_fds`]). A message longer than `buf` is an error.
+pub(crate) fn recv_data_and_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    with_message(buf, |msg| receive_fds(sock, msg))
+}
+
+fn receive_fds(sock: RawFd, msg: &mut libc::msghdr) -> io::Result<(usize, Vec<OwnedFd>)> {
     // SAFETY: `msg` describes live buffers (`with_message`).
     let n = retry_eintr(|| unsafe { libc::recvmsg(sock, msg, libc::MSG_CMSG_CLOEXEC) })?;
     if n == 0 {
@@ -478,7 +497,10 @@ fn receive_fds(sock: RawFd, msg: &mut libc::msghdr) -> io::Result<Vec<OwnedFd>> 
     if msg.msg_flags & libc::MSG_CTRUNC != 0 {
         return Err(io::Error::other("descriptors were truncated"));
     }
-    Ok(fds)
+    if msg.msg_flags & libc::MSG_TRUNC != 0 {
+        return Err(io::Error::other("a message was truncated"));
+    }
+    Ok((n, fds))
 }
 
 /// `setsid(2)`.
