@@ -36,7 +36,8 @@ IMAGE="${IMAGE:-}"
 GAP="${GAP:-0}"
 WORK="${BENCH_WORK:-/var/tmp/cove-bench-api}"
 scripts/deps.sh bench
-COVE=$(scripts/build-release.sh 2>/dev/null)
+# COVE=PATH measures that binary instead of building one (to compare two builds).
+COVE="${COVE:-$(scripts/build-release.sh 2>/dev/null)}"
 
 rm -rf "$WORK"; mkdir -p "$WORK"
 SERVER_PID=

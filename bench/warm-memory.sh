@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "warm-memory.sh: run as root" >&2; exit 1; }
 N="${N:-100}"
 WORK="${BENCH_WORK:-/var/tmp/cove-bench-warm}"
-COVE=$(scripts/build-release.sh 2>/dev/null)
+# COVE=PATH measures that binary instead of building one (to compare two builds).
+COVE="${COVE:-$(scripts/build-release.sh 2>/dev/null)}"
 rm -rf "$WORK"; mkdir -p "$WORK"
 trap 'rm -rf "$WORK"' EXIT
 
@@ -47,9 +48,11 @@ def measure(pool):
         token = open(f"{data}/admin-token").read().strip()
         conn = http.client.HTTPConnection(url.group(1), int(url.group(2)))
         for _ in range(1200):
+            if pool == 0:
+                break
             conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
             text = conn.getresponse().read().decode()
-            ready = re.search(r"^cove_warm_pool_ready (\S+)$", text, re.M)
+            ready = re.search(r'^cove_warm_pool_ready\{image="host"\} (\S+)$', text, re.M)
             if ready and float(ready.group(1)) >= pool:
                 break
             time.sleep(0.1)

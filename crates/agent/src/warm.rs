@@ -14,8 +14,11 @@
 //! ([`cove_jail::run::claim_warm`]: the spec's limits into the cgroup, the command,
 //! environment, working directory and rlimits down the pipe) and reads on the status pipe that
 //! the command runs. From there on it is an ordinary sandbox. No process starts or wakes on a
-//! claim's way but the sandbox's own: measured here, taking the supervisor off it (it used to
-//! wait with the member and take the claim itself) cut a warm create by NOTE.
+//! claim's way but the sandbox's own. The supervisor used to wait with its member and take the
+//! claim itself; measured here against that (bursts of 200 creates at 50 clients from a pool of
+//! 200, interleaved runs), the machine's CPU per create went from 3.65-3.95 to 2.95-3.40 ms and
+//! the creates per second from 470-516 to 554-627, and a waiting member's processes from 713
+//! to 493 KiB (proportional set size, page tables and kernel stacks).
 //!
 //! The pool is kept at its size, but only while no create is taking or claiming a member:
 //! building one costs as much CPU as a cold start, and during a burst of creates it would
