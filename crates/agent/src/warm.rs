@@ -95,7 +95,7 @@ impl WarmPool {
     }
 
     /// The id of a ready member that can run `spec`, reserved for it: the caller records the
-    /// sandbox under this id (the agent then hands the member its spec), or gives it back.
+    /// sandbox under this id (the agent then claims the member for it), or gives it back.
     pub fn take(&self, spec: &Spec) -> Option<SandboxId> {
         if !cove_jail::run::fits_warm(&self.template, spec) {
             return None;
@@ -151,8 +151,8 @@ pub(crate) struct Handed {
 
 /// The note a warm sandbox's supervisor hands it over with ([`WarmSandbox::hand_over`]): the
 /// image layers it was built on, if its image is a stored one (JSON). A claim resolves the
-/// image's name again and refuses other layers (the name was pulled or imported again
-/// meanwhile).
+/// image's name again; on other layers (the name was pulled or imported again meanwhile) the
+/// member is not used.
 pub fn note(layers: Option<&Vec<PathBuf>>) -> Vec<u8> {
     serde_json::to_vec(&layers).expect("paths serialise")
 }
@@ -242,8 +242,21 @@ impl Agent {
                     .and_then(|b| serde_json::from_slice::<cove_types::RunReport>(&b).ok())
                     .and_then(|r| r.message)
                     .unwrap_or_else(|| "its supervisor ended without handing it over".into());
-                let _ = std::fs::remove_dir_all(&dir);
                 tracing::warn!(sandbox = %id, error = %why, "a warm sandbox failed");
+                // Its supervisor and child are gone (the socket's end says both: the child has
+                // a copy of it). A supervisor that failed removed the rest itself; one that was
+                // killed left it.
+                tokio::task::spawn_blocking(move || {
+                    cove_jail::run::finish_detached(
+                        &id,
+                        &Spec::new(Vec::new()),
+                        &dir.join("status.new"),
+                        0.0,
+                        None,
+                        None,
+                    );
+                    let _ = std::fs::remove_dir_all(&dir);
+                });
                 let slot = &mut self.pool.slots[pool];
                 slot.failures += 1;
                 let wait = FIRST_RETRY
@@ -292,14 +305,23 @@ impl Agent {
             self.drop_member(&id);
         }
         // A waiting member's status pipe says nothing until it is claimed: readable, its
-        // child failed or was killed.
-        let dead: Vec<SandboxId> = self
+        // child failed or was killed. All of them in one `poll`.
+        let waiting: Vec<(SandboxId, &WarmSandbox)> = self
             .pool
             .members
             .iter()
-            .filter(|(_, m)| m.handed.as_ref().is_some_and(|h| !waits(&h.sandbox)))
-            .map(|(id, _)| *id)
+            .filter_map(|(id, m)| Some((*id, &m.handed.as_ref()?.sandbox)))
             .collect();
+        let dead: Vec<SandboxId> = {
+            let sandboxes: Vec<&WarmSandbox> = waiting.iter().map(|(_, s)| *s).collect();
+            let live = waiting_now(&sandboxes);
+            waiting
+                .iter()
+                .zip(live)
+                .filter(|(_, waits)| !waits)
+                .map(|((id, _), _)| *id)
+                .collect()
+        };
         for id in dead {
             tracing::warn!(sandbox = %id, "a warm sandbox ended before it was claimed");
             self.drop_member(&id);
@@ -457,26 +479,33 @@ impl Agent {
             return self.start(record, rev).await;
         };
         if !waits(&handed.sandbox) {
-            // Removed first: its id starts again, cold.
-            let dir = self.dir(&id);
-            let status = handed.sandbox.status;
-            let _ =
-                tokio::task::spawn_blocking(move || remove_warm(&id, &dir, &status, None)).await;
-            return self.start(record, rev).await;
+            return self.start_cold_instead(handed, record, rev).await;
         }
-        let template = self.pool.slots[pool].shared.template.clone();
-        let dir = self.dir(&id);
         // The timeout is the agent's to enforce (at `deadline_ms`), as for a cold start.
         let mut spec = record.spec.clone();
         spec.limits.timeout = None;
-        let Handed { sandbox, layers } = handed;
+        // The image's configuration applies as at a cold start. A member built on layers its
+        // image's name no longer names (pulled or imported again since), or whose name no
+        // longer resolves here, is not used: the sandbox starts cold, which pulls if need be.
+        if let Err(why) = self.resolve_claim(&mut spec, handed.layers.as_ref()) {
+            tracing::info!(sandbox = %id, reason = %why, "a warm sandbox no longer fits its image: started cold instead");
+            return self.start_cold_instead(handed, record, rev).await;
+        }
+        let template = self.pool.slots[pool].shared.template.clone();
+        let dir = self.dir(&id);
         let WarmSandbox {
             init,
             claim,
             status,
-        } = sandbox;
-        let claimed = self
-            .resolve_claim(&mut spec, layers.as_ref(), &dir)
+        } = handed.sandbox;
+        // What `exec` reads to run commands as the main one runs.
+        let resolved = dir.join("resolved.json");
+        let claimed = serde_json::to_vec_pretty(&spec)
+            .map_err(|e| e.to_string())
+            .and_then(|json| {
+                std::fs::write(&resolved, json)
+                    .map_err(|e| format!("write {}: {e}", resolved.display()))
+            })
             .and_then(|()| {
                 cove_jail::run::claim_warm(&id, &template, &spec, init, claim)
                     .map_err(|e| chain(&e))
@@ -512,29 +541,40 @@ impl Agent {
         Ok(())
     }
 
-    /// Applies the image's configuration to a claim's spec, checks its layers are those
-    /// the member was built on, and writes what `exec` reads (`resolved.json`).
-    fn resolve_claim(
-        &self,
-        spec: &mut Spec,
-        layers: Option<&Vec<PathBuf>>,
-        dir: &Path,
-    ) -> Result<(), String> {
+    /// Applies the image's configuration to a claim's spec and checks its layers are those
+    /// the member was built on.
+    fn resolve_claim(&self, spec: &mut Spec, layers: Option<&Vec<PathBuf>>) -> Result<(), String> {
         let resolved = match &self.resolver {
             Some(resolve) => resolve(spec)?,
+            None if matches!(spec.image, cove_types::Image::Ref(_)) => {
+                return Err("no image store to resolve the image".into());
+            }
             None => None,
         };
         if resolved.as_ref() != layers {
             return Err(
-                "the image's name has named another image since the warm sandbox was \
-                        built from it (pulled or imported again)"
+                "the image's name names another image than the one the warm sandbox \
+                        was built on (pulled or imported again since)"
                     .into(),
             );
         }
-        spec.validate().map_err(|e| e.to_string())?;
-        let json = serde_json::to_vec_pretty(spec).map_err(|e| e.to_string())?;
-        let path = dir.join("resolved.json");
-        std::fs::write(&path, json).map_err(|e| format!("write {}: {e}", path.display()))
+        Ok(())
+    }
+
+    /// Removes a member that cannot take its claim, then starts its record cold (under the
+    /// same id: the removal comes first).
+    async fn start_cold_instead(
+        &mut self,
+        handed: Handed,
+        record: SandboxRecord,
+        rev: u64,
+    ) -> Result<(), AgentError> {
+        let id = record.id;
+        let dir = self.dir(&id);
+        let status = handed.sandbox.status;
+        drop(handed.sandbox.claim);
+        let _ = tokio::task::spawn_blocking(move || remove_warm(&id, &dir, &status, None)).await;
+        self.start(record, rev).await
     }
 
     /// A sandbox's command runs, or a claim failed: if it was a claim, the pools may refill
@@ -567,13 +607,24 @@ impl Agent {
 /// Whether a handed-over member still waits for its claim: its status pipe says nothing until
 /// then (readable or hung up, its child has failed or was killed).
 fn waits(sandbox: &WarmSandbox) -> bool {
+    waiting_now(&[sandbox]) == [true]
+}
+
+/// [`waits`] of each of `sandboxes`, in one `poll(2)` (all false if it fails).
+fn waiting_now(sandboxes: &[&WarmSandbox]) -> Vec<bool> {
     use rustix::event::{PollFd, PollFlags, Timespec, poll};
-    let mut fds = [PollFd::new(&sandbox.status, PollFlags::IN)];
+    let mut fds: Vec<PollFd<'_>> = sandboxes
+        .iter()
+        .map(|s| PollFd::new(&s.status, PollFlags::IN))
+        .collect();
     let zero = Timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    matches!(poll(&mut fds, Some(&zero)), Ok(0))
+    if sandboxes.is_empty() || poll(&mut fds, Some(&zero)).is_err() {
+        return vec![false; sandboxes.len()];
+    }
+    fds.iter().map(|f| f.revents().is_empty()).collect()
 }
 
 /// Waits for a member's supervisor to hand its sandbox over on `sock` (non-blocking); `None`

@@ -458,9 +458,10 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
         agent = agent.with_pool(pool.clone());
     }
     // A claim applies a stored image's configuration as a cold start's supervisor does (the
-    // layers' pins are dropped at once: the sandbox's init holds its own).
+    // layers' pins are dropped at once: the sandbox's init holds its own). Never a pull: the
+    // agent's loop waits for it (a name no longer stored starts cold, and that pulls).
     agent = agent.with_resolver(std::sync::Arc::new(|spec: &mut Spec| {
-        resolve_image(spec)
+        resolve_image(spec, crate::image::PullPolicy::Never)
             .map(|pinned| pinned.map(|p| p.dirs.clone()))
             .map_err(|e| crate::chain(&e))
     }));
@@ -794,7 +795,7 @@ fn supervised_run(
     let null = fs::File::open("/dev/null").context("open /dev/null")?;
     rustix::stdio::dup2_stdin(&null).context("give the sandbox an empty stdin")?;
     let mut spec: Spec = serde_json::from_slice(&bytes).context("the sandbox spec is invalid")?;
-    let pinned = resolve_image(&mut spec)?;
+    let pinned = resolve_image(&mut spec, crate::image::PullPolicy::Missing)?;
     spec.validate()?;
     // What `exec` needs to run commands the way the main one runs (the image's environment,
     // working directory and user applied): the claimed spec, which the agent writes, for a
@@ -849,9 +850,12 @@ fn supervised_run(
     Ok(Started::Running(init))
 }
 
-/// Applies the configuration of `spec`'s image, if it names a stored one (pulled if missing),
-/// and pins its layers for as long as the result is kept.
-fn resolve_image(spec: &mut Spec) -> anyhow::Result<Option<cove_image::store::PinnedLayers>> {
+/// Applies the configuration of `spec`'s image, if it names a stored one (pulled if missing,
+/// by `pull`'s policy), and pins its layers for as long as the result is kept.
+fn resolve_image(
+    spec: &mut Spec,
+    pull: crate::image::PullPolicy,
+) -> anyhow::Result<Option<cove_image::store::PinnedLayers>> {
     let Image::Ref(reference) = spec.image.clone() else {
         return Ok(None);
     };
@@ -864,7 +868,7 @@ fn resolve_image(spec: &mut Spec) -> anyhow::Result<Option<cove_image::store::Pi
         &reference,
         spec,
         &given,
-        crate::image::PullPolicy::Missing,
+        pull,
         &crate::pull::RegistryArgs::default(),
     )
     .map(Some)
