@@ -498,12 +498,18 @@ impl Agent {
             claim,
             status,
         } = handed.sandbox;
-        // What `exec` reads to run commands as the main one runs.
+        // What `exec` reads to run commands as the main one runs: written into the empty file
+        // the supervisor made, not truncated first (on ext4 a truncation to zero makes the
+        // next close flush the file to disk).
         let resolved = dir.join("resolved.json");
         let claimed = serde_json::to_vec_pretty(&spec)
             .map_err(|e| e.to_string())
             .and_then(|json| {
-                std::fs::write(&resolved, json)
+                use std::io::Write;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&resolved)
+                    .and_then(|mut f| f.write_all(&json))
                     .map_err(|e| format!("write {}: {e}", resolved.display()))
             })
             .and_then(|()| {

@@ -741,9 +741,18 @@ fn locked(path: &Path, busy: impl FnOnce() -> String) -> anyhow::Result<fs::File
         .open(path)
         .with_context(|| format!("open {}", path.display()))?;
     file.try_lock().map_err(|_| anyhow!(busy()))?;
-    // What an earlier holder wrote is not ours.
-    file.set_len(0)
-        .with_context(|| format!("empty {}", path.display()))?;
+    // What an earlier holder wrote is not ours. Emptied only if it is not empty: on ext4, a
+    // truncation to zero marks the file to be flushed when it is next closed (the
+    // `auto_da_alloc` heuristic for files rewritten in place), by whoever closes it, which
+    // put a disk write on the agent's next look at the lock.
+    let len = file
+        .metadata()
+        .with_context(|| format!("stat {}", path.display()))?
+        .len();
+    if len > 0 {
+        file.set_len(0)
+            .with_context(|| format!("empty {}", path.display()))?;
+    }
     Ok(file)
 }
 
