@@ -514,7 +514,7 @@ impl Agent {
             })
             .and_then(|()| {
                 cove_jail::run::claim_warm(&id, &template, &spec, init, claim)
-                    .map_err(|e| chain(&e))
+                    .map_err(|e| cove_types::error_chain(&e))
             });
         self.pool.claiming.insert(id, Instant::now());
         let (store, started, finished) = (
@@ -759,16 +759,4 @@ fn hangs_up(fd: &OwnedFd, deadline: Instant) -> bool {
             Err(_) => return false,
         }
     }
-}
-
-/// An error and its sources, one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

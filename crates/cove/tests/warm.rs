@@ -70,6 +70,20 @@ fn processes_naming(needle: &str) -> Vec<String> {
         .collect()
 }
 
+/// The one process of a ready member (`pid: command line`): the sandbox's waiting child, once
+/// its supervisor has handed it over and exited.
+fn waiting_process(member: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut procs = processes_naming(&format!("sandboxes/{member}"));
+        if procs.len() == 1 {
+            return procs.remove(0);
+        }
+        assert!(Instant::now() < deadline, "{procs:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The nice value of process `pid` (the 19th field of its `stat`, counted after its name).
 fn nice_of(pid: &str) -> Option<i64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -89,19 +103,9 @@ fn a_warm_pool_serves_the_creates_that_fit_and_leaves_nothing_behind() {
     // A ready member is one process, the sandbox's waiting child (its supervisor handed it
     // over and exits), and it yields the CPU to the work someone waits for.
     for member in &warm {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let procs = loop {
-            let procs = processes_naming(&format!("sandboxes/{member}"));
-            if procs.len() == 1 || Instant::now() > deadline {
-                break procs;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        assert_eq!(procs.len(), 1, "{procs:?}");
-        for p in procs {
-            let pid = p.split(':').next().unwrap();
-            assert_eq!(nice_of(pid), Some(10), "{p}");
-        }
+        let p = waiting_process(member);
+        let pid = p.split(':').next().unwrap();
+        assert_eq!(nice_of(pid), Some(10), "{p}");
     }
 
     // A create refused (over its tenant's quota) gives the member it took back.
@@ -208,16 +212,12 @@ fn a_member_that_dies_is_replaced_and_a_stopped_server_removes_its_members() {
     let victim = warm.iter().next().unwrap().clone();
     // Killed while it waits (its one process once its supervisor has handed it over): it is
     // removed whole, and another takes its place.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let procs = loop {
-        let procs = processes_naming(&format!("sandboxes/{victim}"));
-        if procs.len() == 1 || Instant::now() > deadline {
-            break procs;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(procs.len(), 1, "{procs:?}");
-    let pid: i32 = procs[0].split(':').next().unwrap().parse().unwrap();
+    let pid: i32 = waiting_process(&victim)
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     common::signal(pid, libc::SIGKILL);
     let deadline = Instant::now() + Duration::from_secs(10);
     while sandbox_dirs(&data).contains(&victim) && Instant::now() < deadline {

@@ -40,3 +40,15 @@ pub use spec::{
     Limits, MAX_INNER_ID, NetMode, Spec, SpecError, User, parse_cpus,
 };
 pub use units::{Duration, ParseError, Size};
+
+/// An error and its causes on one line (`cause: its cause: ...`), for logs and API messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
