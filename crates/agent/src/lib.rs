@@ -140,7 +140,7 @@ pub struct Agent {
     /// The `cove` binary supervisors run.
     cove: PathBuf,
     /// Supervisors this process started, until they exit (collected at every poll).
-    children: HashMap<SandboxId, tokio::process::Child>,
+    children: HashMap<SandboxId, Supervisor>,
     /// Sandboxes already sent SIGTERM, and when.
     signalled: HashMap<SandboxId, Instant>,
     /// Sandboxes killed after the stop grace.
@@ -171,6 +171,9 @@ pub struct Agent {
     warm_rx: Option<tokio::sync::mpsc::UnboundedReceiver<(SandboxId, Option<warm::Handed>)>>,
     /// How claims resolve stored images (see [`Agent::with_resolver`]).
     resolver: Option<warm::Resolver>,
+    /// The spawner that forks supervisors (`cove spawner`, see [`cove_jail::spawner`]),
+    /// started with the first and again whenever it is found gone.
+    spawner: std::sync::Mutex<Option<(cove_jail::spawner::Spawner, std::process::Child)>>,
 }
 
 impl Agent {
@@ -208,6 +211,7 @@ impl Agent {
             warm_tx,
             warm_rx: Some(warm_rx),
             resolver: None,
+            spawner: std::sync::Mutex::new(None),
         })
     }
 
@@ -268,6 +272,7 @@ impl Agent {
                     }
                 }
                 _ = tick.tick() => {
+                    self.tend_spawner();
                     // Inits of ended sandboxes that `finish` did not get to collect, and
                     // sandbox processes orphaned to this server (one system call when there
                     // are none).
@@ -344,8 +349,7 @@ impl Agent {
         // Supervisors exit once their sandbox runs: collected here, or each would stay a
         // zombie until its sandbox's next full check (never, for a watched one). Without its
         // entry, a sandbox's state is read from its directory (its lock, `status`, the report).
-        self.children
-            .retain(|_, child| !matches!(child.try_wait(), Ok(Some(_))));
+        self.children.retain(|_, s| !s.exited());
         let now = now_ms();
         let mut due: Vec<SandboxId> = self
             .active
@@ -596,23 +600,26 @@ impl Agent {
     /// Makes the sandbox's directory and starts `cove supervise DIR`, its spec on its stdin
     /// (no file: on this project's hosts every file made and removed per sandbox costs every
     /// later one, see `supervise`).
-    fn spawn(&self, record: &SandboxRecord) -> Result<tokio::process::Child, AgentError> {
-        let mut child = self.spawn_supervisor(&record.id, None, std::process::Stdio::piped())?;
-        if let Some(stdin) = child.stdin.take() {
-            send_spec(stdin, record);
-        }
-        Ok(child)
+    fn spawn(&self, record: &SandboxRecord) -> Result<Supervisor, AgentError> {
+        let dir = self.dir(&record.id);
+        let (spec_r, spec_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(|e| io_err("create a pipe for", &dir)(e.into()))?;
+        let supervisor = self.spawn_supervisor(&record.id, None, spec_r)?;
+        send_spec(spec_w, record);
+        Ok(supervisor)
     }
 
     /// Makes the directory of sandbox `id` and starts its supervisor with `stdin` (a pipe for
     /// the spec, or warm, for the template `warm` (JSON), the socket it hands the sandbox over
-    /// on: see [`warm`]). It says `started` on its stdout, which goes to `started_tx`.
+    /// on: see [`warm`]), forked by the spawner ([`cove_jail::spawner`]). It says `started` on
+    /// its stdout, which goes to `started_tx`.
     fn spawn_supervisor(
         &self,
         id: &SandboxId,
         warm: Option<&str>,
-        stdin: std::process::Stdio,
-    ) -> Result<tokio::process::Child, AgentError> {
+        stdin: std::os::fd::OwnedFd,
+    ) -> Result<Supervisor, AgentError> {
+        use std::os::fd::AsFd;
         let dir = self.dir(id);
         fs::DirBuilder::new()
             .mode(0o700)
@@ -625,58 +632,121 @@ impl Agent {
                 }
             })
             .map_err(io_err("create", &dir))?;
-        let log = |name: &str| -> Result<File, AgentError> {
-            let path = dir.join(name);
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(io_err("create", &path))
-        };
-        let mut cmd = tokio::process::Command::new(&self.cove);
-        cmd.arg("supervise");
+        let stderr_path = dir.join("stderr.log");
+        let stderr = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&stderr_path)
+            .map_err(io_err("create", &stderr_path))?;
+        // A pipe on which it says `started`; it puts `stdout.log` in its place itself.
+        let (out_r, out_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(|e| io_err("create a pipe for", &dir)(e.into()))?;
+        let dir_arg = dir.to_string_lossy();
+        let mut args = vec!["supervise"];
         if let Some(template) = warm {
-            cmd.arg("--warm").arg(template);
+            args.extend(["--warm", template]);
         }
-        cmd.arg(&dir)
-            .stdin(stdin)
-            // A pipe on which it says `started`; it puts `stdout.log` in its place itself.
-            .stdout(std::process::Stdio::piped())
-            .stderr(log("stderr.log")?)
+        args.push(&dir_arg);
+        let pidfd = self
+            .spawn_process(&args, [stdin.as_fd(), out_w.as_fd(), stderr.as_fd()])
+            .map_err(io_err("start a supervisor for", &dir))?;
+        drop(out_w);
+        let (started, id) = (self.started_tx.clone(), *id);
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let Ok(out) = tokio::net::unix::pipe::Receiver::from_owned_fd(out_r) else {
+                return;
+            };
+            let mut line = String::new();
+            let said = tokio::io::BufReader::new(out).read_line(&mut line).await;
+            // Marked running here, not on the agent's loop: the create waiting for it is
+            // answered a hand-off sooner, and the write, which waits for a group commit,
+            // holds no other sandbox up.
+            if said.is_ok_and(|n| n > 0) && line == "started\n" {
+                mark_running(store, id).await;
+                let _ = started.send(id);
+            }
+        });
+        Ok(Supervisor(pidfd))
+    }
+
+    /// Starts `cove ARGS` through the spawner with `stdio`; its pidfd. A spawner found gone
+    /// (it died, or was never started) is started anew, once per call.
+    fn spawn_process(
+        &self,
+        args: &[&str],
+        stdio: [std::os::fd::BorrowedFd<'_>; 3],
+    ) -> io::Result<std::os::fd::OwnedFd> {
+        let mut spawner = self.spawner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((s, _)) = spawner.as_ref() {
+            match s.spawn(args, stdio) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::BrokenPipe
+                            | io::ErrorKind::UnexpectedEof
+                            | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    tracing::warn!(error = %e, "the spawner is gone: starting another");
+                }
+                done => return done,
+            }
+        }
+        if let Some((_, mut old)) = spawner.take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        let started = self.start_spawner()?;
+        let pidfd = started.0.spawn(args, stdio);
+        *spawner = Some(started);
+        pidfd
+    }
+
+    /// Collects the spawner if it has exited (the next start starts another): its zombie
+    /// would stand first among this process's exited children, where
+    /// `collect_sandbox_orphans` stops.
+    fn tend_spawner(&self) {
+        let mut spawner = self.spawner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, child)) = spawner.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            tracing::warn!(%status, "the spawner is gone: another starts with the next sandbox");
+            *spawner = None;
+        }
+    }
+
+    /// Starts `cove spawner`, with the environment every supervisor gets: nothing of the
+    /// server's but `PATH`, its image store and its sandboxes' resolver, and what
+    /// [`Agent::with_env`] added.
+    fn start_spawner(&self) -> io::Result<(cove_jail::spawner::Spawner, std::process::Child)> {
+        use std::os::unix::process::CommandExt;
+        let (ours, theirs) = cove_jail::spawner::Spawner::socket_pair()?;
+        let mut cmd = std::process::Command::new(&self.cove);
+        // Its arguments are every supervisor's too (they are forks of it): the sandboxes'
+        // directory says whose they are.
+        cmd.arg("spawner")
+            .arg(&self.root)
+            .stdin(std::process::Stdio::from(theirs))
+            .stdout(std::process::Stdio::null())
             .env_clear()
             .env(
                 "PATH",
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             )
-            // Its own process group: a Ctrl-C meant for `cove serve` is not meant for it.
-            .process_group(0)
-            .kill_on_drop(false);
-        // The server's settings for supervisors: its image store, its sandboxes' resolver.
+            // Its own process group: a Ctrl-C meant for `cove serve` is not meant for it (it
+            // exits when the server's end of its socket closes).
+            .process_group(0);
         for var in ["COVE_IMAGE_STORE", "COVE_EGRESS_DNS"] {
             if let Some(v) = std::env::var_os(var) {
                 cmd.env(var, v);
             }
         }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
-        let mut child = cmd.spawn().map_err(io_err("start", &self.cove))?;
-        if let Some(out) = child.stdout.take() {
-            let (started, id) = (self.started_tx.clone(), *id);
-            let store = self.store.clone();
-            tokio::spawn(async move {
-                use tokio::io::AsyncBufReadExt;
-                let mut line = String::new();
-                let said = tokio::io::BufReader::new(out).read_line(&mut line).await;
-                // Marked running here, not on the agent's loop: the create waiting for it is
-                // answered a hand-off sooner, and the write, which waits for a group commit,
-                // holds no other sandbox up.
-                if said.is_ok_and(|n| n > 0) && line == "started\n" {
-                    mark_running(store, id).await;
-                    let _ = started.send(id);
-                }
-            });
-        }
-        Ok(child)
+        let child = cmd.spawn()?;
+        Ok((cove_jail::spawner::Spawner::new(ours), child))
     }
 
     /// SIGTERM to the supervisor of `id`, once.
@@ -759,9 +829,7 @@ impl Agent {
         let starting = if self.is_claiming(&id) {
             Some(true)
         } else {
-            self.children
-                .get_mut(&id)
-                .map(|child| !matches!(child.try_wait(), Ok(Some(_))))
+            self.children.get(&id).map(|s| !s.exited())
         };
         let (gone, adopted) = match starting {
             Some(true) => (false, false),
@@ -1273,20 +1341,34 @@ pub fn supervisor_alive(dir: &Path) -> bool {
 /// Writes `record`'s spec to a supervisor's stdin and closes it, off the loop. The timeout is
 /// the agent's to enforce (at `deadline_ms`, which may move), not the jail's. A supervisor
 /// that dies first breaks the pipe: its end is found by `check`.
-fn send_spec(mut stdin: tokio::process::ChildStdin, record: &SandboxRecord) {
+fn send_spec(stdin: std::os::fd::OwnedFd, record: &SandboxRecord) {
     let mut spec = record.spec.clone();
     spec.limits.timeout = None;
     let spec = serde_json::to_vec(&spec).expect("a spec serialises");
     // At once, almost always whole: the pipe is fresh and holds 64 KiB (a task to write it
     // would put a hand-off on a create's way). What does not fit goes in a task.
+    let _ = rustix::io::ioctl_fionbio(&stdin, true);
     let sent = rustix::io::write(&stdin, &spec).unwrap_or(0);
     if sent == spec.len() {
         return;
     }
     tokio::spawn(async move {
         use tokio::io::AsyncWriteExt;
-        let _ = stdin.write_all(&spec[sent..]).await;
+        if let Ok(mut pipe) = tokio::net::unix::pipe::Sender::from_owned_fd(stdin) {
+            let _ = pipe.write_all(&spec[sent..]).await;
+        }
     });
+}
+
+/// A supervisor this agent started (forked by its spawner, which collects it), until it
+/// exits: a pidfd of it.
+pub(crate) struct Supervisor(std::os::fd::OwnedFd);
+
+impl Supervisor {
+    /// Whether it has exited.
+    fn exited(&self) -> bool {
+        cove_jail::spawner::exited(&self.0)
+    }
 }
 
 /// Records that the command of `id` runs (unless its record moved on meanwhile).

@@ -134,9 +134,7 @@ impl WarmPool {
 
 /// A member, on the agent's side.
 pub(crate) struct Member {
-    /// Its supervisor, until it has handed the sandbox over.
-    supervisor: Option<tokio::process::Child>,
-    /// The sandbox, once handed over: ready.
+    /// The sandbox, once its supervisor has handed it over: ready.
     handed: Option<Handed>,
     /// The pool it belongs to (an index into [`Pool::slots`]).
     pool: usize,
@@ -175,8 +173,6 @@ pub(crate) struct Pool {
     /// Claimed members whose command has not been found running yet (or failed), and since
     /// when.
     claiming: HashMap<SandboxId, Instant>,
-    /// Supervisors that have handed their sandbox over, until they are collected.
-    spent: Vec<tokio::process::Child>,
 }
 
 /// Resolves the image of a spec to claim a member for, as a cold start would: its
@@ -224,7 +220,6 @@ impl Agent {
             }
             return;
         };
-        self.pool.spent.extend(m.supervisor.take());
         match handed {
             Some(h) => {
                 m.handed = Some(h);
@@ -274,14 +269,10 @@ impl Agent {
         }
     }
 
-    /// Drops the members that died or were taken and never recorded, and collects the
-    /// supervisors that handed theirs over: at every poll, not at every refill (a test of
-    /// each member, for every member that gets ready, would cost a pool of n members n^2
-    /// system calls each time it fills).
+    /// Drops the members that died or were taken and never recorded: at every poll, not at
+    /// every refill (a test of each member, for every member that gets ready, would cost a
+    /// pool of n members n^2 system calls each time it fills).
     pub(crate) fn tend_members(&mut self) {
-        self.pool
-            .spent
-            .retain_mut(|s| matches!(s.try_wait(), Ok(None)));
         if self.pool.slots.is_empty() {
             return;
         }
@@ -385,12 +376,8 @@ impl Agent {
                 return false;
             };
             match self.spawn_member(&id, pool) {
-                Ok(supervisor) => {
-                    let member = Member {
-                        supervisor: Some(supervisor),
-                        handed: None,
-                        pool,
-                    };
+                Ok(()) => {
+                    let member = Member { handed: None, pool };
                     self.pool.members.insert(id, member);
                 }
                 Err(e) => {
@@ -407,11 +394,7 @@ impl Agent {
 
     /// Starts the supervisor of member `id` of pool `pool`, its stdin a socket on which it
     /// hands the sandbox over, and a task that waits for that (to `warm_tx`).
-    fn spawn_member(
-        &self,
-        id: &SandboxId,
-        pool: usize,
-    ) -> Result<tokio::process::Child, AgentError> {
+    fn spawn_member(&self, id: &SandboxId, pool: usize) -> Result<(), AgentError> {
         use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
         let io = |e: rustix::io::Errno| AgentError::Io {
             op: "create a socket for",
@@ -428,14 +411,14 @@ impl Agent {
         // The runtime waits on ours; theirs is the supervisor's stdin, which blocks.
         rustix::io::ioctl_fionbio(&ours, true).map_err(io)?;
         let template = self.pool.slots[pool].template.clone();
-        let supervisor =
-            self.spawn_supervisor(id, Some(&template), std::process::Stdio::from(theirs))?;
+        // Its supervisor is not watched: its hand-over, or the socket's end, says how it went.
+        self.spawn_supervisor(id, Some(&template), theirs)?;
         let (tx, id) = (self.warm_tx.clone(), *id);
         tokio::spawn(async move {
             let handed = take_over(ours).await;
             let _ = tx.send((id, handed));
         });
-        Ok(supervisor)
+        Ok(())
     }
 
     /// Drops member `id` (never recorded, or its record stopped before it ran, or dead):
@@ -446,7 +429,6 @@ impl Agent {
             return;
         };
         // Still starting: its hand-over finds no member and removes the sandbox then.
-        self.pool.spent.extend(m.supervisor);
         if let Some(h) = m.handed {
             self.remove_member_sandbox(*id, h);
         }
@@ -471,10 +453,7 @@ impl Agent {
     ) -> Result<(), AgentError> {
         let id = record.id;
         self.forget(&id);
-        let mut member = self.pool.members.remove(&id);
-        if let Some(m) = &mut member {
-            self.pool.spent.extend(m.supervisor.take());
-        }
+        let member = self.pool.members.remove(&id);
         let Some((handed, pool)) = member.and_then(|m| Some((m.handed?, m.pool))) else {
             return self.start(record, rev).await;
         };

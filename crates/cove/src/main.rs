@@ -60,6 +60,12 @@ enum Command {
         #[arg(long)]
         warm: Option<String>,
     },
+    /// Fork the supervisors of `cove serve` (started by its node agent, not by hand).
+    #[command(hide = true)]
+    Spawner {
+        /// The server's sandboxes directory (named so that `ps` says whose spawner this is).
+        dir: std::path::PathBuf,
+    },
     /// Manage stored images (pull, import, ls, inspect, rm, prune).
     #[command(
         subcommand,
@@ -102,24 +108,48 @@ fn parse_hot() -> Option<Command> {
                 .ok()
                 .map(Command::ExecIn)
         }
-        "supervise" => match rest {
-            [_, dir] if !dir.to_str().is_some_and(|d| d.starts_with('-')) => {
-                Some(Command::Supervise {
-                    dir: dir.into(),
-                    warm: None,
-                })
-            }
-            [_, flag, template, dir]
-                if flag == "--warm" && !dir.to_str().is_some_and(|d| d.starts_with('-')) =>
-            {
-                Some(Command::Supervise {
-                    dir: dir.into(),
-                    warm: Some(template.to_str()?.to_owned()),
-                })
-            }
+        "supervise" => supervise_args(rest),
+        "spawner" => match rest {
+            [_, dir] => Some(Command::Spawner { dir: dir.into() }),
             _ => None,
         },
         _ => None,
+    }
+}
+
+/// `supervise DIR` or `supervise --warm TEMPLATE DIR` (the subcommand's name first).
+fn supervise_args(args: &[std::ffi::OsString]) -> Option<Command> {
+    match args {
+        [_, dir] if !dir.to_str().is_some_and(|d| d.starts_with('-')) => Some(Command::Supervise {
+            dir: dir.into(),
+            warm: None,
+        }),
+        [_, flag, template, dir]
+            if flag == "--warm" && !dir.to_str().is_some_and(|d| d.starts_with('-')) =>
+        {
+            Some(Command::Supervise {
+                dir: dir.into(),
+                warm: Some(template.to_str()?.to_owned()),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// What the spawner's children run (see `cove_jail::spawner`): a supervisor, as `cove
+/// supervise` would; its exit code.
+fn spawned(args: Vec<String>) -> i32 {
+    let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+    let Some(Command::Supervise { dir, warm }) = supervise_args(&args) else {
+        eprintln!("cove: the spawner starts supervisors only, not {args:?}");
+        return i32::from(EXIT_COVE_FAILED);
+    };
+    match serve::supervise(dir, warm) {
+        Ok(_) => 0,
+        Err(e) => {
+            eprintln!("cove: {}", chain(&e));
+            i32::from(EXIT_COVE_FAILED)
+        }
     }
 }
 
@@ -137,6 +167,7 @@ fn main() -> ExitCode {
         Command::Image(cmd) => image::image(cmd),
         Command::Serve(args) => serve::serve(*args),
         Command::Supervise { dir, warm } => serve::supervise(dir, warm),
+        Command::Spawner { dir: _ } => serve::spawner(&spawned),
         Command::ExecIn(args) => exec_in::exec_in(args),
         Command::Client(cmd) => client::client(
             conn.as_ref()

@@ -772,6 +772,17 @@ fn take_notify_pipe(dir: &Path) -> anyhow::Result<fs::File> {
     Ok(fs::File::from(notify))
 }
 
+/// `cove spawner`: forks the server's supervisors, each running `spawned` with its arguments
+/// (see `cove_jail::spawner`), until the server's end of stdin (a socket) closes.
+pub fn spawner(spawned: &dyn Fn(Vec<String>) -> i32) -> anyhow::Result<ExitCode> {
+    let sock = rustix::io::fcntl_dupfd_cloexec(io::stdin(), 3).context("keep the socket")?;
+    let null = fs::File::open("/dev/null").context("open /dev/null")?;
+    rustix::stdio::dup2_stdin(&null).context("replace stdin")?;
+    drop(null);
+    cove_jail::spawner::serve(sock, spawned).context("serve the server's requests")?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// How [`supervised_run`] left its sandbox.
 enum Started {
     /// Running on its own: its init's pid.

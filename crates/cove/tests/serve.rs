@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use common::require_root;
 use server_support::{Server, sample, scrape};
 
-/// The `/proc/<pid>/stat` lines of the server's children that are zombies.
-fn zombie_children(server: &Server) -> Vec<String> {
-    let ppid = server.pid().to_string();
+/// The `/proc/<pid>/stat` lines of the processes whose parent is `ppid`.
+fn children_of(ppid: u32) -> Vec<String> {
+    let ppid = ppid.to_string();
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
@@ -25,9 +25,30 @@ fn zombie_children(server: &Server) -> Vec<String> {
                 .map_or("", |r| r.1)
                 .split_whitespace()
                 .collect();
-            rest.first() == Some(&"Z") && rest.get(1) == Some(&ppid.as_str())
+            rest.get(1) == Some(&ppid.as_str())
         })
         .collect()
+}
+
+/// The pid of the server's spawner (`cove spawner`, which forks its supervisors).
+fn spawner_of(server: &Server) -> Option<u32> {
+    children_of(server.pid()).iter().find_map(|stat| {
+        let pid: u32 = stat.split(' ').next()?.parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        cmdline
+            .split(|&b| b == 0)
+            .any(|a| a == b"spawner")
+            .then_some(pid)
+    })
+}
+
+/// The `/proc/<pid>/stat` lines of the server's children, and its spawner's, that are
+/// zombies.
+fn zombie_children(server: &Server) -> Vec<String> {
+    let zombie = |stat: &String| stat.rsplit_once(") ").is_some_and(|r| r.1.starts_with('Z'));
+    let mut all = children_of(server.pid());
+    all.extend(spawner_of(server).map(children_of).unwrap_or_default());
+    all.into_iter().filter(zombie).collect()
 }
 
 #[test]
@@ -37,6 +58,19 @@ fn supervisors_are_collected_once_their_sandboxes_run() {
     let ids: Vec<String> = (0..4)
         .map(|_| server.create(&["--", "sleep", "1000"]))
         .collect();
+    // Forked by the server's spawner (not started by the server itself). Killed, it is
+    // replaced at the next start, which goes on as before.
+    let spawner = spawner_of(&server).expect("the server has a spawner");
+    common::signal(spawner as i32, libc::SIGKILL);
+    let after = server.create(&["--", "sleep", "1000"]);
+    let replaced = spawner_of(&server).expect("the server has a spawner again");
+    assert_ne!(replaced, spawner);
+    assert!(
+        server.log().contains("the spawner is gone"),
+        "{}",
+        server.log()
+    );
+    let ids: Vec<String> = ids.into_iter().chain([after]).collect();
     // Each supervisor exits once its sandbox runs; the agent collects it at its next poll
     // (every 200 ms), none may be left a zombie.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -802,12 +836,14 @@ fn a_server_killed_mid_burst_loses_nothing_and_leaks_nothing() {
     let sandboxes = restarted.data.join("sandboxes");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let members = warm_members();
+        let members = warm_members(&restarted);
         let strays: Vec<String> = std::fs::read_dir(&sandboxes)
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|d| !known_ids.contains(&d.as_str()) && !members.contains(d))
+            .filter(|d| {
+                !known_ids.contains(&d.as_str()) && !members.iter().any(|m| d.starts_with(m))
+            })
             .collect();
         if strays.is_empty() {
             break;
@@ -822,22 +858,22 @@ fn a_server_killed_mid_burst_loses_nothing_and_leaks_nothing() {
     drop(server);
 }
 
-/// The sandbox ids of the running warm supervisors (`cove supervise --warm TEMPLATE DIR`).
-fn warm_members() -> Vec<String> {
+/// The id prefixes (the ten characters a process name holds) of `server`'s waiting warm
+/// sandboxes: their one process, named for the sandbox, is the server's child once its
+/// supervisor has handed it over and exited (the server is the subreaper of its supervisors'
+/// orphans). A sandbox of the server killed before, left running, is not: its parent is gone.
+fn warm_members(server: &Server) -> Vec<String> {
+    let ppid = server.pid().to_string();
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter_map(|cmdline| {
-            let args: Vec<&[u8]> = cmdline
-                .split(|&b| b == 0)
-                .filter(|a| !a.is_empty())
-                .collect();
-            let warm = args
-                .windows(2)
-                .any(|w| w == [&b"supervise"[..], &b"--warm"[..]]);
-            let dir = std::path::Path::new(std::str::from_utf8(args.last()?).ok()?);
-            warm.then(|| dir.file_name()?.to_str().map(str::to_string))?
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter_map(|stat| {
+            let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+            let parent = rest.split(' ').nth(1)?;
+            (parent == ppid)
+                .then(|| name.strip_prefix("cove-").map(str::to_string))
+                .flatten()
         })
         .collect()
 }

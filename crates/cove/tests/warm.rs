@@ -54,8 +54,21 @@ fn ready_in(server: &Server, image: &str, n: f64, besides: &BTreeSet<String>) ->
     }
 }
 
-/// Processes whose command line names `needle` (a member's supervisor and its child name its
-/// directory).
+/// Processes named (`comm`) `name`, as `pid: name`.
+fn processes_named(name: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            (comm.trim_end() == name)
+                .then(|| format!("{}: {name}", e.file_name().to_string_lossy()))
+        })
+        .collect()
+}
+
+/// Processes whose command line names `needle` (the server's spawner names its sandboxes'
+/// directory, and so does every process it forks: supervisors, and warm sandboxes' children).
 fn processes_naming(needle: &str) -> Vec<String> {
     std::fs::read_dir("/proc")
         .unwrap()
@@ -75,7 +88,8 @@ fn processes_naming(needle: &str) -> Vec<String> {
 fn waiting_process(member: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut procs = processes_naming(&format!("sandboxes/{member}"));
+        let name: String = format!("cove-{member}").chars().take(15).collect();
+        let mut procs = processes_named(&name);
         if procs.len() == 1 {
             return procs.remove(0);
         }

@@ -17,6 +17,7 @@ mod pty;
 mod rootfs;
 pub mod run;
 pub mod seccomp;
+pub mod spawner;
 pub mod state;
 
 pub use init::install_resident_init;

@@ -216,17 +216,25 @@ pub enum Scope {
 /// subreaper), and processes of a sandbox whose parent outside it died first — an exec's
 /// command when the sandbox's cgroup was killed with its `cove exec-in` helper in it. Until
 /// such a process is collected, its sandbox's pid namespace cannot end (its init waits for it
-/// in its exit). Stops at the first exited child that is something else (a supervisor or
-/// helper, which its own owner collects). Returns how many were collected.
+/// in its exit). And supervisors whose spawner died before them, named
+/// [`crate::spawner::SPAWNED_NAME`]. Stops at the first exited child that is something else
+/// (a helper, which its own owner collects). Returns how many were collected.
 pub fn collect_sandbox_orphans() -> usize {
     let mut n = 0;
     while let Some(pid) = sys::peek_exited_child() {
-        if !in_nested_pid_ns(pid) || !matches!(sys::wait4(pid, libc::WNOHANG), Ok(Some(_))) {
+        let orphan = in_nested_pid_ns(pid) || is_spawned(pid);
+        if !orphan || !matches!(sys::wait4(pid, libc::WNOHANG), Ok(Some(_))) {
             break;
         }
         n += 1;
     }
     n
+}
+
+/// Whether process `pid` (a zombie too) was forked by a spawner.
+fn is_spawned(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|c| c.trim_end() == crate::spawner::SPAWNED_NAME)
 }
 
 /// Whether process `pid` (a zombie too) has a pid in a namespace below this one's.

@@ -1247,3 +1247,9 @@ pub(crate) fn is_nodev(path: &str) -> io::Result<bool> {
     check(unsafe { libc::statvfs(c.as_ptr(), &mut st) })?;
     Ok(st.f_flag & libc::ST_NODEV != 0)
 }
+
+/// `setpgid(0, 0)`: this process leads a process group of its own.
+pub(crate) fn own_process_group() -> io::Result<()> {
+    // SAFETY: plain integer arguments.
+    check(unsafe { libc::setpgid(0, 0) }).map(drop)
+}
