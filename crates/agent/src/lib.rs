@@ -137,8 +137,6 @@ pub struct Agent {
     store: Embedded,
     /// `<data>/sandboxes`.
     root: PathBuf,
-    /// The `cove` binary supervisors run.
-    cove: PathBuf,
     /// Supervisors this process started, until they exit (collected at every poll).
     children: HashMap<SandboxId, Supervisor>,
     /// Sandboxes already sent SIGTERM, and when.
@@ -155,8 +153,6 @@ pub struct Agent {
     /// Supervisors report here when their sandbox's command runs.
     started_tx: tokio::sync::mpsc::UnboundedSender<SandboxId>,
     started_rx: Option<tokio::sync::mpsc::UnboundedReceiver<SandboxId>>,
-    /// More environment for supervisors (over the server's own).
-    env: Vec<(String, String)>,
     /// The sandboxes that have not ended.
     active: HashMap<SandboxId, Tracked>,
     /// The order in which they take their turn at the periodic checks.
@@ -171,9 +167,8 @@ pub struct Agent {
     warm_rx: Option<tokio::sync::mpsc::UnboundedReceiver<(SandboxId, Option<warm::Handed>)>>,
     /// How claims resolve stored images (see [`Agent::with_resolver`]).
     resolver: Option<warm::Resolver>,
-    /// The spawner that forks supervisors (`cove spawner`, see [`cove_jail::spawner`]),
-    /// started with the first and again whenever it is found gone.
-    spawner: std::sync::Mutex<Option<(cove_jail::spawner::Spawner, std::process::Child)>>,
+    /// The spawner that forks supervisors.
+    spawning: std::sync::Arc<Spawning>,
 }
 
 impl Agent {
@@ -189,10 +184,10 @@ impl Agent {
         let (finished_tx, finished_rx) = tokio::sync::mpsc::unbounded_channel();
         let (exited_tx, exited_rx) = tokio::sync::mpsc::unbounded_channel();
         let (warm_tx, warm_rx) = tokio::sync::mpsc::unbounded_channel();
+        let spawning = Spawning::new(cove, root.clone());
         Ok(Agent {
             store,
             root,
-            cove,
             children: HashMap::new(),
             signalled: HashMap::new(),
             escalated: HashSet::new(),
@@ -202,7 +197,6 @@ impl Agent {
             log_sizes: HashMap::new(),
             started_tx,
             started_rx: Some(started_rx),
-            env: Vec::new(),
             active: HashMap::new(),
             rotation: VecDeque::new(),
             exited_tx,
@@ -211,14 +205,20 @@ impl Agent {
             warm_tx,
             warm_rx: Some(warm_rx),
             resolver: None,
-            spawner: std::sync::Mutex::new(None),
+            spawning,
         })
     }
 
     /// Gives supervisors `key=value` in their environment.
-    pub fn with_env(mut self, key: &str, value: &str) -> Agent {
-        self.env.push((key.into(), value.into()));
+    pub fn with_env(self, key: &str, value: &str) -> Agent {
+        self.spawning.add_env(key, value);
         self
+    }
+
+    /// The spawner this agent's supervisors are forked by, for the server's other processes
+    /// (exec helpers).
+    pub fn spawning(&self) -> std::sync::Arc<Spawning> {
+        self.spawning.clone()
     }
 
     /// The directory of sandbox `id`.
@@ -272,7 +272,7 @@ impl Agent {
                     }
                 }
                 _ = tick.tick() => {
-                    self.tend_spawner();
+                    self.spawning.tend();
                     // Inits of ended sandboxes that `finish` did not get to collect, and
                     // sandbox processes orphaned to this server (one system call when there
                     // are none).
@@ -649,7 +649,8 @@ impl Agent {
         }
         args.push(&dir_arg);
         let pidfd = self
-            .spawn_process(&args, [stdin.as_fd(), out_w.as_fd(), stderr.as_fd()])
+            .spawning
+            .spawn(&args, [stdin.as_fd(), out_w.as_fd(), stderr.as_fd()], None)
             .map_err(io_err("start a supervisor for", &dir))?;
         drop(out_w);
         let (started, id) = (self.started_tx.clone(), *id);
@@ -670,83 +671,6 @@ impl Agent {
             }
         });
         Ok(Supervisor(pidfd))
-    }
-
-    /// Starts `cove ARGS` through the spawner with `stdio`; its pidfd. A spawner found gone
-    /// (it died, or was never started) is started anew, once per call.
-    fn spawn_process(
-        &self,
-        args: &[&str],
-        stdio: [std::os::fd::BorrowedFd<'_>; 3],
-    ) -> io::Result<std::os::fd::OwnedFd> {
-        let mut spawner = self.spawner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((s, _)) = spawner.as_ref() {
-            match s.spawn(args, stdio) {
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::BrokenPipe
-                            | io::ErrorKind::UnexpectedEof
-                            | io::ErrorKind::ConnectionReset
-                    ) =>
-                {
-                    tracing::warn!(error = %e, "the spawner is gone: starting another");
-                }
-                done => return done,
-            }
-        }
-        if let Some((_, mut old)) = spawner.take() {
-            let _ = old.kill();
-            let _ = old.wait();
-        }
-        let started = self.start_spawner()?;
-        let pidfd = started.0.spawn(args, stdio);
-        *spawner = Some(started);
-        pidfd
-    }
-
-    /// Collects the spawner if it has exited (the next start starts another): its zombie
-    /// would stand first among this process's exited children, where
-    /// `collect_sandbox_orphans` stops.
-    fn tend_spawner(&self) {
-        let mut spawner = self.spawner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, child)) = spawner.as_mut()
-            && let Ok(Some(status)) = child.try_wait()
-        {
-            tracing::warn!(%status, "the spawner is gone: another starts with the next sandbox");
-            *spawner = None;
-        }
-    }
-
-    /// Starts `cove spawner`, with the environment every supervisor gets: nothing of the
-    /// server's but `PATH`, its image store and its sandboxes' resolver, and what
-    /// [`Agent::with_env`] added.
-    fn start_spawner(&self) -> io::Result<(cove_jail::spawner::Spawner, std::process::Child)> {
-        use std::os::unix::process::CommandExt;
-        let (ours, theirs) = cove_jail::spawner::Spawner::socket_pair()?;
-        let mut cmd = std::process::Command::new(&self.cove);
-        // Its arguments are every supervisor's too (they are forks of it): the sandboxes'
-        // directory says whose they are.
-        cmd.arg("spawner")
-            .arg(&self.root)
-            .stdin(std::process::Stdio::from(theirs))
-            .stdout(std::process::Stdio::null())
-            .env_clear()
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            )
-            // Its own process group: a Ctrl-C meant for `cove serve` is not meant for it (it
-            // exits when the server's end of its socket closes).
-            .process_group(0);
-        for var in ["COVE_IMAGE_STORE", "COVE_EGRESS_DNS"] {
-            if let Some(v) = std::env::var_os(var) {
-                cmd.env(var, v);
-            }
-        }
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
-        let child = cmd.spawn()?;
-        Ok((cove_jail::spawner::Spawner::new(ours), child))
     }
 
     /// SIGTERM to the supervisor of `id`, once.
@@ -1009,6 +933,120 @@ impl Agent {
             Err(StoreError::Conflict { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// The server's spawner ([`cove_jail::spawner`]), shared by the agent (supervisors) and the
+/// API (exec helpers): `cove spawner DIR`, started with the first process and again whenever
+/// it is found gone.
+pub struct Spawning {
+    /// The `cove` binary.
+    cove: PathBuf,
+    /// The sandboxes' directory (the spawner's argument).
+    root: PathBuf,
+    /// More environment for what it forks (over the server's own `PATH`, image store and
+    /// resolver).
+    env: std::sync::Mutex<Vec<(String, String)>>,
+    current: std::sync::Mutex<Option<(cove_jail::spawner::Spawner, std::process::Child)>>,
+}
+
+impl Spawning {
+    /// A spawner for `cove` (the binary), serving the sandboxes under `root`; started when
+    /// first needed.
+    pub fn new(cove: PathBuf, root: PathBuf) -> std::sync::Arc<Spawning> {
+        std::sync::Arc::new(Spawning {
+            cove,
+            root,
+            env: Default::default(),
+            current: Default::default(),
+        })
+    }
+
+    /// Adds `key=value` to the environment of what it forks (from the next start of the
+    /// spawner on).
+    pub fn add_env(&self, key: &str, value: &str) {
+        let mut env = self.env.lock().unwrap_or_else(|e| e.into_inner());
+        env.push((key.into(), value.into()));
+    }
+
+    /// Starts `cove ARGS` through the spawner with `stdio` (and `exit`: see
+    /// [`cove_jail::spawner::Spawner::spawn`]); its pidfd. A spawner found gone (it died, or
+    /// was never started) is started anew, once per call.
+    pub fn spawn(
+        &self,
+        args: &[&str],
+        stdio: [std::os::fd::BorrowedFd<'_>; 3],
+        exit: Option<std::os::fd::BorrowedFd<'_>>,
+    ) -> io::Result<std::os::fd::OwnedFd> {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((s, _)) = current.as_ref() {
+            match s.spawn(args, stdio, exit) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::BrokenPipe
+                            | io::ErrorKind::UnexpectedEof
+                            | io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    tracing::warn!(error = %e, "the spawner is gone: starting another");
+                }
+                done => return done,
+            }
+        }
+        if let Some((_, mut old)) = current.take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
+        let started = self.start()?;
+        let pidfd = started.0.spawn(args, stdio, exit);
+        *current = Some(started);
+        pidfd
+    }
+
+    /// Collects the spawner if it has exited (the next start starts another): its zombie
+    /// would stand first among this process's exited children, where
+    /// `collect_sandbox_orphans` stops.
+    pub fn tend(&self) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, child)) = current.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            tracing::warn!(%status, "the spawner is gone: another starts with the next sandbox");
+            *current = None;
+        }
+    }
+
+    /// Starts `cove spawner`, with the environment every process it forks gets: nothing of
+    /// the server's but `PATH`, its image store and its sandboxes' resolver, and
+    /// [`Spawning::add_env`]'s.
+    fn start(&self) -> io::Result<(cove_jail::spawner::Spawner, std::process::Child)> {
+        use std::os::unix::process::CommandExt;
+        let (ours, theirs) = cove_jail::spawner::Spawner::socket_pair()?;
+        let mut cmd = std::process::Command::new(&self.cove);
+        // Its arguments are every forked process's too: the sandboxes' directory says whose
+        // they are.
+        cmd.arg("spawner")
+            .arg(&self.root)
+            .stdin(std::process::Stdio::from(theirs))
+            .stdout(std::process::Stdio::null())
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            // Its own process group: a Ctrl-C meant for `cove serve` is not meant for it (it
+            // exits when the server's end of its socket closes).
+            .process_group(0);
+        for var in ["COVE_IMAGE_STORE", "COVE_EGRESS_DNS"] {
+            if let Some(v) = std::env::var_os(var) {
+                cmd.env(var, v);
+            }
+        }
+        let env = self.env.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        cmd.envs(env);
+        let child = cmd.spawn()?;
+        Ok((cove_jail::spawner::Spawner::new(ours), child))
     }
 }
 

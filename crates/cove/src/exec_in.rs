@@ -6,7 +6,6 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use anyhow::{Context, anyhow};
 use cove_api::{ExecError, FileOp, Job, Session};
@@ -55,8 +54,9 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("{s:?} is not an octal mode"))
 }
 
-/// `cove exec-in`: exits with the command's exit code (or the file operation's).
-pub fn exec_in(args: ExecInArgs) -> anyhow::Result<ExitCode> {
+/// `cove exec-in`: exits with the command's exit code (or the file operation's), which this
+/// returns.
+pub fn exec_in(args: ExecInArgs) -> anyhow::Result<u8> {
     // Opened before the helper enters the sandbox: from then on, paths are the sandbox's.
     let error_file = args
         .error_file
@@ -71,13 +71,13 @@ pub fn exec_in(args: ExecInArgs) -> anyhow::Result<ExitCode> {
         })
         .transpose()?;
     match exec_in_sandbox(args) {
-        Ok(code) => Ok(ExitCode::from(code.clamp(0, 255) as u8)),
+        Ok(code) => Ok(code.clamp(0, 255) as u8),
         // Cove's own failure goes where the server reads it, not into the command's stderr.
         Err(e) => match error_file {
             Some(mut f) => {
                 f.write_all(crate::chain(&e).as_bytes())
                     .context("write the error file")?;
-                Ok(ExitCode::from(crate::EXIT_COVE_FAILED))
+                Ok(crate::EXIT_COVE_FAILED)
             }
             None => Err(e),
         },
@@ -115,17 +115,19 @@ fn exec_in_sandbox(args: ExecInArgs) -> anyhow::Result<i32> {
     Ok(cove_jail::exec::exec(&spec, &id, &exec, io)?)
 }
 
-/// Starts a `cove exec-in` helper for each job of the API.
+/// Starts a `cove exec-in` helper for each job of the API, forked by the server's spawner
+/// (see `cove_agent::Spawning`): a start of the binary anew would cost more than the helper's
+/// own work.
 pub struct HelperExec {
     /// The sandboxes' directories.
     pub root: PathBuf,
-    /// This binary.
-    pub cove: PathBuf,
+    /// The server's spawner.
+    pub spawning: std::sync::Arc<cove_agent::Spawning>,
 }
 
 impl cove_api::Executor for HelperExec {
     fn start(&self, id: SandboxId, job: Job) -> Result<Session, ExecError> {
-        start(&self.cove, &self.root.join(id.as_str()), job)
+        start(&self.spawning, &self.root.join(id.as_str()), job)
     }
 }
 
@@ -133,78 +135,116 @@ fn internal(what: &str, e: &dyn std::fmt::Display) -> ExecError {
     ExecError::Internal(format!("{what}: {e}"))
 }
 
-fn start(cove: &Path, dir: &Path, job: Job) -> Result<Session, ExecError> {
+fn start(spawning: &cove_agent::Spawning, dir: &Path, job: Job) -> Result<Session, ExecError> {
+    use std::os::fd::AsFd;
     let err_file = dir.join(format!(
         "exec-{}.err",
         cove_api::new_token().map_err(|e| internal("randomness", &e))?
     ));
-    let mut cmd = tokio::process::Command::new(cove);
-    cmd.arg("exec-in")
-        .arg(dir)
-        .arg("--error-file")
-        .arg(&err_file);
-    let mut stdin = std::process::Stdio::null();
+    let mut args: Vec<String> = vec![
+        "exec-in".into(),
+        dir.to_string_lossy().into_owned(),
+        "--error-file".into(),
+        err_file.to_string_lossy().into_owned(),
+    ];
+    let mut input = false;
     match job {
         Job::Exec { req, stream } => {
             for (k, v) in &req.env {
-                cmd.arg("-e").arg(format!("{k}={v}"));
+                args.extend(["-e".into(), format!("{k}={v}")]);
             }
             if let Some(w) = &req.workdir {
-                cmd.arg("-w").arg(w);
+                args.extend(["-w".into(), w.clone()]);
             }
             if let Some(tty) = stream {
-                cmd.arg("--stream");
+                args.push("--stream".into());
                 if tty {
-                    cmd.arg("--tty");
+                    args.push("--tty".into());
                 }
-                stdin = std::process::Stdio::piped();
+                input = true;
             }
-            cmd.arg("--").args(&req.cmd);
+            args.push("--".into());
+            args.extend(req.cmd.iter().cloned());
         }
         Job::Files { op, path, mode } => {
-            cmd.arg("--files").arg(op.as_str()).arg("--path").arg(path);
+            args.extend([
+                "--files".into(),
+                op.as_str().into(),
+                "--path".into(),
+                path.clone(),
+            ]);
             if let Some(m) = mode {
-                cmd.arg("--mode").arg(format!("{m:o}"));
+                args.extend(["--mode".into(), format!("{m:o}")]);
             }
-            if op.takes_input() {
-                stdin = std::process::Stdio::piped();
-            }
+            input = op.takes_input();
         }
     }
-    cmd.env_clear()
-        .stdin(stdin)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd
-        .spawn()
+    let pipe = || {
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(|e| internal("create a pipe", &e))
+    };
+    let (stdin_r, stdin_w) = if input {
+        let (r, w) = pipe()?;
+        (r, Some(w))
+    } else {
+        let null = fs::File::open("/dev/null").map_err(|e| internal("open /dev/null", &e))?;
+        (std::os::fd::OwnedFd::from(null), None)
+    };
+    let (stdout_r, stdout_w) = pipe()?;
+    let (stderr_r, stderr_w) = pipe()?;
+    // Where the spawner writes the helper's wait status once it has collected it.
+    let (exit_r, exit_w) = pipe()?;
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let pidfd = spawning
+        .spawn(
+            &argv,
+            [stdin_r.as_fd(), stdout_w.as_fd(), stderr_w.as_fd()],
+            Some(exit_w.as_fd()),
+        )
         .map_err(|e| internal("start cove exec-in", &e))?;
-    let pid = child
-        .id()
-        .and_then(|p| rustix::process::Pid::from_raw(p as i32));
+    drop((stdin_r, stdout_w, stderr_w, exit_w));
+    let pidfd = std::sync::Arc::new(pidfd);
     let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop = {
-        let ended = ended.clone();
-        Box::new(move || terminate(pid, &ended))
+        let (pidfd, ended) = (pidfd.clone(), ended.clone());
+        Box::new(move || terminate(&pidfd, &ended))
     };
-    let stdin: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = match child.stdin.take() {
-        Some(s) => Box::new(s),
+    let reader = |fd| {
+        tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
+            .map_err(|e| internal("read cove exec-in", &e))
+    };
+    let stdin: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = match stdin_w {
+        Some(w) => Box::new(
+            tokio::net::unix::pipe::Sender::from_owned_fd(w)
+                .map_err(|e| internal("write to cove exec-in", &e))?,
+        ),
         None => Box::new(tokio::io::sink()),
     };
-    let stdout = Box::new(child.stdout.take().expect("piped"));
-    let stderr = Box::new(child.stderr.take().expect("piped"));
+    let stdout = Box::new(reader(stdout_r)?);
+    let stderr = Box::new(reader(stderr_r)?);
+    let exit = reader(exit_r)?;
     // Dropped with the session: a helper still running is asked to end (SIGTERM), never
     // killed. Killing it would orphan its child inside the sandbox, whose new parent is then
     // this server's reaper outside the sandbox; until that reaper collects it, the sandbox's
-    // pid namespace cannot end. Tokio reaps a dropped helper once it exits.
+    // pid namespace cannot end. The spawner collects the helper once it exits.
     let guard = TermOnDrop {
-        pid,
+        pidfd,
         ended: ended.clone(),
     };
     let done = Box::pin(async move {
+        use std::os::unix::process::ExitStatusExt;
+        use tokio::io::AsyncReadExt;
         let _guard = guard;
-        let status = child.wait().await;
+        let mut said = String::new();
+        let read = tokio::io::BufReader::new(exit)
+            .read_to_string(&mut said)
+            .await;
         ended.store(true, std::sync::atomic::Ordering::SeqCst);
-        let status = status.map_err(|e| internal("wait for cove exec-in", &e))?;
+        read.map_err(|e| internal("wait for cove exec-in", &e))?;
+        let status: i32 = said
+            .trim()
+            .parse()
+            .map_err(|_| internal("wait for cove exec-in", &"its exit went unreported"))?;
         let helper_error = fs::read_to_string(&err_file).unwrap_or_default();
         let _ = fs::remove_file(&err_file);
         if !helper_error.is_empty() {
@@ -214,7 +254,9 @@ fn start(cove: &Path, dir: &Path, job: Job) -> Result<Session, ExecError> {
                 ExecError::Internal(helper_error)
             });
         }
-        Ok(status.code().unwrap_or(125))
+        Ok(std::process::ExitStatus::from_raw(status)
+            .code()
+            .unwrap_or(125))
     });
     Ok(Session {
         stdin,
@@ -227,21 +269,19 @@ fn start(cove: &Path, dir: &Path, job: Job) -> Result<Session, ExecError> {
 
 /// SIGTERM to a helper that has not ended: it kills its command's process group, reaps it, and
 /// exits.
-fn terminate(pid: Option<rustix::process::Pid>, ended: &std::sync::atomic::AtomicBool) {
-    if let Some(pid) = pid
-        && !ended.load(std::sync::atomic::Ordering::SeqCst)
-    {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+fn terminate(pidfd: &std::os::fd::OwnedFd, ended: &std::sync::atomic::AtomicBool) {
+    if !ended.load(std::sync::atomic::Ordering::SeqCst) {
+        let _ = rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::TERM);
     }
 }
 
 struct TermOnDrop {
-    pid: Option<rustix::process::Pid>,
+    pidfd: std::sync::Arc<std::os::fd::OwnedFd>,
     ended: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Drop for TermOnDrop {
     fn drop(&mut self) {
-        terminate(self.pid, &self.ended);
+        terminate(&self.pidfd, &self.ended);
     }
 }

@@ -101,13 +101,7 @@ fn parse_hot() -> Option<Command> {
             let a = run::RunArgs::from_arg_matches(&m).ok()?;
             Some(Command::Run(Box::new(a)))
         }
-        "exec-in" => {
-            let cmd = exec_in::ExecInArgs::augment_args(clap::Command::new("exec-in"));
-            let m = cmd.try_get_matches_from(rest).ok()?;
-            exec_in::ExecInArgs::from_arg_matches(&m)
-                .ok()
-                .map(Command::ExecIn)
-        }
+        "exec-in" => exec_in_args(rest),
         "supervise" => supervise_args(rest),
         "spawner" => match rest {
             [_, dir] => Some(Command::Spawner { dir: dir.into() }),
@@ -115,6 +109,15 @@ fn parse_hot() -> Option<Command> {
         },
         _ => None,
     }
+}
+
+/// `exec-in`'s arguments (the subcommand's name first).
+fn exec_in_args(args: &[std::ffi::OsString]) -> Option<Command> {
+    let cmd = exec_in::ExecInArgs::augment_args(clap::Command::new("exec-in"));
+    let m = cmd.try_get_matches_from(args).ok()?;
+    exec_in::ExecInArgs::from_arg_matches(&m)
+        .ok()
+        .map(Command::ExecIn)
 }
 
 /// `supervise DIR` or `supervise --warm TEMPLATE DIR` (the subcommand's name first).
@@ -136,16 +139,24 @@ fn supervise_args(args: &[std::ffi::OsString]) -> Option<Command> {
     }
 }
 
-/// What the spawner's children run (see `cove_jail::spawner`): a supervisor, as `cove
-/// supervise` would; its exit code.
+/// What the spawner's children run (see `cove_jail::spawner`): a supervisor or an exec
+/// helper, as `cove supervise` or `cove exec-in` would; its exit code.
 fn spawned(args: Vec<String>) -> i32 {
     let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
-    let Some(Command::Supervise { dir, warm }) = supervise_args(&args) else {
-        eprintln!("cove: the spawner starts supervisors only, not {args:?}");
-        return i32::from(EXIT_COVE_FAILED);
+    let ran = match args.first().and_then(|a| a.to_str()) {
+        Some("supervise") => supervise_args(&args),
+        Some("exec-in") => exec_in_args(&args),
+        _ => None,
     };
-    match serve::supervise(dir, warm) {
-        Ok(_) => 0,
+    let result = match ran {
+        Some(Command::Supervise { dir, warm }) => serve::supervise(dir, warm).map(|_| 0),
+        Some(Command::ExecIn(a)) => exec_in::exec_in(a),
+        _ => Err(anyhow::anyhow!(
+            "the spawner starts supervisors and exec helpers only, not {args:?}"
+        )),
+    };
+    match result {
+        Ok(code) => i32::from(code),
         Err(e) => {
             eprintln!("cove: {}", chain(&e));
             i32::from(EXIT_COVE_FAILED)
@@ -168,7 +179,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::serve(*args),
         Command::Supervise { dir, warm } => serve::supervise(dir, warm),
         Command::Spawner { dir: _ } => serve::spawner(&spawned),
-        Command::ExecIn(args) => exec_in::exec_in(args),
+        Command::ExecIn(args) => exec_in::exec_in(args).map(ExitCode::from),
         Command::Client(cmd) => client::client(
             conn.as_ref()
                 .expect("client commands come from the full parser"),

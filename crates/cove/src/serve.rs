@@ -483,7 +483,7 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     announce(&format!("admin token in {}", token_path.display()));
     let executor = std::sync::Arc::new(crate::exec_in::HelperExec {
         root: data.join("sandboxes"),
-        cove: std::env::current_exe().context("find the cove binary")?,
+        spawning: agent.spawning(),
     });
     let api = Api {
         store,

@@ -1,6 +1,7 @@
-//! A fork server for the processes a server starts for each sandbox (its supervisors): one
-//! small single-threaded process, started once, forks every one of them from itself, instead
-//! of the server starting the `cove` binary anew each time.
+//! A fork server for the processes a server starts for each sandbox (its supervisors, and a
+//! helper for each exec and file operation): one small single-threaded process, started once,
+//! forks every one of them from itself, instead of the server starting the `cove` binary anew
+//! each time.
 //!
 //! Starting the binary costs more than its code: measured here, `cove --version` takes 1.2 ms
 //! of CPU, of which glibc's start-up (reading the CPU's features and cache layout with
@@ -12,8 +13,10 @@
 //!
 //! The protocol, on a `SOCK_SEQPACKET` socket (the spawner's stdin): a request is one
 //! message, the process's arguments each ended by a NUL, with three descriptors, its stdin,
-//! stdout and stderr. The reply is one message with a pidfd of the new process (which the
-//! spawner reaps: the pidfd says when it has exited). The new process runs in a process
+//! stdout and stderr, and optionally a fourth, the write end of a pipe for its exit: the
+//! spawner, which reaps what it forks, writes the wait status there (decimal, one line) and
+//! closes it. The reply is one message with a pidfd of the new process (readable once it has
+//! exited). The new process runs in a process
 //! group of its own, with the spawner's environment, its signal mask cleared. The spawner
 //! exits when the socket's other end is closed.
 
@@ -26,11 +29,12 @@ use crate::sys::{self, SigSet};
 /// The most bytes of arguments one request carries.
 pub const MAX_REQUEST: usize = 64 << 10;
 
-/// The name (`comm`) of every process the spawner forks. A forked process whose spawner died
+/// The name (`comm`) of every process the spawner forks (not hexadecimal after `cove-`: no
+/// sandbox's init, named `cove-<id>`, can have it). A forked process whose spawner died
 /// first is the server's child then (the subreaper of its supervisors' orphans), and the
 /// server collects it by this name ([`crate::state::collect_sandbox_orphans`]): it is no
 /// child the server started and waits for itself.
-pub const SPAWNED_NAME: &str = "cove-supervise";
+pub const SPAWNED_NAME: &str = "cove-spawned";
 
 /// Serves requests on `sock` until its other end is closed: for each, forks a process that
 /// runs `run` with the request's arguments (and exits with what it returns). Must be called
@@ -40,6 +44,8 @@ pub fn serve(sock: OwnedFd, run: &dyn Fn(Vec<String>) -> i32) -> io::Result<()> 
     let old_mask = chld.block()?;
     let sigfd = chld.signalfd()?;
     let mut buf = vec![0u8; MAX_REQUEST];
+    // Where the exits of the processes that have a status pipe go.
+    let mut exits: std::collections::HashMap<libc::pid_t, OwnedFd> = Default::default();
     loop {
         let ready = sys::poll(
             &[
@@ -51,7 +57,12 @@ pub fn serve(sock: OwnedFd, run: &dyn Fn(Vec<String>) -> i32) -> io::Result<()> 
         if ready[1] != 0 {
             while sys::read_signalfd(&sigfd)?.is_some() {}
             // Every child that has exited (their pidfds say so to whoever holds them).
-            while let Ok(Some(_)) = sys::wait4(-1, libc::WNOHANG) {}
+            while let Ok(Some((pid, status, _))) = sys::wait4(-1, libc::WNOHANG) {
+                if let Some(pipe) = exits.remove(&pid) {
+                    // Nobody reading any more is fine.
+                    let _ = sys::write_all(pipe.as_raw_fd(), format!("{status}\n").as_bytes());
+                }
+            }
         }
         if ready[0] == 0 {
             continue;
@@ -67,6 +78,8 @@ pub fn serve(sock: OwnedFd, run: &dyn Fn(Vec<String>) -> i32) -> io::Result<()> 
             .filter(|a| !a.is_empty())
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
+        let mut fds = fds;
+        let exit_pipe = if fds.len() == 4 { fds.pop() } else { None };
         if fds.len() != 3 || args.is_empty() {
             // Nothing to start: the reply carries no descriptor.
             sys::send_data_and_fds(sock.as_raw_fd(), b"!", &[])?;
@@ -76,7 +89,10 @@ pub fn serve(sock: OwnedFd, run: &dyn Fn(Vec<String>) -> i32) -> io::Result<()> 
         if pid == 0 {
             // Whatever happens, the child exits here: a panic unwinding out of `run` would
             // carry on with this loop, a second spawner.
-            let code = child(&fds, &[&sock, &sigfd], &old_mask)
+            let mut close = vec![&sock, &sigfd];
+            close.extend(exit_pipe.as_ref());
+            close.extend(exits.values());
+            let code = child(&fds, &close, &old_mask)
                 .ok()
                 .and_then(|()| {
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(args))).ok()
@@ -85,6 +101,9 @@ pub fn serve(sock: OwnedFd, run: &dyn Fn(Vec<String>) -> i32) -> io::Result<()> 
             std::process::exit(code);
         }
         drop(fds);
+        if let Some(pipe) = exit_pipe {
+            exits.insert(pid, pipe);
+        }
         // The child cannot have been reaped yet: only this loop reaps.
         match sys::pidfd_open(pid) {
             Ok(pidfd) => sys::send_data_and_fds(sock.as_raw_fd(), b"p", &[pidfd.as_raw_fd()])?,
@@ -132,8 +151,15 @@ impl Spawner {
     }
 
     /// Starts a process running `args` with `stdio` as its stdin, stdout and stderr; a pidfd
-    /// of it. An error of kind `BrokenPipe` or `UnexpectedEof`: the spawner is gone.
-    pub fn spawn(&self, args: &[&str], stdio: [BorrowedFd<'_>; 3]) -> io::Result<OwnedFd> {
+    /// of it. With `exit`, the write end of a pipe, its wait status is written there once it
+    /// has exited (see the module's documentation). An error of kind `BrokenPipe` or
+    /// `UnexpectedEof`: the spawner is gone.
+    pub fn spawn(
+        &self,
+        args: &[&str],
+        stdio: [BorrowedFd<'_>; 3],
+        exit: Option<BorrowedFd<'_>>,
+    ) -> io::Result<OwnedFd> {
         let mut request = Vec::new();
         for a in args {
             if a.contains('\0') {
@@ -152,7 +178,11 @@ impl Spawner {
             ));
         }
         let sock = self.sock.lock().unwrap_or_else(|e| e.into_inner());
-        let fds: Vec<RawFd> = stdio.iter().map(|f| f.as_fd().as_raw_fd()).collect();
+        let fds: Vec<RawFd> = stdio
+            .iter()
+            .chain(exit.as_ref())
+            .map(|f| f.as_fd().as_raw_fd())
+            .collect();
         sys::send_data_and_fds(sock.as_raw_fd(), &request, &fds)?;
         let mut reply = [0u8; 1];
         let (_, mut got) = sys::recv_data_and_fds(sock.as_raw_fd(), &mut reply)?;
@@ -175,25 +205,32 @@ mod tests {
     #[test]
     fn a_spawned_process_gets_its_arguments_and_descriptors_and_is_reaped() {
         let (ours, theirs) = Spawner::socket_pair().unwrap();
-        let server = std::thread::spawn(move || {
-            // A thread stands in for the spawner's process here: the fork copies only it,
-            // and the child only writes and exits.
-            serve(theirs, &|args| {
+        // The spawner is a process of its own, single-threaded as it must be (a fork of this
+        // test's thread): in a thread of the test, the kernel could give SIGCHLD to another
+        // thread, and the spawner would never hear of its children's ends.
+        let server = sys::fork().unwrap();
+        if server == 0 {
+            drop(ours);
+            let served = serve(theirs, &|args| {
                 let line = format!("{}\n", args.join(" "));
                 let _ = sys::write_all(1, line.as_bytes());
                 7
-            })
-        });
+            });
+            sys::exit(if served.is_ok() { 0 } else { 1 });
+        }
+        drop(theirs);
         let spawner = Spawner::new(ours);
         let (out_r, out_w) = sys::pipe().unwrap();
         let (in_r, _in_w) = sys::pipe().unwrap();
+        let (exit_r, exit_w) = sys::pipe().unwrap();
         let pidfd = spawner
             .spawn(
                 &["supervise", "a b", "c"],
                 [in_r.as_fd(), out_w.as_fd(), out_w.as_fd()],
+                Some(exit_w.as_fd()),
             )
             .unwrap();
-        drop(out_w);
+        drop((out_w, exit_w));
         let mut said = Vec::new();
         let mut b = [0u8; 64];
         loop {
@@ -209,13 +246,22 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert!(exited(&pidfd));
+        // Its wait status, once reaped: exited with 7.
+        let mut status = Vec::new();
+        loop {
+            let n = sys::read(exit_r.as_raw_fd(), &mut b).unwrap();
+            if n == 0 {
+                break;
+            }
+            status.extend_from_slice(&b[..n]);
+        }
+        assert_eq!(status, format!("{}\n", 7 << 8).into_bytes());
         // Refused before anything is sent.
-        assert!(
-            spawner
-                .spawn(&["x\0y"], [in_r.as_fd(), in_r.as_fd(), in_r.as_fd()])
-                .is_err()
-        );
+        let stdio = [in_r.as_fd(), in_r.as_fd(), in_r.as_fd()];
+        assert!(spawner.spawn(&["x\0y"], stdio, None).is_err());
+        // The spawner exits when its socket's other end closes.
         drop(spawner);
-        server.join().unwrap().unwrap();
+        let (_, status, _) = sys::wait4(server, 0).unwrap().unwrap();
+        assert_eq!(status, 0);
     }
 }

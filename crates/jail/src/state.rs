@@ -216,7 +216,7 @@ pub enum Scope {
 /// subreaper), and processes of a sandbox whose parent outside it died first — an exec's
 /// command when the sandbox's cgroup was killed with its `cove exec-in` helper in it. Until
 /// such a process is collected, its sandbox's pid namespace cannot end (its init waits for it
-/// in its exit). And supervisors whose spawner died before them, named
+/// in its exit). And supervisors and helpers whose spawner died before them, named
 /// [`crate::spawner::SPAWNED_NAME`]. Stops at the first exited child that is something else
 /// (a helper, which its own owner collects). Returns how many were collected.
 pub fn collect_sandbox_orphans() -> usize {
