@@ -11,9 +11,10 @@
 //! and every [`SWEEP`] the whole store is listed again, for anything a watch could have missed.
 //!
 //! - A record wanted `running` and still `pending` is started: its directory
-//!   (`<data>/sandboxes/<id>/`) is made, and a **supervisor** is started for it — the `cove`
-//!   binary itself (`cove supervise DIR`, the spec on its stdin), a fresh single-threaded
-//!   process (forking from this multi-threaded one would be unsafe). The supervisor starts the
+//!   (`<data>/sandboxes/<id>/`) is made, and a **supervisor** is started for it — `cove
+//!   supervise DIR`, the spec on its stdin, a single-threaded process forked by the server's
+//!   spawner ([`Spawning`]: forking from this multi-threaded process would be unsafe, and
+//!   starting the binary anew costs more than its work). The supervisor starts the
 //!   sandbox with the jail, its stdout and stderr going to `stdout.log` and `stderr.log`, and
 //!   exits once the command runs: the sandbox is then *detached*, with no host process of its
 //!   own. Its init holds `lock` (flock) for the sandbox's whole life, the last line of `lock`
