@@ -107,7 +107,11 @@ pub fn serve(sock: OwnedFd, run: &dyn Fn(Vec<String>) -> i32) -> io::Result<()> 
         // The child cannot have been reaped yet: only this loop reaps.
         match sys::pidfd_open(pid) {
             Ok(pidfd) => sys::send_data_and_fds(sock.as_raw_fd(), b"p", &[pidfd.as_raw_fd()])?,
-            Err(_) => sys::send_data_and_fds(sock.as_raw_fd(), b"!", &[])?,
+            Err(_) => {
+                // Nobody could watch it: it does not get to run (it is reaped as any).
+                let _ = sys::kill(pid, libc::SIGKILL);
+                sys::send_data_and_fds(sock.as_raw_fd(), b"!", &[])?;
+            }
         }
     }
 }
