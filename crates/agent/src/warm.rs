@@ -494,6 +494,13 @@ impl Agent {
             .and_then(|()| {
                 cove_jail::run::claim_warm(&id, &template, &spec, init, claim)
                     .map_err(|e| cove_types::error_chain(&e))
+            })
+            // Where the agent finds how it ends, as `supervise` leaves a started sandbox: in
+            // place at once, not when the command is heard running, so that a server killed
+            // in between leaves a sandbox the next one adopts and finishes like any other.
+            .and_then(|()| {
+                std::fs::rename(dir.join("status.new"), dir.join("status"))
+                    .map_err(|e| format!("put the status file in place: {e}"))
             });
         self.pool.claiming.insert(id, Instant::now());
         let (store, started, finished) = (
@@ -507,12 +514,7 @@ impl Agent {
                 Err(e) => Err(e),
             };
             match outcome {
-                Ok(()) => {
-                    // Where the agent finds how it ends, as `supervise` leaves a started
-                    // sandbox, before it is marked running.
-                    let _ = std::fs::rename(dir.join("status.new"), dir.join("status"));
-                    crate::mark_running(store, id).await;
-                }
+                Ok(()) => crate::mark_running(store, id).await,
                 Err(why) => {
                     let _ = tokio::task::spawn_blocking(move || {
                         remove_warm(&id, &dir, &status, Some(why));
