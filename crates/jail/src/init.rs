@@ -27,13 +27,8 @@ pub(crate) struct ChildPlan {
     pub root: RootPlan,
     pub uid: u32,
     pub gid: u32,
-    pub argv: Vec<CString>,
-    pub envp: Vec<CString>,
-    /// Directories searched for a command without a slash (from the spec's `PATH`).
-    pub search_path: Vec<PathBuf>,
-    pub workdir: PathBuf,
-    /// (resource, soft, hard).
-    pub rlimits: Vec<(libc::__rlimit_resource_t, u64, u64)>,
+    /// What it runs (all a warm sandbox's claim decides).
+    pub command: Command,
     pub seccomp: Program,
     pub cap_last: u32,
     /// Give the command a terminal.
@@ -298,26 +293,27 @@ fn leave_cgroup(files: &[OwnedFd]) -> bool {
 /// The parts of a plan a warm sandbox's claim decides, in the order [`decode_claim`] reads
 /// them: each a string ended by a NUL (none of them can hold one), lists after their length.
 /// Everything the root filesystem depends on (image, disk, binds, user, hostname) was fixed
-/// when the sandbox was started warm; the supervisor only claims it for a spec that agrees.
-pub(crate) fn encode_claim(plan: &Command) -> Vec<u8> {
+/// when the sandbox was started warm; a claim comes only for a spec that agrees
+/// (`run::fits_warm`).
+pub(crate) fn encode_claim(command: &Command) -> Vec<u8> {
     let mut out = Vec::new();
     let mut field = |bytes: &[u8]| {
         out.extend_from_slice(bytes);
         out.push(0);
     };
-    for list in [&plan.argv, &plan.envp] {
+    for list in [&command.argv, &command.envp] {
         field(list.len().to_string().as_bytes());
         for s in list {
             field(s.as_bytes());
         }
     }
-    field(plan.search_path.len().to_string().as_bytes());
-    for d in &plan.search_path {
+    field(command.search_path.len().to_string().as_bytes());
+    for d in &command.search_path {
         field(d.as_os_str().as_encoded_bytes());
     }
-    field(plan.workdir.as_os_str().as_encoded_bytes());
-    field(plan.rlimits.len().to_string().as_bytes());
-    for (res, soft, hard) in &plan.rlimits {
+    field(command.workdir.as_os_str().as_encoded_bytes());
+    field(command.rlimits.len().to_string().as_bytes());
+    for (res, soft, hard) in &command.rlimits {
         for n in [u64::from(*res), *soft, *hard] {
             field(n.to_string().as_bytes());
         }
@@ -330,8 +326,10 @@ pub(crate) fn encode_claim(plan: &Command) -> Vec<u8> {
 pub(crate) struct Command {
     pub argv: Vec<CString>,
     pub envp: Vec<CString>,
+    /// Directories searched for a command without a slash (from the spec's `PATH`).
     pub search_path: Vec<PathBuf>,
     pub workdir: PathBuf,
+    /// (resource, soft, hard).
     pub rlimits: Vec<(libc::__rlimit_resource_t, u64, u64)>,
 }
 
@@ -339,7 +337,7 @@ pub(crate) struct Command {
 pub(crate) fn decode_claim(bytes: &[u8], warm: &ChildPlan) -> std::io::Result<ChildPlan> {
     use std::os::unix::ffi::OsStrExt;
     fn bad() -> std::io::Error {
-        std::io::Error::other("the supervisor sent a malformed command")
+        std::io::Error::other("the claim sent a malformed command")
     }
     fn number(field: &[u8]) -> Option<u64> {
         std::str::from_utf8(field).ok()?.parse().ok()
@@ -355,30 +353,37 @@ pub(crate) fn decode_claim(bytes: &[u8], warm: &ChildPlan) -> std::io::Result<Ch
     let body = bytes.strip_suffix(&[0]).ok_or_else(bad)?;
     let mut fields = body.split(|&b| b == 0);
     let mut take = || fields.next().ok_or_else(bad);
-    let mut plan = warm.clone();
-    plan.argv = strings(&mut take)?;
-    plan.envp = strings(&mut take)?;
+    let argv = strings(&mut take)?;
+    let envp = strings(&mut take)?;
     let path = |b: &[u8]| PathBuf::from(std::ffi::OsStr::from_bytes(b));
-    plan.search_path = strings(&mut take)?
+    let search_path = strings(&mut take)?
         .iter()
         .map(|s| path(s.as_bytes()))
         .collect();
-    plan.workdir = path(take()?);
+    let workdir = path(take()?);
     let n = number(take()?).ok_or_else(bad)?;
-    plan.rlimits = (0..n)
+    let rlimits = (0..n)
         .map(|_| {
             let mut n = || take().ok().and_then(number).ok_or_else(bad);
             let res = libc::__rlimit_resource_t::try_from(n()?).map_err(|_| bad())?;
             Ok((res, n()?, n()?))
         })
         .collect::<std::io::Result<_>>()?;
-    if plan.argv.is_empty() || take().is_ok() {
+    if argv.is_empty() || take().is_ok() {
         return Err(bad());
     }
+    let mut plan = warm.clone();
+    plan.command = Command {
+        argv,
+        envp,
+        search_path,
+        workdir,
+        rlimits,
+    };
     Ok(plan)
 }
 
-/// Waits for a warm sandbox's command (the whole of what the supervisor writes before it
+/// Waits for a warm sandbox's command (the whole of what its claimer writes before it
 /// closes its end); `plan` with it.
 fn wait_for_claim(claim: &OwnedFd, plan: &ChildPlan) -> std::io::Result<ChildPlan> {
     let mut bytes = Vec::new();
@@ -636,7 +641,7 @@ pub(crate) fn exec_command(
 ) -> ! {
     let err = match prepare_command(plan, tty, filter) {
         Ok(path) => {
-            let e = sys::execve(&path, &plan.argv, &plan.envp);
+            let e = sys::execve(&path, &plan.command.argv, &plan.command.envp);
             let code = if e.raw_os_error() == Some(libc::ENOENT) {
                 127
             } else {
@@ -644,7 +649,10 @@ pub(crate) fn exec_command(
             };
             (
                 code,
-                format!("cannot execute {}: {e}", plan.argv[0].to_string_lossy()),
+                format!(
+                    "cannot execute {}: {e}",
+                    plan.command.argv[0].to_string_lossy()
+                ),
             )
         }
         // A command that is not there exits 127, as in a shell.
@@ -697,11 +705,11 @@ fn contain_process(plan: &ChildPlan, tty: Option<&OwnedFd>) -> Result<(), Failur
     if let Some(t) = tty {
         attach_tty(t.as_raw_fd()).step("attach the terminal")?;
     }
-    std::env::set_current_dir(&plan.workdir).map_err(|e| Failure {
+    std::env::set_current_dir(&plan.command.workdir).map_err(|e| Failure {
         step: "enter the working directory",
-        message: format!("{}: {e}", plan.workdir.display()),
+        message: format!("{}: {e}", plan.command.workdir.display()),
     })?;
-    for &(res, soft, hard) in &plan.rlimits {
+    for &(res, soft, hard) in &plan.command.rlimits {
         sys::setrlimit(res, soft, hard).step("set resource limits")?;
     }
     sys::drop_bounding_set(CAP_KILL, 0).step("drop the capability bounding set")?;
@@ -730,15 +738,15 @@ const STEP_FIND: &str = "find the command";
 
 /// `execvp`-style lookup in the sandbox's own filesystem and `PATH`.
 fn resolve_command(plan: &ChildPlan) -> Result<CString, Failure> {
-    let name = plan.argv[0].to_string_lossy().into_owned();
+    let name = plan.command.argv[0].to_string_lossy().into_owned();
     let not_found = || Failure {
         step: STEP_FIND,
         message: format!("{name}: not found in PATH"),
     };
     if name.contains('/') {
-        return Ok(plan.argv[0].clone());
+        return Ok(plan.command.argv[0].clone());
     }
-    for dir in &plan.search_path {
+    for dir in &plan.command.search_path {
         let candidate = dir.join(&name);
         if let Ok(meta) = std::fs::metadata(&candidate)
             && meta.is_file()

@@ -491,7 +491,7 @@ pub(crate) fn plan(
     // The bounding-set loop stops at the first capability this kernel does not know (EINVAL),
     // so the highest possible number serves without reading /proc/sys/kernel/cap_last_cap.
     let cap_last = 63;
-    let mut plan = ChildPlan {
+    Ok(ChildPlan {
         id: id.to_string(),
         root: RootPlan {
             staging,
@@ -504,7 +504,7 @@ pub(crate) fn plan(
             binds: spec.mounts.clone(),
             resolv_conf: (spec.net == NetMode::Egress)
                 .then(|| format!("nameserver {}\n", egress::GATEWAY)),
-            hostname,
+            hostname: hostname.clone(),
             dev_template: if opts.no_dev_template {
                 None
             } else {
@@ -515,11 +515,7 @@ pub(crate) fn plan(
         },
         uid: spec.user.uid,
         gid: spec.user.gid,
-        argv: Vec::new(),
-        envp: Vec::new(),
-        search_path: Vec::new(),
-        workdir: PathBuf::new(),
-        rlimits: Vec::new(),
+        command: command(spec, &hostname)?,
         seccomp: seccomp::compile(seccomp::DEFAULT_POLICY)?,
         cap_last,
         tty: spec.tty,
@@ -527,20 +523,7 @@ pub(crate) fn plan(
         report_started: opts.detach.is_some(),
         die_with_parent: false,
         leave_cgroup: false,
-    };
-    set_command(&mut plan, spec)?;
-    Ok(plan)
-}
-
-/// Sets what `plan` runs from `spec` (see [`command`]).
-fn set_command(plan: &mut ChildPlan, spec: &Spec) -> Result<(), RunError> {
-    let c = command(spec, &plan.root.hostname)?;
-    plan.argv = c.argv;
-    plan.envp = c.envp;
-    plan.search_path = c.search_path;
-    plan.workdir = c.workdir;
-    plan.rlimits = c.rlimits;
-    Ok(())
+    })
 }
 
 /// What `spec` runs in a sandbox named `hostname`: the command, its environment (over the
@@ -1366,11 +1349,11 @@ mod tests {
         // What `claim_warm` sends, from the spec and the sandbox's name alone.
         let sent = command(&claimed, id.as_str()).unwrap();
         let got = init::decode_claim(&init::encode_claim(&sent), &warm).unwrap();
-        assert_eq!(got.argv, want.argv);
-        assert_eq!(got.envp, want.envp);
-        assert_eq!(got.search_path, want.search_path);
-        assert_eq!(got.workdir, want.workdir);
-        assert_eq!(got.rlimits, want.rlimits);
+        assert_eq!(got.command.argv, want.command.argv);
+        assert_eq!(got.command.envp, want.command.envp);
+        assert_eq!(got.command.search_path, want.command.search_path);
+        assert_eq!(got.command.workdir, want.command.workdir);
+        assert_eq!(got.command.rlimits, want.command.rlimits);
         // What the root filesystem was built from stays the warm sandbox's.
         assert_eq!(got.root.staging, warm.root.staging);
         // Anything cut short or with more after it is refused, not half-applied.
