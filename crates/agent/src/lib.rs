@@ -138,7 +138,8 @@ pub struct Agent {
     store: Embedded,
     /// `<data>/sandboxes`.
     root: PathBuf,
-    /// Supervisors this process started, until they exit (collected at every poll).
+    /// Supervisors started for this agent, until they exit (forgotten at every poll; the
+    /// spawner collects them).
     children: HashMap<SandboxId, Supervisor>,
     /// Sandboxes already sent SIGTERM, and when.
     signalled: HashMap<SandboxId, Instant>,
@@ -242,7 +243,8 @@ impl Agent {
         loop {
             tokio::select! {
                 Some((id, handed)) = warmed.recv() => self.member_ready(id, handed),
-                // Its record is marked running by the task that heard it (see `spawn_supervisor`).
+                // Its record is marked running by the task that heard it (see `spawn_supervisor`
+                // and the warm pool's `claim`); a failed claim ends here too.
                 Some(id) = started.recv() => self.started(&id),
                 // A detached sandbox's report is written: record its end now.
                 Some(id) = finished.recv() => {
@@ -347,9 +349,10 @@ impl Agent {
 
     /// The periodic checks (see the module's documentation).
     async fn poll(&mut self) -> Result<(), AgentError> {
-        // Supervisors exit once their sandbox runs: collected here, or each would stay a
-        // zombie until its sandbox's next full check (never, for a watched one). Without its
-        // entry, a sandbox's state is read from its directory (its lock, `status`, the report).
+        // Supervisors exit once their sandbox runs (the spawner collects them): forgotten here,
+        // or each pidfd would be kept until its sandbox's next full check (never, for a watched
+        // one). Without its entry, a sandbox's state is read from its directory (its lock,
+        // `status`, the report).
         self.children.retain(|_, s| !s.exited());
         let now = now_ms();
         let mut due: Vec<SandboxId> = self
