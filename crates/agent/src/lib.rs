@@ -330,17 +330,7 @@ impl Agent {
                     tracing::warn!(sandbox = %id, "a sandbox without a record still holds its lock after 2 s: left to the next start");
                     continue;
                 }
-                // Its cgroup and lock file, as for any ended sandbox (the reaper's pass
-                // removes anything else, such as egress rules).
-                cove_jail::run::finish_detached(
-                    id,
-                    &cove_types::Spec::new(Vec::new()),
-                    &dir.join("status"),
-                    0.0,
-                    None,
-                    None,
-                );
-                let _ = fs::remove_dir_all(&dir);
+                tear_down(id, &dir, true);
                 tracing::warn!(sandbox = %id, "removed a sandbox without a record (a crash cut its create short)");
             }
         })
@@ -1215,6 +1205,23 @@ fn last_indexed(idx: &Path) -> Option<u64> {
     let mut tail = String::new();
     f.read_to_string(&mut tail).ok()?;
     tail.lines().last()?.rsplit(' ').next()?.parse().ok()
+}
+
+/// Removes what is left on the host of sandbox `id`, whose processes are gone and whose end
+/// nobody records: its cgroup and lock file, as for any ended sandbox (the reaper's pass
+/// removes anything else, such as egress rules), and with `dir_too`, its directory `dir`.
+fn tear_down(id: &SandboxId, dir: &Path, dir_too: bool) {
+    cove_jail::run::finish_detached(
+        id,
+        &cove_types::Spec::new(Vec::new()),
+        &dir.join("status"),
+        0.0,
+        None,
+        None,
+    );
+    if dir_too {
+        let _ = fs::remove_dir_all(dir);
+    }
 }
 
 /// Kills every process of sandbox `id` (its cgroup), now.

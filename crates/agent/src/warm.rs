@@ -241,17 +241,7 @@ impl Agent {
                 // Its supervisor and child are gone (the socket's end says both: the child has
                 // a copy of it). A supervisor that failed removed the rest itself; one that was
                 // killed left it.
-                tokio::task::spawn_blocking(move || {
-                    cove_jail::run::finish_detached(
-                        &id,
-                        &Spec::new(Vec::new()),
-                        &dir.join("status.new"),
-                        0.0,
-                        None,
-                        None,
-                    );
-                    let _ = std::fs::remove_dir_all(&dir);
-                });
+                tokio::task::spawn_blocking(move || crate::tear_down(&id, &dir, true));
                 let slot = &mut self.pool.slots[pool];
                 slot.failures += 1;
                 let wait = FIRST_RETRY
@@ -436,11 +426,11 @@ impl Agent {
 
     /// Ends a member's sandbox (its claim pipe closed) and removes it, its directory with it,
     /// in a blocking task.
-    fn remove_member_sandbox(&self, id: SandboxId, handed: Handed) {
+    fn remove_member_sandbox(&self, id: SandboxId, handed: Handed) -> tokio::task::JoinHandle<()> {
         let dir = self.dir(&id);
         let status = handed.sandbox.status;
         drop(handed.sandbox.claim);
-        tokio::task::spawn_blocking(move || remove_warm(&id, &dir, &status, None));
+        tokio::task::spawn_blocking(move || remove_warm(&id, &dir, &status, None))
     }
 
     /// Hands member `record.id` the record's spec: claims its sandbox (see
@@ -556,11 +546,7 @@ impl Agent {
         record: SandboxRecord,
         rev: u64,
     ) -> Result<(), AgentError> {
-        let id = record.id;
-        let dir = self.dir(&id);
-        let status = handed.sandbox.status;
-        drop(handed.sandbox.claim);
-        let _ = tokio::task::spawn_blocking(move || remove_warm(&id, &dir, &status, None)).await;
+        let _ = self.remove_member_sandbox(record.id, handed).await;
         self.start(record, rev).await
     }
 
@@ -678,16 +664,8 @@ fn remove_warm(id: &SandboxId, dir: &Path, status: &OwnedFd, failed: Option<Stri
         crate::kill_sandbox(id);
     }
     crate::reap_init(id, dir);
-    cove_jail::run::finish_detached(
-        id,
-        &Spec::new(Vec::new()),
-        &dir.join("status.new"),
-        0.0,
-        None,
-        None,
-    );
+    crate::tear_down(id, dir, failed.is_none());
     let Some(why) = failed else {
-        let _ = std::fs::remove_dir_all(dir);
         return;
     };
     let report = cove_types::RunReport {
