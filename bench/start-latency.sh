@@ -95,3 +95,31 @@ print("\ncove --timing, medians in microseconds from the start of `run` (child s
 print("  " + "  ".join(f"{k}={statistics.median(v):.0f}" for k, v in steps.items()))
 PY
 crun delete -f cove-bench-crun >/dev/null 2>&1 || true
+
+# Where Cove and bubblewrap differ: the same four phases of each run, from kernel trace events
+# (a tracefs instance of its own, so that nothing else's tracing is touched), RUNS runs of each,
+# alternating.
+TRACEFS=/sys/kernel/tracing
+[ -d "$TRACEFS/instances" ] || TRACEFS=/sys/kernel/debug/tracing
+INSTANCE="$TRACEFS/instances/cove-bench-$$"
+trace_events() {
+  echo 4096 >"$INSTANCE/buffer_size_kb" || return 1
+  for e in sched/sched_process_exec sched/sched_process_fork \
+           syscalls/sys_enter_exit_group syscalls/sys_exit_wait4; do
+    echo 1 >"$INSTANCE/events/$e/enable" || return 1
+  done
+}
+if mkdir "$INSTANCE" 2>/dev/null && trap 'rmdir "$INSTANCE" 2>/dev/null' EXIT && trace_events; then
+  echo 1 >"$INSTANCE/tracing_on"
+  for i in $(seq 1 "$RUNS"); do
+    ${CMD[cove]} >/dev/null
+    ${CMD[bwrap]} >/dev/null
+  done
+  echo 0 >"$INSTANCE/tracing_on"
+  cat "$INSTANCE/trace" >"$OUT/phases.trace"
+  echo
+  echo "Phases from kernel trace events, cove (--image ROOTFS) and bwrap --unshare-all:"
+  python3 bench/phases.py "$OUT/phases.trace" /bin/true cove bwrap
+else
+  echo "(no tracefs instance with these events: phases skipped)" >&2
+fi
