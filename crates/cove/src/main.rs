@@ -168,7 +168,7 @@ fn main() -> ExitCode {
     let (command, conn) = match parse_hot() {
         Some(command) => (command, None),
         None => {
-            let cli = Cli::parse();
+            let cli = parse_or_exit();
             (cli.command, Some(cli.conn))
         }
     };
@@ -193,6 +193,22 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_COVE_FAILED)
         }
     }
+}
+
+/// The whole command line, or an exit: 0 after `--help` or `--version`, and
+/// [`EXIT_COVE_FAILED`] after an error in it (clap's own is 2). `cove run` and `cove exec`
+/// exit with their command's code, and a command may well exit 2: a mistyped option must not
+/// look like one (`docker` does the same).
+fn parse_or_exit() -> Cli {
+    Cli::try_parse().unwrap_or_else(|e| {
+        let _ = e.print();
+        let code = if e.use_stderr() {
+            i32::from(EXIT_COVE_FAILED)
+        } else {
+            0
+        };
+        std::process::exit(code)
+    })
 }
 
 /// "outer: inner: innermost" on one line.

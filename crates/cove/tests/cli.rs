@@ -39,6 +39,18 @@ fn a_missing_command_is_127_with_a_message() {
 }
 
 #[test]
+fn a_mistyped_option_is_125_not_a_commands_code() {
+    // A command may exit 2 itself (the usual code of a usage error): Cove's own usage errors
+    // must not look like its command's.
+    let out = run(&["--memroy", "1G", "--", "sh", "-c", "exit 2"]);
+    assert_eq!(out.code, 125, "{}", out.stderr);
+    assert!(out.stderr.contains("'--memory'"), "{}", out.stderr);
+    let out = run(&["--help"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("--memory"), "{}", out.stdout);
+}
+
+#[test]
 fn cove_failures_are_125_with_one_line() {
     require_root();
     for (args, needle) in [
@@ -62,12 +74,7 @@ fn cove_failures_are_125_with_one_line() {
         (vec!["-e", "=x", "--", "true"], "environment"),
     ] {
         let out = run(&args);
-        assert!(
-            out.code == 125 || out.code == 2,
-            "{args:?}: exit {}: {}",
-            out.code,
-            out.stderr
-        );
+        assert_eq!(out.code, 125, "{args:?}: {}", out.stderr);
         assert!(out.stderr.contains(needle), "{args:?}: {}", out.stderr);
         assert!(
             out.stderr.trim().lines().count() <= 3,

@@ -694,7 +694,7 @@ fn bad_references_and_unreachable_registries_are_clear_errors() {
         out.stderr
     );
     let out = store.cove(&["image", "pull", "--creds", "nocolon", "x"]);
-    assert_eq!(out.code, 2);
+    assert_eq!(out.code, 125);
     assert!(out.stderr.contains("USER:PASSWORD"), "{}", out.stderr);
     assert_eq!(store.temp_files(), Vec::<String>::new());
 }
