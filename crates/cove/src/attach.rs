@@ -93,8 +93,11 @@ async fn run(
                 .unwrap_or("request failed");
             bail!("{msg} (HTTP {status})");
         }
+        Err(e @ tungstenite::Error::Io(_)) => {
+            return Err(crate::client::unreachable(&server, &e));
+        }
         Err(e) => {
-            return Err(e).with_context(|| format!("cannot reach the Cove server at {server}"));
+            return Err(e).with_context(|| format!("connect to the Cove server at {server}"));
         }
     };
     ws.send(control(start)).await.context("send the command")?;

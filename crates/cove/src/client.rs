@@ -308,6 +308,30 @@ pub struct CreateArgs {
     cmd: Vec<String>,
 }
 
+/// A request to the server at `server` that failed before an answer came. When no connection
+/// was made, what failed at the bottom (refused, no such host, a timeout), once, and where to
+/// point the client instead: the layers above it (HTTP client, connector, socket) each repeat
+/// it in their own words. Anything else (a body that could not be read, say) keeps its chain.
+pub(crate) fn request_failed(server: &str, e: reqwest::Error) -> anyhow::Error {
+    if e.is_connect() || e.is_timeout() {
+        unreachable(server, &e)
+    } else {
+        anyhow::Error::new(e).context(format!("the request to the Cove server at {server} failed"))
+    }
+}
+
+/// See [`request_failed`]: `e` made no connection to `server`.
+pub(crate) fn unreachable(server: &str, e: &(dyn std::error::Error + 'static)) -> anyhow::Error {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    anyhow::anyhow!(
+        "cannot reach the Cove server at {server}: {cause} (is `cove serve` running there? \
+         --url or COVE_URL names another)"
+    )
+}
+
 fn pairs(what: &str, items: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
     items
         .iter()
@@ -378,7 +402,7 @@ impl Client {
             let resp = req
                 .send()
                 .await
-                .with_context(|| format!("cannot reach the Cove server at {}", self.base))?;
+                .map_err(|e| request_failed(&self.base, e))?;
             let status = resp.status().as_u16();
             let bytes = resp.bytes().await.context("read the server's answer")?;
             let json: serde_json::Value = if bytes.is_empty() {
@@ -436,7 +460,7 @@ impl Client {
                 .header("authorization", format!("Bearer {}", self.token))
                 .send()
                 .await
-                .with_context(|| format!("cannot reach the Cove server at {}", self.base))?;
+                .map_err(|e| request_failed(&self.base, e))?;
             let status = resp.status().as_u16();
             if status >= 400 {
                 let bytes = resp.bytes().await.unwrap_or_default();

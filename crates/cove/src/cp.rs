@@ -112,7 +112,7 @@ impl Client {
             .header("authorization", format!("Bearer {}", self.token))
             .send()
             .await
-            .with_context(|| format!("cannot reach the Cove server at {}", self.base))?;
+            .map_err(|e| crate::client::request_failed(&self.base, e))?;
         if resp.status().is_client_error() || resp.status().is_server_error() {
             return Err(failure(resp).await);
         }
@@ -127,7 +127,7 @@ impl Client {
             .header("authorization", format!("Bearer {}", self.token))
             .send()
             .await
-            .with_context(|| format!("cannot reach the Cove server at {}", self.base))?;
+            .map_err(|e| crate::client::request_failed(&self.base, e))?;
         match resp.status().as_u16() {
             404 => {
                 let err = failure(resp).await;

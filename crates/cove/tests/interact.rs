@@ -790,3 +790,39 @@ fn logs_since_a_time_and_over_a_websocket() {
         }
     }
 }
+
+#[test]
+fn a_client_that_cannot_reach_the_server_says_so_once() {
+    // A port nothing listens on: connections to it are refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Never written: the copy fails before it reads anything.
+    let into = std::env::temp_dir().join("cove-unreachable-server-copy");
+    for args in [
+        vec!["ls"],
+        vec!["exec", "abcdefabcdef", "--", "true"],
+        vec!["cp", "abcdefabcdef:/etc/hostname", into.to_str().unwrap()],
+    ] {
+        let out = Command::new(common::cove_bin())
+            .args(&args)
+            .env("COVE_URL", format!("http://127.0.0.1:{port}"))
+            .env("COVE_TOKEN", "x")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("cannot reach the Cove server") && stderr.contains("COVE_URL"),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(
+            stderr.matches("refused").count(),
+            1,
+            "said once: {args:?}: {stderr}"
+        );
+    }
+}
