@@ -309,11 +309,11 @@ pub struct CreateArgs {
 }
 
 /// A request to the server at `server` that failed before an answer came. When no connection
-/// was made, what failed at the bottom (refused, no such host, a timeout), once, and where to
+/// was made, what failed at the bottom (refused, no such host, no answer), once, and where to
 /// point the client instead: the layers above it (HTTP client, connector, socket) each repeat
 /// it in their own words. Anything else (a body that could not be read, say) keeps its chain.
 pub(crate) fn request_failed(server: &str, e: reqwest::Error) -> anyhow::Error {
-    if e.is_connect() || e.is_timeout() {
+    if e.is_connect() {
         unreachable(server, &e)
     } else {
         anyhow::Error::new(e).context(format!("the request to the Cove server at {server} failed"))
