@@ -83,15 +83,8 @@ async fn run(
         Ok(c) => c,
         Err(tungstenite::Error::Http(resp)) => {
             let status = resp.status().as_u16();
-            let body: serde_json::Value = resp
-                .body()
-                .as_ref()
-                .and_then(|b| serde_json::from_slice(b).ok())
-                .unwrap_or_default();
-            let msg = body["error"]["message"]
-                .as_str()
-                .unwrap_or("request failed");
-            bail!("{msg} (HTTP {status})");
+            let body = resp.body().as_deref().unwrap_or_default();
+            return Err(crate::client::Refused::new(status, body).into());
         }
         Err(e @ tungstenite::Error::Io(_)) => {
             return Err(crate::client::unreachable(&server, &e));

@@ -308,6 +308,40 @@ pub struct CreateArgs {
     cmd: Vec<String>,
 }
 
+/// A request the server answered with an error: its status and the API's
+/// `{"error":{"code","message"}}` (a body of another shape, short enough, is the message).
+#[derive(Debug)]
+pub(crate) struct Refused {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+}
+
+impl Refused {
+    pub(crate) fn new(status: u16, body: &[u8]) -> Refused {
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        let text = String::from_utf8_lossy(body);
+        let message = match v["error"]["message"].as_str() {
+            Some(m) => m.to_string(),
+            None if !text.trim().is_empty() && text.len() <= 200 => text.trim().to_string(),
+            None => "request failed".to_string(),
+        };
+        Refused {
+            status,
+            code: v["error"]["code"].as_str().unwrap_or_default().to_string(),
+            message,
+        }
+    }
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (HTTP {})", self.message, self.status)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// A request to the server at `server` that failed before an answer came. When no connection
 /// was made, what failed at the bottom (refused, no such host, no answer), once, and where to
 /// point the client instead: the layers above it (HTTP client, connector, socket) each repeat
@@ -405,19 +439,16 @@ impl Client {
                 .map_err(|e| request_failed(&self.base, e))?;
             let status = resp.status().as_u16();
             let bytes = resp.bytes().await.context("read the server's answer")?;
+            if status >= 400 {
+                return Err(Refused::new(status, &bytes).into());
+            }
             let json: serde_json::Value = if bytes.is_empty() {
                 serde_json::Value::Null
             } else {
-                serde_json::from_slice(&bytes).unwrap_or_else(
-                    |_| serde_json::json!({"error": {"message": String::from_utf8_lossy(&bytes)}}),
-                )
+                serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                    serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
+                })
             };
-            if status >= 400 {
-                let msg = json["error"]["message"]
-                    .as_str()
-                    .unwrap_or("request failed");
-                bail!("{msg} (HTTP {status})");
-            }
             Ok((status, json))
         })
     }
@@ -464,9 +495,7 @@ impl Client {
             let status = resp.status().as_u16();
             if status >= 400 {
                 let bytes = resp.bytes().await.unwrap_or_default();
-                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-                let msg = v["error"]["message"].as_str().unwrap_or("request failed");
-                bail!("{msg} (HTTP {status})");
+                return Err(Refused::new(status, &bytes).into());
             }
             let mut out = std::io::stdout().lock();
             while let Some(chunk) = resp.chunk().await.context("read the server's answer")? {
@@ -631,11 +660,21 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
         ClientCommand::Resume { ids } => each(&c, "resume", &ids)?,
         ClientCommand::Rm { force, ids } => {
             for id in ids {
-                let (status, _) = c.call(
+                let removed = c.call(
                     reqwest::Method::DELETE,
                     &format!("/v1/sandboxes/{id}?force={force}"),
                     None,
-                )?;
+                );
+                if let Err(e) = &removed
+                    && e.downcast_ref::<Refused>()
+                        .is_some_and(|r| r.code == "running")
+                {
+                    bail!(
+                        "sandbox {id} is running: stop it first (cove stop {id}) or remove it \
+                         anyway (cove rm -f {id})"
+                    );
+                }
+                let (status, _) = removed?;
                 if status == 202 {
                     eprintln!("cove: {id} is still stopping; it is removed when it ends");
                 }

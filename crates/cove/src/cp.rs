@@ -68,9 +68,7 @@ fn query_path(path: &str) -> String {
 async fn failure(resp: reqwest::Response) -> anyhow::Error {
     let status = resp.status().as_u16();
     let bytes = resp.bytes().await.unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-    let msg = v["error"]["message"].as_str().unwrap_or("request failed");
-    anyhow::anyhow!("{msg} (HTTP {status})")
+    crate::client::Refused::new(status, &bytes).into()
 }
 
 /// Copies `src` to `dst`.

@@ -166,9 +166,11 @@ fn stop_and_force_remove_running_sandboxes() {
     let id = server.create(&["--", "sleep", "300"]);
     server.wait_for_state(&id, "running");
     let out = server.cove(&["rm", &id]);
-    assert_ne!(out.code, 0);
+    assert_eq!(out.code, 125);
+    // In the CLI's words, not the API's (`force=true`).
     assert!(
-        out.stderr.contains("is running; stop it first"),
+        out.stderr.contains("is running: stop it first (cove stop")
+            && out.stderr.contains(&format!("cove rm -f {id}")),
         "{}",
         out.stderr
     );
