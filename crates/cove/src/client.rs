@@ -508,16 +508,40 @@ impl Client {
 }
 
 /// `POST /v1/sandboxes/{id}/{verb}` for each id, printing the ids done.
-fn each(c: &Client, verb: &str, ids: &[String]) -> anyhow::Result<()> {
+/// Does `act` to every sandbox of `ids`, as `docker stop a b c` does: each id done is printed,
+/// each failure said on stderr, and one does not keep the others from being tried. Exits
+/// [`crate::EXIT_COVE_FAILED`] if any failed.
+fn each(
+    ids: &[String],
+    mut act: impl FnMut(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<ExitCode> {
+    let mut failed = false;
     for id in ids {
+        match act(id) {
+            Ok(()) => println!("{id}"),
+            Err(e) => {
+                eprintln!("cove: {}", crate::chain(&e));
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::from(crate::EXIT_COVE_FAILED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// POST `/v1/sandboxes/{id}/{verb}` for every sandbox of `ids` (see [`each`]).
+fn post_each(c: &Client, verb: &str, ids: &[String]) -> anyhow::Result<ExitCode> {
+    each(ids, |id| {
         c.call(
             reqwest::Method::POST,
             &format!("/v1/sandboxes/{id}/{verb}"),
             None,
-        )?;
-        println!("{id}");
-    }
-    Ok(())
+        )
+        .map(drop)
+    })
 }
 
 /// Runs a client command.
@@ -655,11 +679,11 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
             let (_, v) = c.call(reqwest::Method::GET, &format!("/v1/sandboxes/{id}"), None)?;
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
-        ClientCommand::Stop { ids } => each(&c, "stop", &ids)?,
-        ClientCommand::Pause { ids } => each(&c, "pause", &ids)?,
-        ClientCommand::Resume { ids } => each(&c, "resume", &ids)?,
+        ClientCommand::Stop { ids } => return post_each(&c, "stop", &ids),
+        ClientCommand::Pause { ids } => return post_each(&c, "pause", &ids),
+        ClientCommand::Resume { ids } => return post_each(&c, "resume", &ids),
         ClientCommand::Rm { force, ids } => {
-            for id in ids {
+            return each(&ids, |id| {
                 let removed = c.call(
                     reqwest::Method::DELETE,
                     &format!("/v1/sandboxes/{id}?force={force}"),
@@ -674,12 +698,11 @@ pub fn client(conn: &Conn, cmd: ClientCommand) -> anyhow::Result<ExitCode> {
                          anyway (cove rm -f {id})"
                     );
                 }
-                let (status, _) = removed?;
-                if status == 202 {
+                if removed?.0 == 202 {
                     eprintln!("cove: {id} is still stopping; it is removed when it ends");
                 }
-                println!("{id}");
-            }
+                Ok(())
+            });
         }
         ClientCommand::Exec {
             interactive,

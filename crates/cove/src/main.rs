@@ -212,7 +212,7 @@ fn parse_or_exit() -> Cli {
 }
 
 /// "outer: inner: innermost" on one line.
-fn chain(e: &anyhow::Error) -> String {
+pub(crate) fn chain(e: &anyhow::Error) -> String {
     e.chain()
         .map(|c| c.to_string())
         .filter(|s| !s.is_empty())

@@ -175,8 +175,15 @@ fn stop_and_force_remove_running_sandboxes() {
         out.stderr
     );
 
-    let out = server.cove(&["stop", &id]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
+    // An id that fails does not keep the next from being stopped (as `docker stop a b`).
+    let out = server.cove(&["stop", "abcdefabcdef", &id]);
+    assert_eq!(out.code, 125, "{}", out.stderr);
+    assert_eq!(out.stdout, format!("{id}\n"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("no sandbox abcdefabcdef"),
+        "{}",
+        out.stderr
+    );
     let out = server.cove(&["wait", &id]);
     assert_eq!(out.stdout, "143\n", "{}", out.stderr);
     let v = server.inspect(&id);
