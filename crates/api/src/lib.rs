@@ -998,18 +998,30 @@ async fn create_sandbox(
         api.metrics.warm_taken(&record.spec.image);
     }
     taken.keep();
+    // The sandbox starts while its record is volatile: if the store fails now, the client is
+    // told so at once, and which sandbox may exist (the next start of the server adopts it if
+    // its record reached the disk, and removes it if not).
+    let not_durable = |e: ApiError| match e.status {
+        StatusCode::SERVICE_UNAVAILABLE => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!(
+                "the state store failed before sandbox {id}'s record was safe on disk: once the \
+                 server is back, GET /v1/sandboxes/{id} says whether it exists"
+            ),
+        ),
+        _ => e,
+    };
+    let synced = async { api.store.sync().await.map_err(ApiError::from) };
     if q.wait == Some(false) {
-        api.store.sync().await?;
+        synced.await.map_err(not_durable)?;
         return Ok((StatusCode::CREATED, Json(view(&record))).into_response());
     }
     let started =
         |r: &SandboxRecord| matches!(r.state, SandboxState::Running | SandboxState::Exited);
-    let (synced, waited) = tokio::join!(
-        api.store.sync(),
-        wait_for(&api, &id, rev, CREATE_WAIT, started)
-    );
-    synced?;
-    let latest = match waited? {
+    let ((), waited) = tokio::try_join!(synced, wait_for(&api, &id, rev, CREATE_WAIT, started))
+        .map_err(not_durable)?;
+    let latest = match waited {
         Waited::Reached(r) => *r,
         Waited::Deleted | Waited::TimedOut => record,
     };

@@ -213,9 +213,12 @@ fn parse_or_exit() -> Cli {
 
 /// "outer: inner: innermost" on one line.
 pub(crate) fn chain(e: &anyhow::Error) -> String {
-    e.chain()
+    let mut parts: Vec<String> = e
+        .chain()
         .map(|c| c.to_string())
         .filter(|s| !s.is_empty())
-        .collect::<Vec<_>>()
-        .join(": ")
+        .collect();
+    // A wrapper that displays its source as its own message would say it twice.
+    parts.dedup();
+    parts.join(": ")
 }

@@ -21,6 +21,8 @@ pub const DATA_DIR: &str = "/var/lib/cove";
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 /// The lock a server holds on its data directory while it runs.
 const SERVER_LOCK: &str = "server.lock";
+/// How long requests under way may take to be answered once the server stops on a failure.
+const FAILED_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The configuration file read when `--config` is not given, if it exists.
 pub const CONFIG_FILE: &str = "/etc/cove/config.toml";
@@ -504,6 +506,14 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
         warm: (!warm.is_empty())
             .then(|| std::sync::Arc::new(Pools(warm)) as std::sync::Arc<dyn cove_api::Warm>),
     };
+    // Told when the server must stop on a failure (the agent's, or the state store's, whose
+    // file's first I/O error leaves it refusing everything until it is reopened): the API then
+    // answers what it is answering and stops too.
+    let (stopping, mut failing) = tokio::sync::oneshot::channel::<()>();
+    let store_failed = {
+        let store = api.store.clone();
+        async move { store.failed().await }
+    };
     let shutdown = {
         let api = api.clone();
         let (policy, grace) = (config.on_shutdown, config.shutdown_grace);
@@ -514,6 +524,8 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
+                // Nothing can stop sandboxes now: the on_shutdown policy cannot apply.
+                _ = &mut failing => return,
             }
             if policy == OnShutdown::Stop {
                 // The agent keeps converging meanwhile: it is what stops them.
@@ -540,12 +552,31 @@ async fn serve_async(config: Config) -> anyhow::Result<ExitCode> {
     proxy.spawn(api.store.clone(), api.metrics.clone(), api.activity.clone())?;
     tokio::spawn(cove_api::lifecycle::watch(api.clone()));
     tokio::spawn(cove_api::webhooks::deliver(api.clone()));
-    let server = axum::serve(listener, router(api)).with_graceful_shutdown(shutdown);
-    tokio::select! {
-        served = server => served.context("serve the API")?,
-        ended = agent.run() => {
-            ended.context("the node agent failed")?;
+    let server = std::future::IntoFuture::into_future(
+        axum::serve(listener, router(api)).with_graceful_shutdown(shutdown),
+    );
+    tokio::pin!(server);
+    let failure = tokio::select! {
+        served = &mut server => {
+            served.context("serve the API")?;
+            None
         }
+        // It ends only on an error.
+        ended = agent.run() => Some(match ended {
+            Err(e) => anyhow::Error::new(e).context("the node agent failed"),
+            Ok(()) => anyhow::anyhow!("the node agent stopped"),
+        }),
+        why = store_failed => Some(anyhow::anyhow!(
+            "the state store failed: {why}; restart the server (systemd does) to reopen it"
+        )),
+    };
+    if let Some(failure) = failure {
+        // Requests under way get their answers (a 503 where they needed the store), for a few
+        // seconds at most; then the server exits with the error, for its supervisor to start
+        // it again (the next start reopens the store and adopts the sandboxes).
+        let _ = stopping.send(());
+        let _ = tokio::time::timeout(FAILED_DRAIN, &mut server).await;
+        return Err(failure);
     }
     if config.on_shutdown == OnShutdown::Keep {
         announce("stopped; running sandboxes keep running and are adopted at the next start");

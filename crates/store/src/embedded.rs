@@ -75,10 +75,28 @@ struct Inner {
     /// Whether a commit without `fsync` has happened since the last one with it (changed under
     /// the writer lock).
     unsynced: AtomicBool,
+    /// The first I/O error of the file (see [`StoreError::Failed`]), for [`Embedded::failed`].
+    failed: std::sync::OnceLock<String>,
+    failed_notify: tokio::sync::Notify,
 }
 
 fn backend(e: impl Into<redb::Error>) -> StoreError {
-    StoreError::Backend(e.into().to_string())
+    match e.into() {
+        // After an I/O error (a failed `fsync`, say) redb refuses every operation until the
+        // file is opened again.
+        redb::Error::Io(e) => StoreError::Failed(format!("I/O error on its file: {e}")),
+        redb::Error::PreviousIo => StoreError::Failed("an earlier I/O error on its file".into()),
+        e => StoreError::Backend(e.to_string()),
+    }
+}
+
+/// `e` again, for another write of the batch it failed.
+fn again(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Failed(m) => StoreError::Failed(m.clone()),
+        StoreError::Backend(m) => StoreError::Backend(m.clone()),
+        other => StoreError::Backend(other.to_string()),
+    }
 }
 
 impl Embedded {
@@ -99,9 +117,30 @@ impl Embedded {
         f: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || f(&inner))
+        let result = tokio::task::spawn_blocking(move || f(&inner))
             .await
-            .map_err(|e| StoreError::Backend(e.to_string()))?
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        if let Err(StoreError::Failed(why)) = &result
+            && self.inner.failed.set(why.clone()).is_ok()
+        {
+            self.inner.failed_notify.notify_waiters();
+        }
+        result
+    }
+
+    /// Waits until the store has failed (its file's first I/O error: every operation fails
+    /// from then on, until it is opened again) and returns why. The server stops on it, for
+    /// its supervisor to start it again.
+    pub async fn failed(&self) -> String {
+        loop {
+            let notified = self.inner.failed_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(why) = self.inner.failed.get() {
+                return why.clone();
+            }
+            notified.await;
+        }
     }
 }
 
@@ -253,6 +292,8 @@ impl Inner {
             leases: Mutex::new(leases),
             events,
             unsynced: AtomicBool::new(false),
+            failed: std::sync::OnceLock::new(),
+            failed_notify: tokio::sync::Notify::new(),
         })
     }
 
@@ -302,7 +343,7 @@ impl Inner {
         };
         let fail_all = |batch: &[Slot], e: &StoreError| {
             for slot in batch {
-                answer(slot, Err(StoreError::Backend(e.to_string())));
+                answer(slot, Err(again(e)));
             }
         };
         let slots: Vec<Slot> = batch.iter().map(|(_, s, _)| s.clone()).collect();

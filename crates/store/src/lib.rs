@@ -142,6 +142,10 @@ pub enum StoreError {
     /// The backend failed (disk, corruption).
     #[error("state store: {0}")]
     Backend(String),
+    /// The backend's storage failed (an I/O error, such as a failed `fsync`): the store
+    /// refuses every operation from then on, until it is opened again.
+    #[error("state store: {0} (unusable until it is reopened: restart the server)")]
+    Failed(String),
     /// The store was closed.
     #[error("the state store is closed")]
     Closed,

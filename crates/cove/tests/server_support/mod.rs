@@ -253,6 +253,22 @@ impl Server {
         c.wait().unwrap()
     }
 
+    /// Waits up to `limit` for the server to exit on its own: its exit status, or `None` if it
+    /// still runs. Exited, it leaves its data directory to the next server started on it.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().unwrap();
