@@ -4,11 +4,12 @@
 # ways: the rootfs directory (`cove`), the host's own /usr (`cove-host`), and the rootfs imported
 # as a stored image (`cove-image`: what an image sandbox costs once its layers are cached).
 #
-#   sudo bench/start-latency.sh            # 5 rounds x 40 runs per tool, interleaved
+#   sudo bench/start-latency.sh            # 200 runs per tool (ROUNDS x RUNS: 5 x 40)
 #   ROUNDS=10 RUNS=50 sudo bench/start-latency.sh
 #
-# Tools are measured in interleaved rounds (A B C A B C ...) so that a slow patch of the machine
-# hurts every tool alike; medians are over all samples of all rounds. Needs root.
+# Every tool runs once per turn, in an order shuffled each turn (bench/interleave.py), so that a
+# slow patch of the machine hurts every tool alike, and the teardown one tool leaves to the
+# kernel falls on no tool in particular; medians are over all runs. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "start-latency.sh: run as root" >&2; exit 1; }
@@ -56,28 +57,26 @@ declare -A CMD=(
 )
 ORDER=(cove cove-host cove-image bwrap bwrap-userns-capdrop crun fork-exec)
 
-for r in $(seq 1 "$ROUNDS"); do
-  for name in "${ORDER[@]}"; do
-    if [ "$name" = crun ]; then
-      "$CRUN_WRAP" hyperfine -N -w 3 -r "$RUNS" --export-json "$OUT/$name-$r.json" "${CMD[$name]}" >/dev/null
-    else
-      hyperfine -N -w 3 -r "$RUNS" --export-json "$OUT/$name-$r.json" "${CMD[$name]}" >/dev/null
-    fi
-  done
-  echo "round $r/$ROUNDS done" >&2
-done
+# Every tool once per turn, shuffled, ROUNDS x RUNS turns: this machine drifts within seconds,
+# and blocks of runs of one tool (hyperfine's way, this script's before) let the drift decide
+# (two tools doing the same work differed by 11 % that way). All run under the crun wrapper's
+# private mount namespace, which costs none of them anything per run.
+ARGS=()
+for name in "${ORDER[@]}"; do ARGS+=("${CMD[$name]}"); done
+"$CRUN_WRAP" python3 bench/interleave.py --json "$OUT/times.json" $((ROUNDS * RUNS)) "${ARGS[@]}" >/dev/null
 
 # Where Cove's time goes: its own per-step clock (--timing), median over RUNS runs.
 for i in $(seq 1 "$RUNS"); do "$COVE" run --timing --image "$ROOTFS" -- /bin/true 2>>"$OUT/timing.txt"; done
 
-python3 - "$OUT" "$ROUNDS" "${ORDER[@]}" <<'PY'
+python3 - "$OUT" "${ORDER[@]}" -- "${ARGS[@]}" <<'PY'
 import json, re, statistics, sys
-out, rounds, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+out = sys.argv[1]
+split = sys.argv.index("--")
+names, cmds = sys.argv[2:split], sys.argv[split + 1:]
+measured = json.load(open(f"{out}/times.json"))
 med = {}
-for n in names:
-    times = []
-    for r in range(1, rounds + 1):
-        times += json.load(open(f"{out}/{n}-{r}.json"))["results"][0]["times"]
+for n, cmd in zip(names, cmds):
+    times = measured[cmd]
     med[n] = statistics.median(times) * 1000
     p90 = statistics.quantiles(times, n=10)[-1] * 1000
     print(f"{n:21s} median {med[n]:6.2f} ms   p90 {p90:6.2f} ms   ({len(times)} runs)")
