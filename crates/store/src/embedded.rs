@@ -117,15 +117,9 @@ impl Embedded {
         f: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
-        let result = tokio::task::spawn_blocking(move || f(&inner))
+        tokio::task::spawn_blocking(move || f(&inner))
             .await
-            .map_err(|e| StoreError::Backend(e.to_string()))?;
-        if let Err(StoreError::Failed(why)) = &result
-            && self.inner.failed.set(why.clone()).is_ok()
-        {
-            self.inner.failed_notify.notify_waiters();
-        }
-        result
+            .map_err(|e| StoreError::Backend(e.to_string()))?
     }
 
     /// Waits until the store has failed (its file's first I/O error: every operation fails
@@ -342,6 +336,13 @@ impl Inner {
             *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
         };
         let fail_all = |batch: &[Slot], e: &StoreError| {
+            // Every write goes through here (leases' expiry too): the first I/O error is
+            // recorded for `Embedded::failed` whoever asked for the write.
+            if let StoreError::Failed(why) = e
+                && self.failed.set(why.clone()).is_ok()
+            {
+                self.failed_notify.notify_waiters();
+            }
             for slot in batch {
                 answer(slot, Err(again(e)));
             }
