@@ -1841,16 +1841,8 @@ impl Drop for ReapSandboxesOf {
         if ids.is_empty() {
             return;
         }
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-            let pid = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok());
-            if let Some(pid) = pid
-                && ids
-                    .iter()
-                    .any(|id| comm.trim() == format!("cove-{}", &id[..10]))
-            {
-                common::signal(pid, libc::SIGKILL);
-            }
+        for id in &ids {
+            common::kill_init(id);
         }
         for id in &ids {
             common::reap_orphans(id);
@@ -1905,15 +1897,7 @@ fn a_supervisor_says_started_once_its_sandbox_can_be_found() {
     let comm = std::fs::read_to_string(format!("/proc/{last}/comm")).unwrap_or_default();
     // Whatever was seen, the sandbox goes: its init killed (by name), the supervisor and the
     // init collected, and what is left reaped as any ended sandbox whose owner is gone.
-    let name: String = format!("cove-{id}").chars().take(15).collect();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let pid = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok());
-        if let Some(pid) = pid
-            && std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == name)
-        {
-            common::signal(pid, libc::SIGKILL);
-        }
-    }
+    common::kill_init(&id);
     let _ = supervisor.wait();
     common::reap_orphans(&id);
     let _gc = common::gc_lock(false);

@@ -201,6 +201,20 @@ pub fn become_subreaper() {
     assert_eq!(ret, 0);
 }
 
+/// Kills the init of sandbox `id` (found by its name, `cove-<id>` cut to 15 bytes), which
+/// takes the whole sandbox down with it.
+pub fn kill_init(id: &str) {
+    let name: String = format!("cove-{id}").chars().take(15).collect();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok());
+        if let Some(pid) = pid
+            && std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == name)
+        {
+            signal(pid, libc::SIGKILL);
+        }
+    }
+}
+
 /// Collects every exited orphan (see [`become_subreaper`]), waiting up to 5 s for the
 /// processes of sandbox `id` (named `cove-<id>`, or in its cgroup) to exit.
 pub fn reap_orphans(id: &str) {
