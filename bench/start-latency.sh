@@ -98,8 +98,10 @@ crun delete -f cove-bench-crun >/dev/null 2>&1 || true
 # Where Cove and bubblewrap differ: the same four phases of each run, from kernel trace events
 # (a tracefs instance of its own, so that nothing else's tracing is touched), RUNS runs of each,
 # alternating.
+# A fresh boot may not have tracefs mounted yet.
 TRACEFS=/sys/kernel/tracing
-[ -d "$TRACEFS/instances" ] || TRACEFS=/sys/kernel/debug/tracing
+[ -d "$TRACEFS/instances" ] || mount -t tracefs tracefs "$TRACEFS" 2>/dev/null ||
+  TRACEFS=/sys/kernel/debug/tracing
 INSTANCE="$TRACEFS/instances/cove-bench-$$"
 trace_events() {
   echo 4096 >"$INSTANCE/buffer_size_kb" || return 1
