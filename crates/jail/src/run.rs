@@ -143,7 +143,8 @@ pub struct StopInfo {
 
 /// What [`launch`] ended with.
 enum Outcome {
-    Ended(RunReport),
+    /// The sandbox ended; `uncgrouped`: its cgroup is already gone (removed while init exited).
+    Ended { report: RunReport, uncgrouped: bool },
     /// The command runs, on its own; init's host pid.
     Detached(libc::pid_t),
     /// Built warm, waiting for its command ([`start_warm`]).
@@ -169,7 +170,7 @@ pub fn new_id() -> io::Result<SandboxId> {
 pub fn run(spec: &Spec, opts: &RunOptions) -> Result<RunReport, RunError> {
     assert!(opts.detach.is_none(), "run waits; start_detached detaches");
     match launch(spec, opts)? {
-        Outcome::Ended(report) => Ok(report),
+        Outcome::Ended { report, .. } => Ok(report),
         Outcome::Detached(_) | Outcome::Warm(_) => unreachable!("not detached"),
     }
 }
@@ -196,7 +197,7 @@ pub fn start_detached(spec: &Spec, opts: &RunOptions) -> Result<libc::pid_t, Run
         Outcome::Detached(pid) => Ok(pid),
         Outcome::Warm(_) => unreachable!("not warm"),
         // The command ended before it was found running (it could not be executed).
-        Outcome::Ended(report) => Err(RunError::Setup {
+        Outcome::Ended { report, .. } => Err(RunError::Setup {
             step: "start the command".into(),
             message: report
                 .message
@@ -220,7 +221,7 @@ pub fn start_warm(template: &Spec, opts: &RunOptions) -> Result<WarmSandbox, Run
     );
     match launch(template, opts)? {
         Outcome::Warm(sandbox) => Ok(sandbox),
-        Outcome::Detached(_) | Outcome::Ended(_) => unreachable!("warm"),
+        Outcome::Detached(_) | Outcome::Ended { .. } => unreachable!("warm"),
     }
 }
 
@@ -421,7 +422,14 @@ fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
         if outcome.as_ref().is_ok_and(Outcome::on_its_own) {
             return outcome;
         }
-        let cleaned = remove_cgroup(&cg, shared_parent);
+        // Not once more where the supervisor removed it already (four `rmdir`s of nothing, on
+        // the way to `cove run`'s exit).
+        let cleaned = match &outcome {
+            Ok(Outcome::Ended {
+                uncgrouped: true, ..
+            }) if shared_parent.is_none() => Ok(()),
+            _ => remove_cgroup(&cg, shared_parent),
+        };
         let report = outcome?;
         cleaned?;
         Ok(report)
@@ -794,7 +802,10 @@ fn supervise(
     }
     let mut report = sup.report(&init_report, init_status);
     report.egress_denied_packets = egress.as_mut().and_then(egress::Egress::finish);
-    Ok(Outcome::Ended(report))
+    Ok(Outcome::Ended {
+        report,
+        uncgrouped: sup.uncgrouped.is_some(),
+    })
 }
 
 /// The nice value a warm sandbox is built at, until it is claimed.
