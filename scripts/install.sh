@@ -20,8 +20,7 @@ if ! command -v cargo >/dev/null 2>&1; then
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
 
-bin=$(scripts/build-release.sh)
-install -m 0755 "$bin" /usr/local/bin/cove
+scripts/build-release.sh /usr/local/bin/cove >/dev/null
 echo "installed /usr/local/bin/cove ($(/usr/local/bin/cove --version))"
 echo "first sandbox:"
 /usr/local/bin/cove run -- python3 -c 'import os, socket; print(f"hello from {socket.gethostname()}: pid {os.getpid()}, uid {os.getuid()}")'
