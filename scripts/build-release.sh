@@ -24,15 +24,17 @@ host=$(rustc -vV | sed -n 's/^host: //p')
 # 2 MiB writes (`place` below). ext4 then keeps it in the page cache as 2 MiB folios, which
 # the kernel maps into every `cove` process with one page-table entry each (the kernel loads
 # a binary this large at a 2 MiB-aligned address anyway). How the page cache holds the binary
-# decides much of what a process of it costs to start and, above all, to exit (unmapping):
-#   order-0 pages (what the linker's mmap writes, or page faults reading it back, leave):
-#       253 page faults per `cove run -- /bin/true`, 232 us from `cove --version`'s exit_group
-#       to its parent's wait4
-#   folios of up to 64 KiB (what `cp` or `install` leave): 236 faults, 163 us
-#   2 MiB folios, mapped whole: 209 faults, 116 us
-# and `cove run --image ROOTFS -- /bin/true` took 6.88, 6.35 and 6.14 ms in shuffled turns
-# (bench/interleave.py 300; bwrap 6.66 ms in the same turns). The page cache is refilled by
-# page faults after a reboot, in order-0 pages: installing again restores the 2 MiB folios.
+# decides much of what a `cove` process costs: each supervisor and init maps about 1,000 of
+# its pages. Page faults per `cove run --image ROOTFS -- /bin/true` (perf stat -r 40):
+#   order-0 pages (what the linker's mmap writes, and page faults reading it back, leave): 253
+#   folios of up to 64 KiB (what `cp` or `install` leave): 236
+#   2 MiB folios, mapped whole: 209
+# Wall time in shuffled turns beside bench/start-latency.sh's other tools (bench/interleave.py
+# 200, under its crun wrapper): `cove run --image ROOTFS -- /bin/true` 6.45 ms from order-0
+# pages, 5.72 ms from 2 MiB folios (bwrap 6.13 ms); `cove run -- /bin/true` 7.34 and 6.17 ms.
+# Without crun beside them, 64 KiB and 2 MiB folios were within noise of each other, both 0.3
+# to 0.5 ms under order-0 pages. The page cache is refilled by page faults after a reboot, in
+# order-0 pages: installing again restores the 2 MiB folios.
 RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static -C link-arg=-Wl,-z,pack-relative-relocs -C link-arg=-Wl,-z,max-page-size=0x200000" \
   cargo build --release --locked -p cove --target "$host" >&2
 bin="${CARGO_TARGET_DIR:-$PWD/target}/$host/release/cove"
