@@ -33,8 +33,10 @@ host=$(rustc -vV | sed -n 's/^host: //p')
 # 200, under its crun wrapper): `cove run --image ROOTFS -- /bin/true` 6.45 ms from order-0
 # pages, 5.72 ms from 2 MiB folios (bwrap 6.13 ms); `cove run -- /bin/true` 7.34 and 6.17 ms.
 # Without crun beside them, 64 KiB and 2 MiB folios were within noise of each other, both 0.3
-# to 0.5 ms under order-0 pages. The page cache is refilled by page faults after a reboot, in
-# order-0 pages: installing again restores the 2 MiB folios.
+# to 0.5 ms under order-0 pages. After a reboot the page cache is refilled by whoever reads
+# the binary first: page faults in order-0 pages, read(2) mostly in large folios (the systemd
+# unit of scripts/install.sh reads it before `cove serve` starts); installing again restores
+# the 2 MiB folios.
 RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static -C link-arg=-Wl,-z,pack-relative-relocs -C link-arg=-Wl,-z,max-page-size=0x200000" \
   cargo build --release --locked -p cove --target "$host" >&2
 bin="${CARGO_TARGET_DIR:-$PWD/target}/$host/release/cove"

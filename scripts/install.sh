@@ -34,6 +34,10 @@ Description=Cove: isolated sandboxes on demand
 After=network.target
 
 [Service]
+# After a boot, the binary is read once before anything runs it: read(2) fills the page cache
+# with large folios, where the first exec's page faults would fill it with 4 KiB pages, which
+# every sandbox's supervisor and init then map one at a time (README, "Speed").
+ExecStartPre=/bin/dd if=/usr/local/bin/cove of=/dev/null bs=128K status=none
 ExecStart=/usr/local/bin/cove serve
 # Sandboxes are not the server's children: stopping or restarting it leaves them running.
 KillMode=process
