@@ -423,11 +423,12 @@ fn launch(spec: &Spec, opts: &RunOptions) -> Result<Outcome, RunError> {
             return outcome;
         }
         // Not once more where the supervisor removed it already (four `rmdir`s of nothing, on
-        // the way to `cove run`'s exit).
+        // the way to `cove run`'s exit; only `cove run`'s own cgroups are removed that way,
+        // never one under a server's shared parent).
         let cleaned = match &outcome {
             Ok(Outcome::Ended {
                 uncgrouped: true, ..
-            }) if shared_parent.is_none() => Ok(()),
+            }) => Ok(()),
             _ => remove_cgroup(&cg, shared_parent),
         };
         let report = outcome?;
