@@ -507,7 +507,6 @@ impl Client {
     }
 }
 
-/// `POST /v1/sandboxes/{id}/{verb}` for each id, printing the ids done.
 /// Does `act` to every sandbox of `ids`, as `docker stop a b c` does: each id done is printed,
 /// each failure said on stderr, and one does not keep the others from being tried. Exits
 /// [`crate::EXIT_COVE_FAILED`] if any failed.
